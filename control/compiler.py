@@ -1,0 +1,344 @@
+"""The policy compiler: the model in, the kernel's table contents out (see ebpf/README.md).
+
+Its one job is to make the kernel agree with control/reference.py, at a per-packet cost that
+does not grow with rules, users or devices. The work is done here, once per change:
+
+  source address -> identity class   (who-bits: which rules' principal/source conditions hold)
+  destination    -> destination class (multibit trie over the elementary address intervals)
+  class, protocol, destination port  -> service (a sorted port table per class and protocol)
+  service        -> candidate rules in precedence order, cut at the first unconditional one
+
+The kernel walks a service's candidates and takes the first whose who-bit (and source-port
+bit) is set. Everything the walk reads was decided here.
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import numpy as np
+
+from dataplane.layout import (CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, POOL_BITS, PORT_END, SRC,
+                              V4_TOP, V6_TOP, Layout)
+
+from .errors import InputError
+from .model import Identities, Policy, Rule
+
+PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
+ACTION_CODE = {"allow": 0, "block": 1}   # == enum zt_verdict
+U16_MAX = 0xFFFF
+
+
+@dataclass
+class Tables:
+    """Everything the kernel needs, in the kernel's layout. Built by compile_policy()."""
+
+    need: Layout                           # the smallest layout that holds these tables
+    rule_names: list[str]                  # rule id - 1 -> name
+    pool4: dict[int, tuple[int, int]]      # pool offset -> (ident, device)
+    pool6: dict[int, tuple[int, int]]
+    src_hash: dict[tuple[int, bytes], tuple[int, int]]  # (family, 16-byte address) -> (ident, device)
+    nodes: np.ndarray                      # (n, 256) uint32
+    classes: np.ndarray                    # CLASS
+    port_tables: np.ndarray                # (n, 2, port_slots) uint32: lo[], svc[]
+    services: np.ndarray                   # (n, max_cands) CAND
+    idents: np.ndarray                     # (n, who_words) uint64; row 0 = unknown
+    sport: np.ndarray                      # (65536, sport_words) uint64
+    device_names: list[str] = field(default_factory=list)  # device id - 1 -> name
+    stats: dict = field(default_factory=dict)
+
+
+def _interval(net) -> tuple[int, int]:
+    return int(net.network_address), int(net.broadcast_address)
+
+
+class _Interner:
+    """Gives equal values one id, in first-seen order, starting at `first`."""
+
+    def __init__(self, first: int = 0):
+        self.ids: dict = {}
+        self.values: list = []
+        self.first = first
+
+    def __call__(self, value) -> int:
+        got = self.ids.get(value)
+        if got is None:
+            got = self.ids[value] = len(self.values) + self.first
+            self.values.append(value)
+        return got
+
+
+def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layout] = None) -> Tables:
+    """Compile; `layout` gives the pools (and the ethernet flag) to compile for, when set."""
+    base = layout or _choose_pools(identities)
+    rules = policy.ordered_rules
+    if len(rules) >= U16_MAX:
+        raise InputError(f"policy: {len(rules)} enabled rules; the data plane holds at most {U16_MAX - 1}")
+
+    # Per rule: its who-token (principals and source prefixes, a property of the source
+    # address), its source-port set, and the protocol classes it can match.
+    who_tokens, sport_sets = _Interner(first=1), _Interner(first=1)
+    rid_who, rid_sport, rid_action, rid_protos = [0], [0], [0], [()]
+    for r in rules:
+        has_who = bool(r.principals) or r.src_cidrs is not None
+        rid_who.append(who_tokens((frozenset(r.principals), r.src_cidrs)) if has_who else 0)
+        rid_sport.append(sport_sets(tuple(sorted(set(r.src_ports)))) if r.src_ports is not None else 0)
+        rid_action.append(ACTION_CODE[r.action])
+        protos = set(r.protocols) if r.protocols is not None else {"tcp", "udp", "icmp", "other"}
+        if r.states_ports:
+            protos &= {"tcp", "udp"}
+        rid_protos.append(frozenset(protos))
+    if len(who_tokens.values) >= U16_MAX or len(sport_sets.values) >= U16_MAX:
+        raise InputError("policy: more than 65534 distinct principal or source-port conditions")
+    default = ACTION_CODE[policy.default_action]
+
+    services = _Interner()
+    services_cache: dict[tuple[int, ...], int] = {}
+
+    def service(rids) -> int:
+        """The candidate list for these matching rules (ascending ids = precedence order)."""
+        key = tuple(rids)
+        got = services_cache.get(key)
+        if got is None:
+            cands = []
+            for rid in key:
+                cands.append((rid, rid_who[rid], rid_sport[rid], rid_action[rid]))
+                if not rid_who[rid] and not rid_sport[rid]:
+                    break
+            else:
+                cands.append((0, 0, 0, default))
+            got = services_cache[key] = services(tuple(cands))
+        return got
+
+    port_tables = _Interner()
+    port_cache: dict[tuple, int] = {}
+
+    def port_table(rids, proto: str) -> int:
+        key = tuple(r for r in rids if proto in rid_protos[r])
+        got = port_cache.get(key)
+        if got is None:
+            events = defaultdict(list)
+            for rid in key:
+                for lo, hi in (rules[rid - 1].dst_ports or ((0, 65535),)):
+                    events[lo].append(rid)
+                    events[hi + 1].append(-rid)
+            active: Counter = Counter()
+            table = []
+            for pos in sorted(events):
+                if pos > 65535:
+                    break
+                for e in events[pos]:
+                    active[abs(e)] += 1 if e > 0 else -1
+                svc = service(sorted(r for r, n in active.items() if n > 0))
+                if table and table[-1][1] == svc:
+                    continue
+                table.append((pos, svc))
+            if not table or table[0][0] != 0:
+                table.insert(0, (0, service(())))
+            got = port_cache[key] = port_tables(tuple(table))
+        return got
+
+    classes = _Interner()
+
+    def dst_class(rids: tuple[int, ...]) -> int:
+        return classes(rids)
+
+    # Destination: the elementary intervals of every rule's (cidrs minus except), per family.
+    node_rows: list[np.ndarray] = [np.zeros(256, np.uint32) for _ in range(FIRST_CHILD_NODE)]
+    for family, top, span in ((4, V4_TOP, 32), (6, V6_TOP, 128)):
+        bounds, cls = _dst_intervals(rules, family, span, dst_class)
+        top_view = np.concatenate(node_rows[top:top + 256])
+        _fill(top_view, 0, span, 16, 0, bounds, cls, node_rows)
+        for i in range(256):
+            node_rows[top + i] = top_view[i * 256:(i + 1) * 256]
+
+    class_rows = np.zeros(len(classes.values), CLASS)
+    for cid, rids in enumerate(classes.values):
+        class_rows[cid]["ports"] = (port_table(rids, "tcp"), port_table(rids, "udp"))
+        class_rows[cid]["svc_icmp"] = service([r for r in rids if "icmp" in rid_protos[r]])
+        class_rows[cid]["svc_other"] = service([r for r in rids if "other" in rid_protos[r]])
+
+    port_slots = max(8, 1 << (max(len(t) for t in port_tables.values) - 1).bit_length())
+    pt = np.full((len(port_tables.values), 2, port_slots), PORT_END, np.uint32)
+    pt[:, 1, :] = 0
+    for i, table in enumerate(port_tables.values):
+        lo, svc = zip(*table)
+        pt[i, 0, :len(lo)] = lo
+        pt[i, 1, :len(svc)] = svc
+
+    max_cands = max(len(c) for c in services.values)
+    svc_rows = np.zeros((len(services.values), max_cands), CAND)
+    for i, cands in enumerate(services.values):
+        for j, c in enumerate(cands):
+            svc_rows[i, j] = c + (0,)
+
+    # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
+    idents, pool4, pool6, src_hash, device_names = _identities(policy, identities, who_tokens.values, base)
+    who_words = max(1, (len(who_tokens.values) + 1 + 63) // 64)
+    ident_rows = np.zeros((len(idents.values) + 1, who_words), np.uint64)
+    for i, bits in enumerate(idents.values, start=1):
+        ident_rows[i] = np.frombuffer(bits.to_bytes(who_words * 8, "little"), np.uint64)
+
+    sport_words = max(1, (len(sport_sets.values) + 1 + 63) // 64)
+    sport_bits = np.zeros((65536, sport_words * 64), bool)
+    for sid, ranges in enumerate(sport_sets.values, start=1):
+        for lo, hi in ranges:
+            sport_bits[lo:hi + 1, sid] = True
+    sport = np.packbits(sport_bits, axis=1, bitorder="little").view(np.uint64)
+
+    need = replace(
+        base,
+        max_rules=len(rules) + 1, max_nodes=len(node_rows), max_classes=len(classes.values),
+        max_port_tables=len(port_tables.values), port_slots=port_slots,
+        max_services=len(services.values), max_cands=max_cands, max_idents=len(idents.values) + 1,
+        who_words=who_words, sport_words=sport_words, max_src_hash=len(src_hash),
+    )
+    return Tables(
+        need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
+        nodes=np.stack(node_rows), classes=class_rows, port_tables=pt, services=svc_rows,
+        idents=ident_rows, sport=sport, device_names=device_names,
+        stats={"rules": len(rules), "who_tokens": len(who_tokens.values), "classes": len(classes.values),
+               "services": len(services.values), "port_tables": len(port_tables.values),
+               "nodes": len(node_rows), "idents": len(idents.values)},
+    )
+
+
+def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
+    """Sorted interval starts and the class of each: the set of rules whose destination
+    (cidrs minus except) holds the whole interval."""
+    full = ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
+    events = defaultdict(list)   # position -> [(rid, is_except, +1/-1)]
+    for rid, r in enumerate(rules, start=1):
+        for nets, exc in ((r.dst_cidrs if r.dst_cidrs is not None else (full,), False), (r.dst_except or (), True)):
+            for net in nets:
+                if net.version != family:
+                    continue
+                lo, hi = _interval(net)
+                events[lo].append((rid, exc, 1))
+                events[hi + 1].append((rid, exc, -1))
+    cover: Counter = Counter()
+    excluded: Counter = Counter()
+    members: set[int] = set()
+    bounds, cls = [0], [class_of(())]
+    end = 1 << span
+    for pos in sorted(events):
+        if pos >= end:
+            break
+        for rid, exc, d in events[pos]:
+            (excluded if exc else cover)[rid] += d
+            if cover[rid] > 0 and excluded[rid] == 0:
+                members.add(rid)
+            else:
+                members.discard(rid)
+        c = class_of(tuple(sorted(members)))
+        if pos == 0:
+            cls[0] = c
+        elif c != cls[-1]:
+            bounds.append(pos)
+            cls.append(c)
+    return bounds, cls
+
+
+def _fill(view: np.ndarray, base: int, span: int, stride: int, j: int, bounds, cls, nodes) -> None:
+    """Fill one trie node (`view`, 2^stride slots covering [base, base + 2^span)).
+    bounds[j] is the last interval start <= base. Slots cut by an interval start get a child."""
+    slot_bits = span - stride
+    size = 1 << slot_bits
+    end = base + (1 << span)
+    cur_slot, cur_class, k = 0, cls[j], j + 1
+    while k < len(bounds) and bounds[k] < end:
+        off = bounds[k] - base
+        slot = off >> slot_bits
+        view[cur_slot:slot] = cur_class
+        if off & (size - 1) == 0:
+            cur_slot, cur_class = slot, cls[k]
+            k += 1
+            continue
+        child = np.zeros(256, np.uint32)
+        node_id = len(nodes)
+        nodes.append(child)
+        slot_base = base + slot * size
+        _fill(child, slot_base, slot_bits, 8, k - 1, bounds, cls, nodes)
+        view[slot] = NODE_FLAG | node_id
+        while k < len(bounds) and bounds[k] < slot_base + size:
+            k += 1
+        cur_slot, cur_class = slot + 1, cls[k - 1]
+    view[cur_slot:] = cur_class
+
+
+def _choose_pools(identities: Identities) -> Layout:
+    """Pools for a one-off compile (the probes): the 2^20-address blocks holding most devices."""
+    best = Layout()
+    for version, attr in ((4, "pool4_base"), (6, "pool6_base")):
+        blocks = Counter(int(a) >> POOL_BITS << POOL_BITS
+                         for d in identities.devices if d.enabled for a in d.addresses if a.version == version)
+        if blocks:
+            best = replace(best, **{attr: blocks.most_common(1)[0][0]})
+    return best
+
+
+def _identities(policy: Policy, identities: Identities, tokens: list, layout: Layout):
+    """Who-bits for every enabled device's tunnel addresses, and where each address goes."""
+    by_principal: dict[tuple[str, str], int] = defaultdict(int)
+    any_principal = 0          # tokens with no principals (only source prefixes)
+    src_conditional = 0        # tokens with source prefixes
+    src_nets = {4: [], 6: []}  # (lo, hi, token bit)
+    for t, (principals, src_cidrs) in enumerate(tokens, start=1):
+        bit = 1 << t
+        if not principals:
+            any_principal |= bit
+        for p in principals:
+            by_principal[(p.kind, p.name)] |= bit
+        if src_cidrs is not None:
+            src_conditional |= bit
+            for net in src_cidrs:
+                src_nets[net.version].append((*_interval(net), bit))
+
+    local_groups = defaultdict(set)
+    for g, members in policy.groups.items():
+        for email in members:
+            local_groups[email].add(g)
+    user_bits = {}
+    for u in identities.users:
+        bits = by_principal.get(("user", u.key), 0)
+        for g in set(u.groups) | local_groups.get(u.key, set()):
+            bits |= by_principal.get(("group", g), 0)
+        user_bits[u.key] = bits
+
+    addresses = [(a, dev_id, d) for dev_id, d in enumerate(identities.devices, start=1) if d.enabled
+                 for a in d.addresses]
+    src_ok = _source_bits(addresses, src_nets) if src_conditional else {}
+
+    idents = _Interner(first=1)
+    pool4, pool6, src_hash = {}, {}, {}
+    for addr, dev_id, d in addresses:
+        bits = user_bits[d.user] | by_principal.get(("device", d.name), 0) | any_principal
+        bits &= ~(src_conditional & ~src_ok.get(addr, 0))
+        entry = (idents(bits), dev_id)
+        pool, base = (pool4, layout.pool4_base) if addr.version == 4 else (pool6, layout.pool6_base)
+        if int(addr) >> POOL_BITS << POOL_BITS == base:
+            pool[int(addr) - base] = entry
+        else:
+            src_hash[(addr.version, addr.packed.rjust(16, b"\0"))] = entry
+    return idents, pool4, pool6, src_hash, [d.name for d in identities.devices]
+
+
+def _source_bits(addresses, src_nets) -> dict:
+    """For each address, the bits of the source-prefix tokens whose prefixes hold it (one sweep)."""
+    out = {}
+    for version in (4, 6):
+        events = sorted([(lo, 1, bit) for lo, hi, bit in src_nets[version]] +
+                        [(hi + 1, -1, bit) for lo, hi, bit in src_nets[version]])
+        addrs = sorted(int(a) for a, _, _ in addresses if a.version == version)
+        count: Counter = Counter()
+        bits, e = 0, 0
+        for a in addrs:
+            while e < len(events) and events[e][0] <= a:
+                _, d, bit = events[e]
+                count[bit] += d
+                bits = bits | bit if count[bit] > 0 else bits & ~bit
+                e += 1
+            out[ipaddress.IPv6Address(a) if version == 6 else ipaddress.IPv4Address(a)] = bits
+    return out

@@ -1,0 +1,273 @@
+"""Load and validate identities.yaml and policy.yaml exactly as spec/POLICY.md says.
+
+Every refusal raises InputError naming the file, the entry (rule by name or index) and the
+field. A file is refused as a whole: nothing is returned for a file with any error.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import InputError
+from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES
+
+RULE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+ACTIONS = ("allow", "block")
+
+
+class _Where:
+    """Builds messages of the form 'FILE: rules[2] (ssh): destination.ports: what is wrong'."""
+
+    def __init__(self, file: str, entry: str = ""):
+        self.file, self.entry = file, entry
+
+    def at(self, entry: str) -> "_Where":
+        return _Where(self.file, entry)
+
+    def error(self, field: str, what: str) -> InputError:
+        parts = [self.file] + [p for p in (self.entry, field) if p]
+        return InputError(": ".join(parts) + ": " + what)
+
+
+def _read_yaml(path: str | Path) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from None
+
+
+def _mapping(where: _Where, field: str, value: Any, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        raise where.error(field, f"must be a mapping, got {type(value).__name__}")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise where.error(field, f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    return value
+
+
+def _list(where: _Where, field: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise where.error(field, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _string(where: _Where, field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise where.error(field, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(where: _Where, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise where.error(field, f"must be true or false, got {value!r}")
+    return value
+
+
+def _address(where: _Where, field: str, value: Any, version: int):
+    try:
+        addr = ipaddress.ip_address(_string(where, field, value))
+    except ValueError:
+        raise where.error(field, f"{value!r} is not an IP address") from None
+    if addr.version != version:
+        raise where.error(field, f"{value!r} is not an IPv{version} address")
+    return addr
+
+
+def _prefixes(where: _Where, field: str, value: Any) -> tuple:
+    out = []
+    for item in _list(where, field, value):
+        text = str(item) if isinstance(item, (str, int)) and not isinstance(item, bool) else None
+        if text is None:
+            raise where.error(field, f"{item!r} is not a prefix")
+        try:
+            out.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as e:
+            if "has host bits set" in str(e):
+                net = ipaddress.ip_network(text, strict=False)
+                raise where.error(field, f"{text!r} has host bits set (did you mean {net}?)") from None
+            raise where.error(field, f"{text!r} is not a valid IPv4 or IPv6 prefix") from None
+    return tuple(out)
+
+
+def _ports(where: _Where, field: str, value: Any) -> tuple:
+    out = []
+    for item in _list(where, field, value):
+        if isinstance(item, bool):
+            raise where.error(field, f"{item!r} is not a port or range")
+        if isinstance(item, int):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?", item):
+            lo, _, hi = item.partition("-")
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+        else:
+            raise where.error(field, f"{item!r} is not a port or an inclusive range 'a-b'")
+        for p in (lo, hi):
+            if not 0 <= p <= 65535:
+                raise where.error(field, f"port {p} in {item!r} is outside 0-65535")
+        if lo > hi:
+            raise where.error(field, f"range {item!r} starts after it ends")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# identities.yaml
+
+def load_identities(path: str | Path) -> Identities:
+    return parse_identities(_read_yaml(path), str(path))
+
+
+def parse_identities(doc: Any, file: str = "identities") -> Identities:
+    where = _Where(file)
+    doc = _mapping(where, "", {} if doc is None else doc, ("users", "devices"))
+    users: list[User] = []
+    emails: set[str] = set()
+    for i, raw in enumerate(_list(where, "users", doc.get("users") or [])):
+        w = where.at(f"users[{i}]")
+        raw = _mapping(w, "", raw, ("email", "groups"))
+        email = _string(w, "email", raw.get("email"))
+        if "@" not in email:
+            raise w.error("email", f"{email!r} is not an email address")
+        if email.lower() in emails:
+            raise w.error("email", f"duplicate email {email!r} (emails compare case-insensitively)")
+        emails.add(email.lower())
+        groups = tuple(_string(w, "groups", g) for g in _list(w, "groups", raw.get("groups") or []))
+        users.append(User(email=email, groups=groups))
+
+    devices: list[Device] = []
+    names: set[str] = set()
+    addresses: dict = {}
+    for i, raw in enumerate(_list(where, "devices", doc.get("devices") or [])):
+        w = where.at(f"devices[{i}]")
+        raw = _mapping(w, "", raw, ("name", "user", "tunnel_ipv4", "tunnel_ipv6", "public_key", "enabled"))
+        name = _string(w, "name", raw.get("name"))
+        w = where.at(f"devices[{i}] ({name})")
+        if not DEVICE_NAME.match(name):
+            raise w.error("name", f"{name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
+        if name in names:
+            raise w.error("name", f"duplicate device name {name!r}")
+        names.add(name)
+        owner = _string(w, "user", raw.get("user")).lower()
+        if owner not in emails:
+            raise w.error("user", f"{raw['user']!r} is not a user in this file")
+        if raw.get("tunnel_ipv4") is None:
+            raise w.error("tunnel_ipv4", "is required")
+        v4 = _address(w, "tunnel_ipv4", raw["tunnel_ipv4"], 4)
+        v6 = _address(w, "tunnel_ipv6", raw["tunnel_ipv6"], 6) if raw.get("tunnel_ipv6") is not None else None
+        for field, addr in (("tunnel_ipv4", v4), ("tunnel_ipv6", v6)):
+            if addr is None:
+                continue
+            if addr in addresses:
+                raise w.error(field, f"duplicate tunnel address {addr} (also device {addresses[addr]!r})")
+            addresses[addr] = name
+        key = raw.get("public_key")
+        if key is not None:
+            _string(w, "public_key", key)
+        enabled = _bool(w, "enabled", raw.get("enabled", True))
+        devices.append(Device(name, owner, v4, v6, key, enabled))
+    return Identities(tuple(users), tuple(devices))
+
+
+# ---------------------------------------------------------------------------------------------
+# policy.yaml
+
+def load_policy(path: str | Path) -> Policy:
+    return parse_policy(_read_yaml(path), str(path))
+
+
+def parse_policy(doc: Any, file: str = "policy") -> Policy:
+    where = _Where(file)
+    doc = _mapping(where, "", {} if doc is None else doc, ("version", "default_action", "groups", "rules"))
+    if doc.get("version", 1) != 1:
+        raise where.error("version", f"unsupported version {doc['version']!r} (this ztgate reads version 1)")
+    default = doc.get("default_action", "block")
+    if default not in ACTIONS:
+        raise where.error("default_action", f"unknown action {default!r} (use allow or block)")
+
+    raw_groups = doc.get("groups") or {}
+    if not isinstance(raw_groups, dict):
+        raise where.error("groups", "must be a mapping of group name to a list of emails")
+    groups: dict[str, tuple[str, ...]] = {}
+    for g, members in raw_groups.items():
+        gname = _string(where, "groups", g)
+        groups[gname] = tuple(_string(where, f"groups.{gname}", m).lower()
+                              for m in _list(where, f"groups.{gname}", members or []))
+
+    rules: list[Rule] = []
+    seen_names: dict[str, int] = {}
+    seen_prec: dict[int, str] = {}
+    for i, raw in enumerate(_list(where, "rules", doc.get("rules") or [])):
+        rule = _parse_rule(where, i, raw)
+        w = where.at(f"rules[{i}] ({rule.name})")
+        if rule.name in seen_names:
+            raise w.error("name", f"duplicate rule name (also rules[{seen_names[rule.name]}])")
+        if rule.precedence in seen_prec:
+            raise w.error("precedence", f"duplicate precedence {rule.precedence} (also rule {seen_prec[rule.precedence]!r})")
+        seen_names[rule.name], seen_prec[rule.precedence] = i, rule.name
+        rules.append(rule)
+    return Policy(default_action=default, rules=tuple(rules), groups=groups)
+
+
+RULE_KEYS = ("name", "precedence", "action", "enabled", "principals", "protocols", "source", "destination")
+
+
+def _parse_rule(where: _Where, i: int, raw: Any) -> Rule:
+    w = where.at(f"rules[{i}]")
+    raw = _mapping(w, "", raw, RULE_KEYS)
+    name = _string(w, "name", raw.get("name"))
+    w = where.at(f"rules[{i}] ({name})")
+    if not RULE_NAME.match(name):
+        raise w.error("name", f"{name!r} must match [a-z0-9][a-z0-9-]{{0,62}}")
+    prec = raw.get("precedence")
+    if not isinstance(prec, int) or isinstance(prec, bool) or prec < 1:
+        raise w.error("precedence", f"must be an integer >= 1, got {prec!r}")
+    action = raw.get("action")
+    if action not in ACTIONS:
+        raise w.error("action", f"unknown action {action!r} (use allow or block)")
+    enabled = _bool(w, "enabled", raw.get("enabled", True))
+
+    principals = []
+    for item in _list(w, "principals", raw.get("principals") or []):
+        kind, sep, pname = item.partition(":") if isinstance(item, str) else ("", "", "")
+        if not sep or kind not in ("user", "group", "device") or not pname:
+            raise w.error("principals", f"{item!r} is not user:EMAIL, group:NAME or device:NAME")
+        principals.append(Principal(kind, pname.lower() if kind == "user" else pname))
+
+    protocols = None
+    if raw.get("protocols") is not None:
+        protocols = []
+        for p in _list(w, "protocols", raw["protocols"]):
+            if p not in PROTOCOL_NAMES:
+                raise w.error("protocols", f"unknown protocol {p!r} (use tcp, udp or icmp)")
+            protocols.append(p)
+        protocols = frozenset(protocols)
+
+    src = _mapping(w, "source", raw.get("source") or {}, ("cidrs", "ports"))
+    dst = _mapping(w, "destination", raw.get("destination") or {}, ("cidrs", "except", "ports"))
+
+    def opt(section: dict, key: str, label: str, parse):
+        return parse(w, label, section[key]) if section.get(key) is not None else None
+
+    rule = Rule(
+        name=name, precedence=prec, action=action, enabled=enabled,
+        principals=tuple(principals), protocols=protocols,
+        src_cidrs=opt(src, "cidrs", "source.cidrs", _prefixes),
+        src_ports=opt(src, "ports", "source.ports", _ports),
+        dst_cidrs=opt(dst, "cidrs", "destination.cidrs", _prefixes),
+        dst_except=opt(dst, "except", "destination.except", _prefixes),
+        dst_ports=opt(dst, "ports", "destination.ports", _ports),
+    )
+    if rule.states_ports and protocols is not None and not protocols & {"tcp", "udp"}:
+        field = "destination.ports" if rule.dst_ports is not None else "source.ports"
+        raise w.error(field, f"ports need tcp or udp, but protocols is {sorted(protocols)}: "
+                             "add tcp/udp to protocols or remove the ports")
+    return rule

@@ -1,0 +1,133 @@
+"""The identity and policy model: plain, immutable values shared by the reference and the compiler."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+PortRange = tuple[int, int]  # inclusive
+
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+PROTOCOL_NAMES = ("tcp", "udp", "icmp")
+
+
+@dataclass(frozen=True)
+class User:
+    email: str                 # as written; compare with .key
+    groups: tuple[str, ...]    # identity-provider groups
+
+    @property
+    def key(self) -> str:
+        return self.email.lower()
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    user: str                  # the owner's email, lower-cased
+    tunnel_ipv4: ipaddress.IPv4Address
+    tunnel_ipv6: Optional[ipaddress.IPv6Address] = None
+    public_key: Optional[str] = None
+    enabled: bool = True
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        return (self.tunnel_ipv4,) + ((self.tunnel_ipv6,) if self.tunnel_ipv6 else ())
+
+
+@dataclass(frozen=True)
+class Identities:
+    users: tuple[User, ...]
+    devices: tuple[Device, ...]
+
+    def user(self, email: str) -> User:
+        return self._users_by_key[email.lower()]
+
+    @property
+    def _users_by_key(self) -> dict[str, User]:
+        cached = self.__dict__.get("_ubk")
+        if cached is None:
+            cached = {u.key: u for u in self.users}
+            object.__setattr__(self, "_ubk", cached)
+        return cached
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str   # "user" | "group" | "device"
+    name: str   # emails lower-cased
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule. None means the condition is absent (holds); an empty tuple matches nothing."""
+
+    name: str
+    precedence: int
+    action: str                                   # "allow" | "block"
+    enabled: bool = True
+    principals: tuple[Principal, ...] = ()        # empty: every identity
+    protocols: Optional[frozenset[str]] = None    # subset of PROTOCOL_NAMES
+    src_cidrs: Optional[tuple[Network, ...]] = None
+    src_ports: Optional[tuple[PortRange, ...]] = None
+    dst_cidrs: Optional[tuple[Network, ...]] = None
+    dst_except: Optional[tuple[Network, ...]] = None
+    dst_ports: Optional[tuple[PortRange, ...]] = None
+
+    @property
+    def states_ports(self) -> bool:
+        return self.src_ports is not None or self.dst_ports is not None
+
+
+@dataclass(frozen=True)
+class Policy:
+    default_action: str                           # "allow" | "block"
+    rules: tuple[Rule, ...]                       # as written
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # local group -> emails (lower)
+
+    @property
+    def ordered_rules(self) -> list[Rule]:
+        """The rules the evaluator tries, in the order it tries them."""
+        return sorted((r for r in self.rules if r.enabled), key=lambda r: r.precedence)
+
+    def groups_of(self, user: User) -> frozenset[str]:
+        """Identity-provider groups plus every local group that lists the user."""
+        local = {g for g, members in self.groups.items() if user.key in members}
+        return frozenset(user.groups) | local
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A packet reduced to the fields the policy reads. Ports are None unless TCP or UDP."""
+
+    src: Address
+    dst: Address
+    proto: int
+    sport: Optional[int] = None
+    dport: Optional[int] = None
+
+    @property
+    def protocol_name(self) -> str:
+        """tcp, udp, icmp (ICMP on IPv4, ICMPv6 on IPv6) or 'other'."""
+        if self.proto == TCP:
+            return "tcp"
+        if self.proto == UDP:
+            return "udp"
+        if self.proto == (ICMP if self.src.version == 4 else ICMPV6):
+            return "icmp"
+        return "other"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str                 # allow | block | unknown | malformed | fragment
+    rule: Optional[str]
+    reason: str                  # a dataplane.reasons.Reason name
+
+    def as_json(self) -> dict:
+        return {"verdict": self.verdict, "rule": self.rule, "reason": self.reason}

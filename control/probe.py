@@ -1,0 +1,47 @@
+"""The two probes of spec/POLICY.md: the reference's verdicts and the kernel's, same output."""
+from __future__ import annotations
+
+from typing import Optional
+
+from dataplane.layout import Layout
+from dataplane.reasons import Verdict
+
+from .compiler import Tables, compile_policy
+from .model import Identities, Policy
+from .packets import Probe, probe_bytes
+from .reference import decide
+
+
+def reference_verdicts(policy: Policy, identities: Identities, probes: list[Probe]) -> list[dict]:
+    return [decide(policy, identities, p).as_json() for p in probes]
+
+
+def kernel_verdicts(program, tables: Tables, probes: list[Probe], repeat: int = 0) -> list[dict]:
+    """Run each probe through the loaded program (which holds `tables`) and read back the
+    kernel's own verdict, rule and reason."""
+    out = []
+    with program.on_one_cpu() as cpu:
+        for probe in probes:
+            r = program.run(probe_bytes(probe), repeat=max(1, repeat), cpu=cpu)
+            line = {"verdict": r.verdict.label,
+                    "rule": tables.rule_names[r.rule - 1] if r.rule else None,
+                    "reason": r.reason.label}
+            if repeat:
+                line["ns"] = r.ns
+            out.append(line)
+    return out
+
+
+def compile_and_run(policy: Policy, identities: Identities, probes: list[Probe], repeat: int = 0,
+                    layout: Optional[Layout] = None) -> list[dict]:
+    """`ztgate dataplane verdicts`: compile, build the program for the tables, load, run."""
+    from dataplane.program import Program
+
+    tables = compile_policy(policy, identities, layout)
+    with Program(tables.need.with_headroom()) as program:
+        program.load(tables)
+        return kernel_verdicts(program, tables, probes, repeat)
+
+
+def decision_verdict(label: str) -> Verdict:
+    return Verdict[label.upper()]

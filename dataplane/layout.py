@@ -1,0 +1,82 @@
+"""The kernel tables' shapes: capacities (compile-time #defines of ebpf/ztgate.c) and numpy
+mirrors of the C structs in ebpf/maps.h (tests/kernel/test_layout.py checks their sizes)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+NODE_FLAG = 1 << 31          # a trie slot that points to a child node; else it holds a class id
+POOL_BITS = 20               # tunnel-address pool arrays: 2^20 slots per family
+V4_TOP, V6_TOP = 0, 256      # the 16-bit first stride: nodes[V4_TOP + byte0].slot[byte1]
+FIRST_CHILD_NODE = 512
+PORT_END = 0x10000           # port-table padding: above every port
+
+SRC = np.dtype([("ident", "<u4"), ("device", "<u4")])                       # struct zt_src
+CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])
+CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])  # ports[0] tcp, [1] udp
+
+
+def _pow2(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def _headroom(n: int, floor: int) -> int:
+    """Room for n entries and some growth, rounded so that small changes keep the same program."""
+    return _pow2(n + n // 4 + 1, floor)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Capacities compiled into the program. Tables fit a program when every count is within."""
+
+    max_rules: int = 1024        # rule ids 1..max_rules-1; 0 is 'no rule' (default action)
+    max_nodes: int = 1024
+    max_classes: int = 1024
+    max_port_tables: int = 1024
+    port_slots: int = 64         # power of two: the port search takes log2 steps
+    max_services: int = 4096
+    max_cands: int = 16          # candidates per service, the terminating entry included
+    max_idents: int = 1024
+    who_words: int = 4           # 64-bit words of who-bits per identity class
+    sport_words: int = 1         # 64-bit words of source-port-set bits per port
+    max_src_hash: int = 1024     # tunnel addresses outside the pools
+    pool4_base: int = 0x64600000  # 100.96.0.0/12
+    pool6_base: int = 0xFD00005A << 96   # fd00:5a::/108
+    ethernet: bool = False       # frames start at the Ethernet header (else at the IP header)
+
+    def defines(self) -> list[str]:
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "pool6_base":
+                out += [f"-DZT_POOL6_BASE_{i}=0x{(value >> (96 - 32 * i)) & 0xFFFFFFFF:08x}U" for i in range(4)]
+            elif f.name == "pool4_base":
+                out.append(f"-DZT_POOL4_BASE=0x{value:08x}U")
+            else:
+                out.append(f"-DZT_{f.name.upper()}={int(value)}")
+        return out + [f"-DZT_POOL_BITS={POOL_BITS}"]
+
+    def shortfalls(self, need: "Layout") -> list[str]:
+        """What `need` asks for that this layout cannot hold."""
+        out = []
+        for f in fields(self):
+            if f.name in ("pool4_base", "pool6_base", "ethernet"):
+                if getattr(self, f.name) != getattr(need, f.name):
+                    out.append(f"{f.name} differs")
+            elif getattr(need, f.name) > getattr(self, f.name):
+                out.append(f"{f.name} {getattr(need, f.name)} > {getattr(self, f.name)}")
+        return out
+
+    def with_headroom(self) -> "Layout":
+        """A layout for the program to load: what these tables need plus room to grow."""
+        return replace(
+            self,
+            max_rules=_headroom(self.max_rules, 64),
+            max_nodes=_headroom(self.max_nodes, FIRST_CHILD_NODE * 2),
+            max_classes=_headroom(self.max_classes, 64),
+            max_port_tables=_headroom(self.max_port_tables, 64),
+            max_services=_headroom(self.max_services, 64),
+            max_idents=_headroom(self.max_idents, 64),
+            max_src_hash=_headroom(self.max_src_hash, 64),
+        )
