@@ -149,6 +149,9 @@ def packet_from_fields(obj: dict, where: str = "packet") -> Packet:
         proto = int(proto)
     if not isinstance(proto, int) or isinstance(proto, bool) or not 0 <= proto <= 255:
         raise InputError(f"{where}: proto {obj.get('proto')!r} is not tcp, udp, icmp or a protocol number 0-255")
+    if src.version == 6 and (proto in EXT_OCTETS or proto in (EXT_AUTH, EXT_FRAGMENT)):
+        raise InputError(f"{where}: proto {proto} is an IPv6 extension header, not a protocol: "
+                         "give this packet as raw bytes ({\"raw\": \"60...\"})")
     ports = {}
     for key in ("sport", "dport"):
         value = obj.get(key)

@@ -156,6 +156,8 @@ class Program:
 
     def run(self, data: bytes, repeat: int = 1, cpu: Optional[int] = None) -> RunResult:
         """Run one packet (bytes as the interface delivers them). Call inside on_one_cpu()."""
+        if self.layout.ethernet:
+            data = ethernet_frame(data)
         if len(data) < MIN_TEST_RUN_BYTES:
             # Zero padding keeps the verdict: every IP packet this short is already unreadable.
             data = data + bytes(MIN_TEST_RUN_BYTES - len(data))
@@ -169,6 +171,12 @@ class Program:
         last = self.bpf["zt_cpu_state"][0][cpu if cpu is not None else os.sched_getaffinity(0).pop()].last
         return RunResult(opts.retval, opts.duration, Verdict(last.verdict), Reason(last.reason),
                          last.rule, last.device)
+
+
+def ethernet_frame(ip: bytes) -> bytes:
+    """An IP packet as an Ethernet device delivers it (the ethertype from the version nibble)."""
+    ethertype = 0x86DD if ip and ip[0] >> 4 == 6 else 0x0800
+    return bytes.fromhex("020000000002020000000001") + ethertype.to_bytes(2, "big") + ip
 
 
 def _pad(rows: np.ndarray, width: int, fill) -> np.ndarray:

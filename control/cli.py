@@ -1,0 +1,230 @@
+"""`ztgate`: one command, nouns and verbs (spec/CLI.md). The only place that prints errors
+and chooses exit statuses: 0 success, 1 failure at run time, 2 bad input (nothing changed)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import textwrap
+from typing import Optional
+
+from .errors import InputError, ZtError
+from .files import load_identities, load_policy
+from .model import Packet
+from .packets import load_probes, packet_from_fields
+
+
+def _examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ztgate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Identity-aware Layer-4 firewall for WireGuard gateways, decided in the kernel by eBPF.",
+        epilog=_examples("""
+            ztgate explain --policy policy.yaml --identities identities.yaml --user bob@example.com \\
+                --dst 10.20.0.10 --proto tcp --dport 22
+            ztgate dataplane verdicts --policy policy.yaml --identities identities.yaml --packets pkts.jsonl
+            ztgate policy check --policy policy.yaml --identities identities.yaml
+        """))
+    nouns = p.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+
+    def files(sp, packets: bool):
+        sp.add_argument("--policy", required=True, metavar="FILE", help="policy.yaml")
+        sp.add_argument("--identities", required=True, metavar="FILE", help="identities.yaml")
+        if packets:
+            sp.add_argument("--packets", metavar="FILE", help="packets, one JSON object a line")
+
+    ex = nouns.add_parser(
+        "explain", help="the reference verdicts; or why one packet gets its verdict",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Decide packets with the reference evaluator (the spec in code). With --packets, one "
+                    "JSON verdict a line; with one packet given by flags, the verdict, the rule, and why "
+                    "each rule tried before it did not match.",
+        epilog=_examples("""
+            ztgate explain --policy p.yaml --identities i.yaml --packets pkts.jsonl
+            ztgate explain --policy p.yaml --identities i.yaml --user bob@example.com --dst 10.20.0.10 --proto tcp --dport 22
+            ztgate explain --policy p.yaml --identities i.yaml --src 100.96.0.2 --dst 10.20.0.10 --proto icmp --json
+        """))
+    files(ex, packets=True)
+    who = ex.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="EMAIL", help="the packet comes from this user's first enabled device")
+    who.add_argument("--src", metavar="ADDR", help="source address (a device's tunnel address)")
+    ex.add_argument("--dst", metavar="ADDR", help="destination address")
+    ex.add_argument("--proto", default="tcp", help="tcp, udp, icmp or a protocol number (default tcp)")
+    ex.add_argument("--sport", type=int, metavar="PORT", help="source port (tcp/udp; default 0)")
+    ex.add_argument("--dport", type=int, metavar="PORT", help="destination port (tcp/udp; default 0)")
+    ex.add_argument("--json", action="store_true", help="machine-readable output")
+    ex.set_defaults(run=cmd_explain)
+
+    dp = nouns.add_parser("dataplane", help="the kernel data plane").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    ve = dp.add_parser(
+        "verdicts", help="kernel verdicts through BPF_PROG_TEST_RUN",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile the files into the gateway's maps, load the gateway's XDP program (attached to "
+                    "nothing), run each packet through it with BPF_PROG_TEST_RUN and print the kernel's "
+                    "verdict and rule, one JSON object a line. Needs root.",
+        epilog=_examples("""
+            ztgate dataplane verdicts --policy p.yaml --identities i.yaml --packets pkts.jsonl
+            ztgate dataplane verdicts --policy p.yaml --identities i.yaml --packets pkts.jsonl --repeat 100000
+        """))
+    files(ve, packets=False)
+    ve.add_argument("--packets", required=True, metavar="FILE", help="packets, one JSON object a line")
+    ve.add_argument("--repeat", type=int, default=0, metavar="N",
+                    help="run each packet N times and add the kernel's mean ns per run")
+    ve.add_argument("--ethernet", action="store_true",
+                    help="build the Ethernet-device program (frames get an Ethernet header)")
+    ve.set_defaults(run=cmd_verdicts)
+
+    po = nouns.add_parser("policy", help="policy files").add_subparsers(dest="verb", metavar="VERB", required=True)
+    ch = po.add_parser(
+        "check", help="validate the files and show what they compile to",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Validate both files as the gateway would, compile them, and print the sizes of the "
+                    "kernel tables. Changes nothing; needs no root.",
+        epilog=_examples("ztgate policy check --policy p.yaml --identities i.yaml --json"))
+    files(ch, packets=False)
+    ch.add_argument("--json", action="store_true", help="machine-readable output")
+    ch.set_defaults(run=cmd_check)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _load(args):
+    return load_policy(args.policy), load_identities(args.identities)
+
+
+def _print_jsonl(rows) -> None:
+    for row in rows:
+        print(json.dumps(row))
+
+
+def cmd_explain(args) -> int:
+    from .probe import reference_verdicts
+
+    policy, identities = _load(args)
+    single = any(v is not None for v in (args.user, args.src, args.dst))
+    if args.packets and single:
+        raise InputError("explain: give either --packets FILE or one packet by flags, not both")
+    if args.packets:
+        _print_jsonl(reference_verdicts(policy, identities, load_probes(args.packets)))
+        return 0
+    if not single:
+        raise InputError("explain: give --packets FILE, or a packet: --user EMAIL or --src ADDR, and --dst ADDR")
+    pkt = _packet_from_flags(args, identities)
+    _explain_one(policy, identities, pkt, args.json)
+    return 0
+
+
+def _packet_from_flags(args, identities) -> Packet:
+    if args.dst is None or (args.user is None and args.src is None):
+        raise InputError("explain: a packet needs --dst and one of --user or --src")
+    try:
+        dst = ipaddress.ip_address(args.dst)
+    except ValueError:
+        raise InputError(f"explain: --dst {args.dst!r} is not an IP address") from None
+    src = args.src
+    if args.user is not None:
+        email = args.user.lower()
+        devices = [d for d in identities.devices if d.user == email and d.enabled]
+        if not devices:
+            raise InputError(f"explain: --user {args.user}: no enabled device of this user in {args.identities}")
+        addrs = [a for d in devices for a in d.addresses if a.version == dst.version]
+        if not addrs:
+            raise InputError(f"explain: --user {args.user}: no IPv{dst.version} tunnel address to send from")
+        src = str(addrs[0])
+    fields = {"src": src, "dst": args.dst, "proto": args.proto}
+    for key in ("sport", "dport"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    return packet_from_fields(fields, "explain")
+
+
+def _explain_one(policy, identities, pkt: Packet, as_json: bool) -> None:
+    from .reference import identify, trace
+
+    decision, misses = trace(policy, identities, pkt)
+    who = identify(policy, identities, pkt.src)
+    if as_json:
+        out = decision.as_json()
+        out["tried"] = [{"rule": r.name, "precedence": r.precedence, "why_not": why} for r, why in misses]
+        if who:
+            out["device"], out["user"], out["groups"] = who.device.name, who.email, sorted(who.groups)
+        print(json.dumps(out))
+        return
+    ports = pkt.proto in (6, 17)
+    sep = lambda a, port: f"[{a}]:{port}" if a.version == 6 and ports else (f"{a}:{port}" if ports else str(a))
+    print(f"packet   {pkt.protocol_name if pkt.protocol_name != 'other' else f'proto {pkt.proto}'} "
+          f"{sep(pkt.src, pkt.sport)} -> {sep(pkt.dst, pkt.dport)}")
+    if who is None:
+        print(f"identity none: {pkt.src} is not the tunnel address of an enabled device")
+    else:
+        print(f"identity device {who.device.name}, user {who.email}, groups {', '.join(sorted(who.groups)) or '-'}")
+    if decision.rule:
+        print(f"verdict  {decision.verdict.upper()} by rule {decision.rule}")
+    elif decision.reason == "default":
+        print(f"verdict  {decision.verdict.upper()} by default_action (no rule matched)")
+    else:
+        print(f"verdict  {decision.verdict.upper()} ({decision.reason}); no rule is consulted")
+    if misses:
+        print("rules tried before it, and why each did not match:")
+        width = max(len(r.name) for r, _ in misses)
+        for r, why in misses:
+            print(f"  {r.precedence:>6}  {r.name:<{width}}  {r.action:<5}  {why}")
+
+
+def cmd_verdicts(args) -> int:
+    from dataclasses import replace
+
+    from .compiler import choose_pools
+    from .probe import compile_and_run
+
+    policy, identities = _load(args)
+    probes = load_probes(args.packets)
+    if args.repeat < 0:
+        raise InputError("--repeat must be 0 or more")
+    if os.geteuid() != 0:
+        raise ZtError("dataplane verdicts loads a BPF program: run it as root")
+    layout = replace(choose_pools(identities), ethernet=args.ethernet)
+    _print_jsonl(compile_and_run(policy, identities, probes, args.repeat, layout))
+    return 0
+
+
+def cmd_check(args) -> int:
+    import time
+
+    from .compiler import compile_policy
+
+    policy, identities = _load(args)
+    started = time.perf_counter()
+    tables = compile_policy(policy, identities)
+    stats = dict(tables.stats, compile_seconds=round(time.perf_counter() - started, 3),
+                 devices=len(identities.devices), users=len(identities.users), rules_in_file=len(policy.rules))
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print("policy and identities are valid")
+        width = max(map(len, stats))
+        for k, v in stats.items():
+            print(f"  {k:<{width}}  {v}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ZtError as e:
+        print(f"ztgate: {e}", file=sys.stderr)
+        return e.exit_status
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
