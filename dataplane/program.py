@@ -154,9 +154,10 @@ class Program:
         finally:
             os.sched_setaffinity(0, saved)
 
-    def run(self, data: bytes, repeat: int = 1, cpu: Optional[int] = None) -> RunResult:
-        """Run one packet (bytes as the interface delivers them). Call inside on_one_cpu()."""
-        if self.layout.ethernet:
+    def run(self, data: bytes, repeat: int = 1, cpu: Optional[int] = None, raw_frame: bool = False) -> RunResult:
+        """Run one IP packet (on an Ethernet build, framed first; raw_frame: `data` is the whole
+        frame). Call inside on_one_cpu()."""
+        if self.layout.ethernet and not raw_frame:
             data = ethernet_frame(data)
         if len(data) < MIN_TEST_RUN_BYTES:
             # Zero padding keeps the verdict: every IP packet this short is already unreadable.
