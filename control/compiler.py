@@ -72,7 +72,7 @@ class _Interner:
 
 def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layout] = None) -> Tables:
     """Compile; `layout` gives the pools (and the ethernet flag) to compile for, when set."""
-    base = layout or _choose_pools(identities)
+    base = layout or choose_pools(identities)
     rules = policy.ordered_rules
     if len(rules) >= U16_MAX:
         raise InputError(f"policy: {len(rules)} enabled rules; the data plane holds at most {U16_MAX - 1}")
@@ -268,7 +268,7 @@ def _fill(view: np.ndarray, base: int, span: int, stride: int, j: int, bounds, c
     view[cur_slot:] = cur_class
 
 
-def _choose_pools(identities: Identities) -> Layout:
+def choose_pools(identities: Identities) -> Layout:
     """Pools for a one-off compile (the probes): the 2^20-address blocks holding most devices."""
     best = Layout()
     for version, attr in ((4, "pool4_base"), (6, "pool6_base")):
