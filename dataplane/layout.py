@@ -38,8 +38,8 @@ class Layout:
     max_services: int = 4096
     max_cands: int = 16          # candidates per service, the terminating entry included
     max_idents: int = 1024
-    who_words: int = 4           # 64-bit words of who-bits per identity class
-    sport_words: int = 1         # 64-bit words of source-port-set bits per port
+    who_words: int = 4           # 64-bit words of who-bits per identity class (a power of two)
+    sport_words: int = 1         # 64-bit words of source-port-set bits per port (a power of two)
     max_src_hash: int = 1024     # tunnel addresses outside the pools
     pool4_base: int = 0x64600000  # 100.96.0.0/12
     pool6_base: int = 0xFD00005A << 96   # fd00:5a::/108
@@ -78,5 +78,8 @@ class Layout:
             max_port_tables=_headroom(self.max_port_tables, 64),
             max_services=_headroom(self.max_services, 64),
             max_idents=_headroom(self.max_idents, 64),
+            # powers of two: the kernel masks word indexes with them (the verifier needs a bound)
+            who_words=_pow2(self.who_words, 1),
+            sport_words=_pow2(self.sport_words, 1),
             max_src_hash=_headroom(self.max_src_hash, 64),
         )

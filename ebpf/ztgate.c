@@ -99,12 +99,14 @@ static __always_inline __s64 service_of(const struct zt_pkt *p, __u32 cid)
 	return pt->svc[i & (ZT_PORT_SLOTS - 1)];
 }
 
+/* nwords is a power of two (dataplane/layout.py): the mask is the bound the verifier needs,
+ * which clang's rewrite of (bit >> 6) * 8 would otherwise lose. */
 static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 {
 	__u32 w = bit >> 6;
 	if (w >= nwords)
 		return 0;
-	return (words[w] >> (bit & 63)) & 1;
+	return (words[w & (nwords - 1)] >> (bit & 63)) & 1;
 }
 
 /* 4. Walk the service's candidates: the first whose conditions hold decides. */

@@ -145,3 +145,15 @@ def test_packets_by_field_and_by_bytes_agree(program):
     by_fields, by_bytes = kernel_verdicts(program, tables, [pkt, build_raw(pkt)])
     assert by_fields == by_bytes == decide(policy, ids, pkt).as_json() == \
         {"verdict": "allow", "rule": "ssh", "reason": "rule"}
+
+
+def test_odd_word_counts_still_verify():
+    """Compiled layouts get power-of-two word counts however many tokens a policy has."""
+    from dataclasses import replace
+
+    from dataplane.program import Program
+
+    layout = replace(TEST_LAYOUT, who_words=3, sport_words=5).with_headroom()
+    assert (layout.who_words, layout.sport_words) == (4, 8)
+    with Program(layout) as program:
+        assert program.fn.fd > 0
