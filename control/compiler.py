@@ -122,19 +122,20 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
             events = defaultdict(list)
             for rid in key:
                 for lo, hi in (rules[rid - 1].dst_ports or ((0, 65535),)):
-                    events[lo].append(rid)
-                    events[hi + 1].append(-rid)
-            active: Counter = Counter()
+                    events[lo].append((rid, 1))
+                    events[hi + 1].append((rid, -1))
+            count: Counter = Counter()
             table = []
             for pos in sorted(events):
                 if pos > 65535:
                     break
-                for e in events[pos]:
-                    active[abs(e)] += 1 if e > 0 else -1
-                svc = service(sorted(r for r, n in active.items() if n > 0))
-                if table and table[-1][1] == svc:
-                    continue
-                table.append((pos, svc))
+                for rid, d in events[pos]:
+                    count[rid] += d
+                    if not count[rid]:
+                        del count[rid]
+                svc = service(sorted(count))
+                if not table or table[-1][1] != svc:
+                    table.append((pos, svc))
             if not table or table[0][0] != 0:
                 table.insert(0, (0, service(())))
             got = port_cache[key] = port_tables(tuple(table))

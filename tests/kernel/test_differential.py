@@ -121,7 +121,7 @@ def check(program, policy, ids, pkts):
         assert g == w, f"packet {pkt}: kernel {g}, reference {w}"
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 def test_kernel_equals_reference(program, case):
     check(program, *case)
