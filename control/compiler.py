@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from dataplane.layout import (CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, POOL_BITS, PORT_END, SRC,
+from dataplane.layout import (CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, POOL_BITS, PORT_END,
                               V4_TOP, V6_TOP, Layout)
 
 from .errors import InputError
@@ -141,15 +141,12 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
             got = port_cache[key] = port_tables(tuple(table))
         return got
 
-    classes = _Interner()
-
-    def dst_class(rids: tuple[int, ...]) -> int:
-        return classes(rids)
+    classes = _Interner()   # a destination class: the rules (ids) whose destination holds it
 
     # Destination: the elementary intervals of every rule's (cidrs minus except), per family.
     node_rows: list[np.ndarray] = [np.zeros(256, np.uint32) for _ in range(FIRST_CHILD_NODE)]
     for family, top, span in ((4, V4_TOP, 32), (6, V6_TOP, 128)):
-        bounds, cls = _dst_intervals(rules, family, span, dst_class)
+        bounds, cls = _dst_intervals(rules, family, span, classes)
         top_view = np.concatenate(node_rows[top:top + 256])
         _fill(top_view, 0, span, 16, 0, bounds, cls, node_rows)
         for i in range(256):

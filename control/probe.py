@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 from dataplane.layout import Layout
-from dataplane.reasons import Verdict
 
 from .compiler import Tables, compile_policy
 from .model import Identities, Policy
@@ -41,7 +40,3 @@ def compile_and_run(policy: Policy, identities: Identities, probes: list[Probe],
     with Program(tables.need.with_headroom()) as program:
         program.load(tables)
         return kernel_verdicts(program, tables, probes, repeat)
-
-
-def decision_verdict(label: str) -> Verdict:
-    return Verdict[label.upper()]

@@ -1,6 +1,7 @@
 """POLICY.md "Validation": every refusal names the file, the entry (rule/user/device) and the field."""
 import ipaddress
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from control.reference import decide
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT / "examples" / "lab"
-ZTGATE = ROOT / ".venv" / "bin" / "ztgate"
+ZTGATE = [sys.executable, "-m", "control.cli"]   # the console script's entry point
 
 
 def policy(bad_rule=None, **top):
@@ -109,22 +110,13 @@ def test_base_documents_are_valid(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The same refusals through the real CLI: exit status 2 and the message on stderr.
 
-def explain_verb_exists() -> bool:
-    if not ZTGATE.exists():
-        return False
-    run = subprocess.run([str(ZTGATE), "--help"], capture_output=True, text=True)
-    return run.returncode == 0 and "explain" in run.stdout
-
-
 CLI_CASES = [c for c in BAD_POLICIES if c[0] in ("unknown-rule-key", "prefix-v4-host-bits", "range-reversed", "ports-with-icmp")]
 
 
 @pytest.mark.parametrize("doc, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_refuses_bad_policy(tmp_path, doc, expected):
-    if not explain_verb_exists():
-        pytest.skip("ztgate explain is not there yet")
     bad = write(tmp_path, "policy.yaml", doc)
-    run = subprocess.run([str(ZTGATE), "explain", "--policy", str(bad), "--identities", str(LAB / "identities.yaml"),
+    run = subprocess.run([*ZTGATE, "explain", "--policy", str(bad), "--identities", str(LAB / "identities.yaml"),
                           "--packets", str(LAB / "packets.jsonl")], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2, run.stderr
     assert run.stdout == ""
@@ -133,10 +125,8 @@ def test_cli_refuses_bad_policy(tmp_path, doc, expected):
 
 
 def test_cli_refuses_bad_identities(tmp_path):
-    if not explain_verb_exists():
-        pytest.skip("ztgate explain is not there yet")
     bad = write(tmp_path, "identities.yaml", identities(device={"tunnel_ipv6": "fd00:5a::2"}))
-    run = subprocess.run([str(ZTGATE), "explain", "--policy", str(LAB / "policy.yaml"), "--identities", str(bad),
+    run = subprocess.run([*ZTGATE, "explain", "--policy", str(LAB / "policy.yaml"), "--identities", str(bad),
                           "--packets", str(LAB / "packets.jsonl")], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2, run.stderr
     for part in (str(bad), "devices[1]", "tunnel_ipv6"):

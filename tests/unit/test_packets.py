@@ -1,18 +1,13 @@
 """POLICY.md "Packets that cannot be decided by their fields": control.packets.parse_raw."""
 import ipaddress
-import struct
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
-from scapy.packet import Raw
 
 from control.model import Packet
 from control.errors import InputError
 from control.packets import Unreadable, build_raw, packet_from_fields, parse_raw
 
-from tests.packet_cases import (READABLE, S4, S6, D4, D6, SYN, UNREADABLE, V4_TCP, V6_TCP, chain, ext, put16,
-                                 tcp_dataofs, v4, v6)
+from tests.packet_cases import READABLE, S4, S6, D4, D6, UNREADABLE, V6_TCP, chain, put16
 
 
 def reason(data: bytes) -> str:
