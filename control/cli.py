@@ -32,23 +32,25 @@ def _parser() -> argparse.ArgumentParser:
         """))
     nouns = p.add_subparsers(dest="noun", metavar="COMMAND", required=True)
 
+    def verb(parent, name: str, help: str, description: str, examples: str):
+        return parent.add_parser(name, help=help, description=description, epilog=_examples(examples),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
     def files(sp, packets: bool):
         sp.add_argument("--policy", required=True, metavar="FILE", help="policy.yaml")
         sp.add_argument("--identities", required=True, metavar="FILE", help="identities.yaml")
         if packets:
             sp.add_argument("--packets", metavar="FILE", help="packets, one JSON object a line")
 
-    ex = nouns.add_parser(
-        "explain", help="the reference verdicts; or why one packet gets its verdict",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Decide packets with the reference evaluator (the spec in code). With --packets, one "
+    ex = verb(nouns, "explain", "the reference verdicts; or why one packet gets its verdict",
+        "Decide packets with the reference evaluator (the spec in code). With --packets, one "
                     "JSON verdict a line; with one packet given by flags, the verdict, the rule, and why "
                     "each rule tried before it did not match.",
-        epilog=_examples("""
+        """
             ztgate explain --policy p.yaml --identities i.yaml --packets pkts.jsonl
             ztgate explain --policy p.yaml --identities i.yaml --user bob@example.com --dst 10.20.0.10 --proto tcp --dport 22
             ztgate explain --policy p.yaml --identities i.yaml --src 100.96.0.2 --dst 10.20.0.10 --proto icmp --json
-        """))
+        """)
     files(ex, packets=True)
     who = ex.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="EMAIL", help="the packet comes from this user's first enabled device")
@@ -62,16 +64,14 @@ def _parser() -> argparse.ArgumentParser:
 
     dp = nouns.add_parser("dataplane", help="the kernel data plane").add_subparsers(
         dest="verb", metavar="VERB", required=True)
-    ve = dp.add_parser(
-        "verdicts", help="kernel verdicts through BPF_PROG_TEST_RUN",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compile the files into the gateway's maps, load the gateway's XDP program (attached to "
+    ve = verb(dp, "verdicts", "kernel verdicts through BPF_PROG_TEST_RUN",
+        "Compile the files into the gateway's maps, load the gateway's XDP program (attached to "
                     "nothing), run each packet through it with BPF_PROG_TEST_RUN and print the kernel's "
                     "verdict and rule, one JSON object a line. Needs root.",
-        epilog=_examples("""
+        """
             ztgate dataplane verdicts --policy p.yaml --identities i.yaml --packets pkts.jsonl
             ztgate dataplane verdicts --policy p.yaml --identities i.yaml --packets pkts.jsonl --repeat 100000
-        """))
+        """)
     files(ve, packets=False)
     ve.add_argument("--packets", required=True, metavar="FILE", help="packets, one JSON object a line")
     ve.add_argument("--repeat", type=int, default=0, metavar="N",
@@ -81,12 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     ve.set_defaults(run=cmd_verdicts)
 
     po = nouns.add_parser("policy", help="policy files").add_subparsers(dest="verb", metavar="VERB", required=True)
-    ch = po.add_parser(
-        "check", help="validate the files and show what they compile to",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Validate both files as the gateway would, compile them, and print the sizes of the "
+    ch = verb(po, "check", "validate the files and show what they compile to",
+        "Validate both files as the gateway would, compile them, and print the sizes of the "
                     "kernel tables. Changes nothing; needs no root.",
-        epilog=_examples("ztgate policy check --policy p.yaml --identities i.yaml --json"))
+        "ztgate policy check --policy p.yaml --identities i.yaml --json")
     files(ch, packets=False)
     ch.add_argument("--json", action="store_true", help="machine-readable output")
     ch.set_defaults(run=cmd_check)
