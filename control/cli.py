@@ -10,8 +10,12 @@ import sys
 import textwrap
 from typing import Optional
 
+from dataplane.reasons import Verdict
+
 from .errors import InputError, ZtError
 from .files import load_identities, load_policy
+from .cli_gateway import *  # noqa: F401,F403 (the gateway verbs' cmd_* functions)
+from .config import DEFAULT_SOCKET
 from .model import Packet
 from .packets import load_probes, packet_from_fields
 
@@ -88,7 +92,198 @@ def _parser() -> argparse.ArgumentParser:
     files(ch, packets=False)
     ch.add_argument("--json", action="store_true", help="machine-readable output")
     ch.set_defaults(run=cmd_check)
+
+    ap = verb(po, "apply", "replace the running gateway's rules (and identities) atomically",
+        "Validate the files as `policy check` does and make them the gateway's policy in one "
+        "transaction: the store and the kernel move to a new generation together, or neither "
+        "moves. Prints the difference; with --dry-run only prints it.",
+        """
+            ztgate policy apply policy.yaml --dry-run
+            ztgate policy apply policy.yaml --identities identities.yaml
+        """)
+    ap.add_argument("file", metavar="FILE", help="policy.yaml")
+    ap.add_argument("--identities", metavar="FILE", help="also replace users and devices with this file")
+    ap.add_argument("--dry-run", action="store_true", help="show the difference, change nothing")
+    gw(ap, reads=True, run=cmd_policy_apply)
+    sh = verb(po, "show", "the policy in force, in the file format",
+        "Print the running gateway's policy as policy.yaml (it round-trips through `policy apply`).",
+        "ztgate policy show > policy.yaml")
+    gw(sh, reads=True, run=cmd_policy_show)
+
+    ids = nouns.add_parser("identities", help="users and devices as a file").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    gw(verb(ids, "show", "users and devices in force, in the identities file format",
+            "Print the running gateway's users and devices as identities.yaml.",
+            "ztgate identities show > identities.yaml"), reads=True, run=cmd_identities_show)
+
+    ru = nouns.add_parser("rule", help="rules of the running gateway").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    gw(verb(ru, "list", "rules in precedence order, with hit counts",
+            "The rules the gateway holds, in the order they are tried, with the packets and bytes "
+            "each has decided since the controller started.", "ztgate rule list\nztgate rule list --json"),
+       reads=True, run=cmd_rule_list)
+    ra = verb(ru, "add", "add a rule (the fields of a policy-file rule)",
+        "Add one rule; its fields and checks are those of a rule in policy.yaml. Without "
+        "--precedence it goes after the last rule.",
+        """
+            ztgate rule add ssh-admins --action allow --principal group:admins --proto tcp \\
+                --dst-cidr 10.20.0.0/24 --dst-port 22
+            ztgate rule add no-rdp --action block --proto tcp --dst-port 3389 --precedence 5
+            ztgate rule add web --action allow --principal user:bob@example.com --dst-cidr 10.20.0.10/32 \\
+                --dst-port 80,443 --proto tcp
+        """)
+    ra.add_argument("name", metavar="NAME")
+    ra.add_argument("--action", required=True, choices=("allow", "block"))
+    ra.add_argument("--precedence", type=int, help="lower is tried first (default: after the last rule)")
+    ra.add_argument("--principal", action="append", metavar="KIND:NAME",
+                    help="user:EMAIL, group:NAME or device:NAME (repeat; none: everyone)")
+    ra.add_argument("--proto", action="append", metavar="P", help="tcp, udp, icmp (repeat or comma-separate)")
+    ra.add_argument("--src-cidr", action="append", metavar="PREFIX", help="source prefix (repeat)")
+    ra.add_argument("--src-port", action="append", metavar="PORTS", help="source port or range a-b (repeat)")
+    ra.add_argument("--dst-cidr", action="append", metavar="PREFIX", help="destination prefix (repeat)")
+    ra.add_argument("--dst-except", action="append", metavar="PREFIX", help="destination prefix excluded (repeat)")
+    ra.add_argument("--dst-port", action="append", metavar="PORTS", help="destination port or range a-b (repeat)")
+    ra.add_argument("--disabled", action="store_true", help="add it disabled")
+    gw(ra, reads=True, run=cmd_rule_add)
+    for name, help_, run in (("remove", "remove a rule", cmd_rule_remove),
+                             ("enable", "enable a rule", cmd_rule_enable),
+                             ("disable", "disable a rule (kept, not tried)", cmd_rule_disable)):
+        sp = verb(ru, name, help_, help_[0].upper() + help_[1:] + " of the running gateway; the kernel "
+                  "follows in the same transaction.", f"ztgate rule {name} ssh-admins")
+        sp.add_argument("name", metavar="NAME")
+        gw(sp, reads=False, run=run)
+    mv = verb(ru, "move", "change where a rule is tried",
+        "Give the rule a new precedence, or put it just before or after another rule (rules are "
+        "renumbered by tens when there is no room between the two).",
+        "ztgate rule move no-rdp --before ssh-admins\nztgate rule move web --precedence 300")
+    mv.add_argument("name", metavar="NAME")
+    where = mv.add_mutually_exclusive_group(required=True)
+    where.add_argument("--precedence", type=int)
+    where.add_argument("--before", metavar="RULE")
+    where.add_argument("--after", metavar="RULE")
+    gw(mv, reads=False, run=cmd_rule_move)
+
+    us = nouns.add_parser("user", help="users").add_subparsers(dest="verb", metavar="VERB", required=True)
+    gw(verb(us, "list", "users, their groups and device counts", "Users of the running gateway.",
+            "ztgate user list --json"), reads=True, run=cmd_user_list)
+    ua = verb(us, "add", "add a user", "Add a user, optionally in groups.",
+              "ztgate user add carol@example.com --group developers --group staff")
+    ua.add_argument("email", metavar="EMAIL")
+    ua.add_argument("--group", action="append", default=[], metavar="GROUP", help="a group (repeat)")
+    gw(ua, reads=False, run=cmd_user_add)
+    ur = verb(us, "remove", "remove a user", "Remove a user; refused while the user has devices unless "
+              "--with-devices (their access ends at once).", "ztgate user remove carol@example.com --with-devices")
+    ur.add_argument("email", metavar="EMAIL")
+    ur.add_argument("--with-devices", action="store_true", help="also remove the user's devices")
+    gw(ur, reads=False, run=cmd_user_remove)
+
+    gr = nouns.add_parser("group", help="groups and membership").add_subparsers(dest="verb", metavar="VERB", required=True)
+    gw(verb(gr, "list", "groups and their members",
+            "Groups of the gateway (and the local groups of the policy file, marked 'policy').",
+            "ztgate group list"), reads=True, run=cmd_group_list)
+    for name, help_, run in (("add", "add an empty group", cmd_group_add),
+                             ("remove", "remove a group (its members leave it)", cmd_group_remove)):
+        sp = verb(gr, name, help_, help_[0].upper() + help_[1:] + ".", f"ztgate group {name} admins")
+        sp.add_argument("name", metavar="GROUP")
+        gw(sp, reads=False, run=run)
+    for name, help_, run in (("add-member", "put a user in a group", cmd_group_add_member),
+                             ("remove-member", "take a user out of a group", cmd_group_remove_member)):
+        sp = verb(gr, name, help_, help_[0].upper() + help_[1:] + "; the user's devices follow at once.",
+                  f"ztgate group {name} admins bob@example.com")
+        sp.add_argument("group", metavar="GROUP")
+        sp.add_argument("email", metavar="EMAIL")
+        gw(sp, reads=False, run=run)
+
+    de = nouns.add_parser("device", help="devices and their WireGuard peers").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    gw(verb(de, "list", "devices with last handshake and traffic",
+            "Devices, their tunnel addresses, and what WireGuard says of them.", "ztgate device list"),
+       reads=True, run=cmd_device_list)
+    da = verb(de, "add", "enroll a device and print its WireGuard configuration",
+        "Enroll a device: a key pair (made here unless --public-key is given), a free tunnel "
+        "address, a WireGuard peer admitting only that address. Prints a client configuration "
+        "for wg-quick or a WireGuard app; it holds the private key, which the gateway does not keep.",
+        """
+            ztgate device add alice-laptop --user alice@example.com > alice-laptop.conf
+            ztgate device add bob-phone --user bob@example.com --public-key 'xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg='
+        """)
+    da.add_argument("name", metavar="NAME")
+    da.add_argument("--user", required=True, metavar="EMAIL")
+    da.add_argument("--public-key", metavar="KEY", help="the device's own WireGuard public key (base64)")
+    gw(da, reads=True, run=cmd_device_add)
+    for name, help_, run in (("disable", "take a device's access away at once (kept, can be enabled)",
+                              cmd_device_disable),
+                             ("enable", "give a disabled device its access back", cmd_device_enable),
+                             ("remove", "remove a device: its access ends at once", cmd_device_remove)):
+        sp = verb(de, name, help_, help_[0].upper() + help_[1:] + "; its peer and its kernel entry change "
+                  "in one transaction, open flows included.", f"ztgate device {name} bob-laptop")
+        sp.add_argument("name", metavar="NAME")
+        gw(sp, reads=False, run=run)
+
+    lg = verb(nouns, "logs", "flow events: who, what, verdict, rule, reason",
+        "Flow events of the running gateway: every drop and every new allowed flow, with the "
+        "user and device, addresses, ports, protocol, verdict, rule and reason.",
+        """
+            ztgate logs --verdict block
+            ztgate logs --follow --user bob@example.com
+        """)
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    lg.add_argument("--user", metavar="EMAIL")
+    lg.add_argument("--device", metavar="NAME")
+    lg.add_argument("--verdict", choices=[v.label for v in Verdict])
+    lg.add_argument("--limit", type=int, default=50, help="how many past events (default 50)")
+    gw(lg, reads=True, run=cmd_logs)
+
+    tr = verb(nouns, "trace", "one packet through the running gateway's kernel program",
+        "Run one packet through the program attached to the ingress interface (BPF_PROG_TEST_RUN) "
+        "and through the reference; print the kernel's verdict and rule, and why each rule tried "
+        "before it did not match.",
+        """
+            ztgate trace --user bob@example.com --dst 10.20.0.10 --proto tcp --dport 22
+            ztgate trace --src 100.96.0.2 --dst 10.20.0.11 --proto tcp --dport 3389 --json
+        """)
+    who = tr.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="EMAIL", help="from this user's first enabled device")
+    who.add_argument("--src", metavar="ADDR")
+    tr.add_argument("--dst", required=True, metavar="ADDR")
+    tr.add_argument("--proto", default="tcp")
+    tr.add_argument("--sport", type=int, metavar="PORT")
+    tr.add_argument("--dport", type=int, metavar="PORT")
+    gw(tr, reads=True, run=cmd_trace)
+
+    gw(verb(nouns, "status", "what is attached where, generation, counts, devices online",
+            "The running gateway at a glance.", "ztgate status\nztgate status --json"), reads=True, run=cmd_status)
+    au = verb(nouns, "audit", "the change history: what, when, by whom",
+              "Accepted changes, oldest first, with generation and the local uid that made them.",
+              "ztgate audit --limit 20")
+    au.add_argument("--limit", type=int, default=50)
+    gw(au, reads=True, run=cmd_audit)
+
+    ga = nouns.add_parser("gateway", help="run or remove the gateway on this host").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    gr_ = verb(ga, "run", "the controller daemon",
+        "Start the gateway: the WireGuard interface, the XDP program (attached and pinned), the "
+        "store, the socket, the flow log and the metrics. Runs in the foreground (systemd: "
+        "deploy/ztgate.service). Stopping it leaves the policy enforced.",
+        "ztgate gateway run --config /etc/ztgate/gateway.yaml")
+    gr_.add_argument("--config", metavar="FILE", help="the gateway's configuration (YAML)")
+    gr_.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    gr_.set_defaults(run=cmd_gateway_run)
+    gt = verb(ga, "teardown", "remove the gateway from this host (the store stays)",
+        "Detach the program, delete the interface, remove pins and socket. The database stays in "
+        "the state directory; `gateway run` starts again from it.",
+        "ztgate gateway teardown --config /etc/ztgate/gateway.yaml")
+    gt.add_argument("--config", metavar="FILE")
+    gt.set_defaults(run=cmd_gateway_teardown)
     return p
+
+
+def gw(sp, reads: bool, run) -> None:
+    """A verb that talks to the running gateway over its socket."""
+    sp.add_argument("--socket", metavar="PATH", help=f"the gateway's socket (default $ZTGATE_SOCKET or {DEFAULT_SOCKET})")
+    if reads:
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(run=run)
 
 
 # ---------------------------------------------------------------------------------------------

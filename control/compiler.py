@@ -24,7 +24,7 @@ from dataplane.layout import (CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, POOL_BIT
                               V4_TOP, V6_TOP, Layout)
 
 from .errors import InputError
-from .model import Identities, Policy, Rule
+from .model import Address, Device, Identities, Policy, Rule, User
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
 ACTION_CODE = {"allow": 0, "block": 1}   # == enum zt_verdict
@@ -46,7 +46,7 @@ class Tables:
     services: np.ndarray                   # (n, max_cands) CAND
     idents: np.ndarray                     # (n, who_words) uint64; row 0 = unknown
     sport: np.ndarray                      # (65536, sport_words) uint64
-    device_names: list[str] = field(default_factory=list)  # device id - 1 -> name
+    sources: Optional["Sources"] = None    # source -> identity; kept for one-device updates
     stats: dict = field(default_factory=dict)
 
 
@@ -173,11 +173,9 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
             svc_rows[i, j] = c + (0,)
 
     # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
-    idents, pool4, pool6, src_hash, device_names = _identities(policy, identities, who_tokens.values, base)
-    who_words = max(1, (len(who_tokens.values) + 1 + 63) // 64)
-    ident_rows = np.zeros((len(idents.values) + 1, who_words), np.uint64)
-    for i, bits in enumerate(idents.values, start=1):
-        ident_rows[i] = np.frombuffer(bits.to_bytes(who_words * 8, "little"), np.uint64)
+    sources = Sources(policy, identities, who_tokens.values, base)
+    pool4, pool6, src_hash = sources.all_entries(identities)
+    ident_rows = sources.ident_rows()
 
     sport_words = max(1, (len(sport_sets.values) + 1 + 63) // 64)
     sport_bits = np.zeros((65536, sport_words * 64), bool)
@@ -190,16 +188,16 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
         base,
         max_rules=len(rules) + 1, max_nodes=len(node_rows), max_classes=len(classes.values),
         max_port_tables=len(port_tables.values), port_slots=port_slots,
-        max_services=len(services.values), max_cands=max_cands, max_idents=len(idents.values) + 1,
-        who_words=who_words, sport_words=sport_words, max_src_hash=len(src_hash),
+        max_services=len(services.values), max_cands=max_cands, max_idents=len(ident_rows),
+        who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
     )
     return Tables(
         need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
         nodes=np.stack(node_rows), classes=class_rows, port_tables=pt, services=svc_rows,
-        idents=ident_rows, sport=sport, device_names=device_names,
+        idents=ident_rows, sport=sport, sources=sources,
         stats={"rules": len(rules), "who_tokens": len(who_tokens.values), "classes": len(classes.values),
                "services": len(services.values), "port_tables": len(port_tables.values),
-               "nodes": len(node_rows), "idents": len(idents.values)},
+               "nodes": len(node_rows), "idents": len(ident_rows) - 1},
     )
 
 
@@ -277,50 +275,97 @@ def choose_pools(identities: Identities) -> Layout:
     return best
 
 
-def _identities(policy: Policy, identities: Identities, tokens: list, layout: Layout):
-    """Who-bits for every enabled device's tunnel addresses, and where each address goes."""
-    by_principal: dict[tuple[str, str], int] = defaultdict(int)
-    any_principal = 0          # tokens with no principals (only source prefixes)
-    src_conditional = 0        # tokens with source prefixes
-    src_nets = {4: [], 6: []}  # (lo, hi, token bit)
-    for t, (principals, src_cidrs) in enumerate(tokens, start=1):
-        bit = 1 << t
-        if not principals:
-            any_principal |= bit
-        for p in principals:
-            by_principal[(p.kind, p.name)] |= bit
-        if src_cidrs is not None:
-            src_conditional |= bit
-            for net in src_cidrs:
-                src_nets[net.version].append((*_interval(net), bit))
+class Sources:
+    """Source address -> (identity class, device id): the who-bits of each tunnel address,
+    interned into identity classes. Built by the full compile and kept by the gateway, which
+    uses entries() to change one device or one user without compiling anything else."""
 
-    local_groups = defaultdict(set)
-    for g, members in policy.groups.items():
-        for email in members:
-            local_groups[email].add(g)
-    user_bits = {}
-    for u in identities.users:
-        bits = by_principal.get(("user", u.key), 0)
-        for g in set(u.groups) | local_groups.get(u.key, set()):
-            bits |= by_principal.get(("group", g), 0)
-        user_bits[u.key] = bits
+    def __init__(self, policy: Policy, identities: Identities, tokens: list, layout: Layout):
+        self.layout = layout
+        self.by_principal: dict[tuple[str, str], int] = defaultdict(int)
+        self.any_principal = 0          # tokens with no principals (only source prefixes)
+        self.src_conditional = 0        # tokens with source prefixes
+        self.src_nets: dict[int, list] = {4: [], 6: []}   # (lo, hi, token bit)
+        for t, (principals, src_cidrs) in enumerate(tokens, start=1):
+            bit = 1 << t
+            if not principals:
+                self.any_principal |= bit
+            for p in principals:
+                self.by_principal[(p.kind, p.name)] |= bit
+            if src_cidrs is not None:
+                self.src_conditional |= bit
+                for net in src_cidrs:
+                    self.src_nets[net.version].append((*_interval(net), bit))
+        self.who_words = max(1, (len(tokens) + 1 + 63) // 64)
+        self.local_groups: dict[str, set[str]] = defaultdict(set)   # email -> the policy's groups
+        for g, members in policy.groups.items():
+            for email in members:
+                self.local_groups[email].add(g)
+        self.idents = _Interner(first=1)                 # who-bits -> identity class id
+        self.device_ids = {d.name: i for i, d in enumerate(identities.devices, start=1)}
 
-    addresses = [(a, dev_id, d) for dev_id, d in enumerate(identities.devices, start=1) if d.enabled
-                 for a in d.addresses]
-    src_ok = _source_bits(addresses, src_nets) if src_conditional else {}
+    def user_bits(self, user: User) -> int:
+        bits = self.by_principal.get(("user", user.key), 0)
+        for g in set(user.groups) | self.local_groups.get(user.key, set()):
+            bits |= self.by_principal.get(("group", g), 0)
+        return bits
 
-    idents = _Interner(first=1)
-    pool4, pool6, src_hash = {}, {}, {}
-    for addr, dev_id, d in addresses:
-        bits = user_bits[d.user] | by_principal.get(("device", d.name), 0) | any_principal
-        bits &= ~(src_conditional & ~src_ok.get(addr, 0))
-        entry = (idents(bits), dev_id)
-        pool, base = (pool4, layout.pool4_base) if addr.version == 4 else (pool6, layout.pool6_base)
+    def _bits(self, user_bits: int, device: Device, src_ok: int) -> int:
+        bits = user_bits | self.by_principal.get(("device", device.name), 0) | self.any_principal
+        return bits & ~(self.src_conditional & ~src_ok)
+
+    def place(self, addr: Address, entry: tuple[int, int], pool4: dict, pool6: dict, src_hash: dict) -> None:
+        """Put an address's entry where the kernel looks for it: a pool slot or the hash."""
+        pool, base = (pool4, self.layout.pool4_base) if addr.version == 4 else (pool6, self.layout.pool6_base)
         if int(addr) >> POOL_BITS << POOL_BITS == base:
             pool[int(addr) - base] = entry
         else:
             src_hash[(addr.version, addr.packed.rjust(16, b"\0"))] = entry
-    return idents, pool4, pool6, src_hash, [d.name for d in identities.devices]
+
+    def all_entries(self, identities: Identities):
+        """Every enabled device's addresses, swept in one pass (the full compile)."""
+        user_bits = {u.key: self.user_bits(u) for u in identities.users}
+        addresses = [(a, d) for d in identities.devices if d.enabled for a in d.addresses]
+        src_ok = _source_bits([a for a, _ in addresses], self.src_nets) if self.src_conditional else {}
+        pool4, pool6, src_hash = {}, {}, {}
+        for addr, d in addresses:
+            ident = self.idents(self._bits(user_bits[d.user], d, src_ok.get(addr, 0)))
+            self.place(addr, (ident, self.device_ids[d.name]), pool4, pool6, src_hash)
+        return pool4, pool6, src_hash
+
+    def entries(self, identities: Identities, devices: list[Device]) -> list[tuple[Address, int, int]]:
+        """(address, ident, device id) for these devices as `identities` has them now; a
+        disabled device's addresses get ident 0 (unknown). New devices get new ids, new
+        bit patterns new identity classes (ident_row() gives their rows)."""
+        out = []
+        for d in devices:
+            if d.name not in self.device_ids:
+                self.device_ids[d.name] = len(self.device_ids) + 1
+            if not d.enabled:
+                out += [(a, 0, 0) for a in d.addresses]
+                continue
+            ub = self.user_bits(identities.user(d.user))
+            for a in d.addresses:
+                ok = 0
+                for lo, hi, bit in self.src_nets[a.version]:
+                    if lo <= int(a) <= hi:
+                        ok |= bit
+                out.append((a, self.idents(self._bits(ub, d, ok)), self.device_ids[d.name]))
+        return out
+
+    def ident_row(self, ident: int) -> np.ndarray:
+        bits = self.idents.values[ident - 1]
+        return np.frombuffer(bits.to_bytes(self.who_words * 8, "little"), np.uint64)
+
+    def ident_rows(self) -> np.ndarray:
+        rows = np.zeros((len(self.idents.values) + 1, self.who_words), np.uint64)
+        for i in range(1, len(self.idents.values) + 1):
+            rows[i] = self.ident_row(i)
+        return rows
+
+    @property
+    def device_names(self) -> list[str]:
+        return sorted(self.device_ids, key=self.device_ids.get)
 
 
 def _source_bits(addresses, src_nets) -> dict:
@@ -329,7 +374,7 @@ def _source_bits(addresses, src_nets) -> dict:
     for version in (4, 6):
         events = sorted([(lo, 1, bit) for lo, hi, bit in src_nets[version]] +
                         [(hi + 1, -1, bit) for lo, hi, bit in src_nets[version]])
-        addrs = sorted(int(a) for a, _, _ in addresses if a.version == version)
+        addrs = sorted(int(a) for a in addresses if a.version == version)
         count: Counter = Counter()
         bits, e = 0, 0
         for a in addrs:

@@ -220,11 +220,17 @@ def parse_policy(doc: Any, file: str = "policy") -> Policy:
 RULE_KEYS = ("name", "precedence", "action", "enabled", "principals", "protocols", "source", "destination")
 
 
-def _parse_rule(where: _Where, i: int, raw: Any) -> Rule:
-    w = where.at(f"rules[{i}]")
+def parse_rule(raw: Any, source: str = "rule") -> Rule:
+    """One rule on its own (`ztgate rule add`), checked exactly as in a policy file."""
+    return _parse_rule(_Where(source), None, raw)
+
+
+def _parse_rule(where: _Where, i: int | None, raw: Any) -> Rule:
+    label = f"rules[{i}]" if i is not None else ""
+    w = where.at(label)
     raw = _mapping(w, "", raw, RULE_KEYS)
     name = _string(w, "name", raw.get("name"))
-    w = where.at(f"rules[{i}] ({name})")
+    w = where.at(f"{label} ({name})") if label else _Where(f"{where.file} {name!r}")
     if not RULE_NAME.match(name):
         raise w.error("name", f"{name!r} must match [a-z0-9][a-z0-9-]{{0,62}}")
     prec = raw.get("precedence")
@@ -271,3 +277,55 @@ def _parse_rule(where: _Where, i: int, raw: Any) -> Rule:
         raise w.error(field, f"ports need tcp or udp, but protocols is {sorted(protocols)}: "
                              "add tcp/udp to protocols or remove the ports")
     return rule
+
+
+# ---------------------------------------------------------------------------------------------
+# back to the file format: what `ztgate policy show` prints and the store keeps
+
+def _port_doc(ranges) -> list:
+    return [lo if lo == hi else f"{lo}-{hi}" for lo, hi in ranges]
+
+
+def rule_doc(rule: Rule) -> dict:
+    """A rule in the file format; parse_policy() reads it back to an equal Rule."""
+    doc: dict = {"name": rule.name, "precedence": rule.precedence, "action": rule.action}
+    if not rule.enabled:
+        doc["enabled"] = False
+    if rule.principals:
+        doc["principals"] = [str(p) for p in rule.principals]
+    if rule.protocols is not None:
+        doc["protocols"] = [p for p in PROTOCOL_NAMES if p in rule.protocols]
+    for section, pairs in (("source", (("cidrs", rule.src_cidrs), ("ports", rule.src_ports))),
+                           ("destination", (("cidrs", rule.dst_cidrs), ("except", rule.dst_except),
+                                            ("ports", rule.dst_ports)))):
+        body = {k: (_port_doc(v) if k == "ports" else [str(n) for n in v]) for k, v in pairs if v is not None}
+        if body:
+            doc[section] = body
+    return doc
+
+
+def policy_doc(policy: Policy) -> dict:
+    doc: dict = {"version": 1, "default_action": policy.default_action}
+    if policy.groups:
+        doc["groups"] = {g: list(members) for g, members in policy.groups.items()}
+    doc["rules"] = [rule_doc(r) for r in sorted(policy.rules, key=lambda r: r.precedence)]
+    return doc
+
+
+def identities_doc(identities: Identities) -> dict:
+    users = [{"email": u.email, **({"groups": list(u.groups)} if u.groups else {})} for u in identities.users]
+    devices = []
+    for d in identities.devices:
+        dev = {"name": d.name, "user": d.user, "tunnel_ipv4": str(d.tunnel_ipv4)}
+        if d.tunnel_ipv6:
+            dev["tunnel_ipv6"] = str(d.tunnel_ipv6)
+        if d.public_key:
+            dev["public_key"] = d.public_key
+        if not d.enabled:
+            dev["enabled"] = False
+        devices.append(dev)
+    return {"users": users, "devices": devices}
+
+
+def dump_yaml(doc: dict) -> str:
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)

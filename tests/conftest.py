@@ -1,6 +1,8 @@
-"""Test tiers: tests/unit run anywhere; tests/kernel need root, bcc and BPF_PROG_TEST_RUN.
-Kernel tests skip when those are missing, except in CI, where a skip would hide a failure."""
+"""Test tiers: tests/unit run anywhere; tests/kernel need root, bcc and BPF_PROG_TEST_RUN;
+tests/net need root and WireGuard's userspace tools (they build namespaces and tunnels).
+Such tests skip when those are missing, except in CI, where a skip would hide a failure."""
 import os
+import shutil
 
 import pytest
 
@@ -15,12 +17,25 @@ def kernel_missing() -> str:
     return ""
 
 
+def net_missing() -> str:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("wireguard-go", "wg", "wg-quick", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (Debian's wireguard-go, wireguard-tools, util-linux; run scripts/setup)"
+    return ""
+
+
+TIERS = {"tests/kernel": kernel_missing, "tests/net": net_missing}
+
+
 def pytest_collection_modifyitems(config, items):
-    why = kernel_missing()
-    if not why:
-        return
-    kernel = [item for item in items if "tests/kernel" in str(item.fspath)]
-    if kernel and os.environ.get("CI") == "true":
-        raise pytest.UsageError(f"CI must run the kernel tests, but this host {why}")
-    for item in kernel:
-        item.add_marker(pytest.mark.skip(reason=why))
+    for tier, missing in TIERS.items():
+        chosen = [item for item in items if f"{tier}/" in str(item.fspath)]
+        why = missing() if chosen else ""
+        if not why:
+            continue
+        if os.environ.get("CI") == "true":
+            raise pytest.UsageError(f"CI must run the {tier} tests, but this host {why}")
+        for item in chosen:
+            item.add_marker(pytest.mark.skip(reason=why))

@@ -1,0 +1,597 @@
+"""The gateway: the store, the kernel build and the WireGuard interface, moved together.
+
+Every operation the API offers is a method here. A change is validated first (a bad request
+changes nothing), then made inside one store transaction: the kernel and the WireGuard peers
+are changed before the commit and put back if it does not happen. A controller killed
+in the middle leaves the store whole (SQLite) and the kernel enforcing the last build it
+had; start() makes kernel and peers equal to the store again.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from . import wireguard
+from .config import Config
+from .errors import InputError, ZtError
+from .files import (DEVICE_NAME, dump_yaml, identities_doc, parse_identities, parse_policy, parse_rule,
+                    policy_doc, rule_doc)
+from .kernel import Kernel
+from .model import Device, Identities, Policy, User
+from .packets import build_raw, packet_from_fields
+from .reference import identify, trace
+from .store import Store
+
+log = logging.getLogger("ztgate.gateway")
+ONLINE_SECONDS = 180          # a device with a handshake this recent counts as online
+GROUP_NAME_MAX = 128
+
+
+class Gateway:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = Store(config.database)
+        self.identities = self.store.identities()
+        self.policy = self.store.policy()
+        self.kernel = Kernel(config)
+        self.lock = threading.RLock()
+        self.owner: dict[str, str] = {}            # device name -> user, also of removed devices
+        self.started = time.time()
+        self.wg_kind = ""
+        self.public_key = ""
+
+    # -----------------------------------------------------------------------------------------
+    # start: make the kernel and the peers equal to the store
+
+    def start(self) -> None:
+        with self.lock:
+            private = self._gateway_key()
+            self.public_key = wireguard.public_key_of(private)
+            self.wg_kind = wireguard.ensure_interface(self.config.interface, private, self.config.listen_port,
+                                                      self.config.gateway_addresses)
+            self.kernel.swap(self.identities, self.policy, self.store.generation())
+            self.kernel.finish()
+            wireguard.set_peers(self.config.interface, self._peers(self.identities), replace=True)
+            self._note_owners()
+            log.info("gateway up on %s (%s WireGuard), generation %d", self.config.interface, self.wg_kind,
+                     self.store.generation())
+
+    def _gateway_key(self) -> str:
+        """The gateway's own WireGuard key: made once, kept in the state directory (0600)."""
+        path = Path(self.config.state_dir) / "gateway.key"
+        if path.exists():
+            return path.read_text().strip()
+        private, _ = wireguard.generate_keypair()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(private + "\n")
+        return private
+
+    @staticmethod
+    def _peers(identities: Identities) -> list:
+        return [wireguard.Peer(d.public_key, tuple(_own_prefixes(d))) for d in identities.devices
+                if d.enabled and d.public_key]
+
+    def _note_owners(self) -> None:
+        for d in self.identities.devices:
+            self.owner[d.name] = d.user
+
+    # -----------------------------------------------------------------------------------------
+    # the transaction every change goes through
+
+    @contextmanager
+    def _change(self, uid: int, what: str, detail: dict) -> Iterator[tuple[Any, list]]:
+        """Yields (store change, undo steps). Kernel and WireGuard steps made inside append
+        their undo; if anything fails before the commit, the steps are undone in reverse."""
+        undo: list = []
+        try:
+            with self.store.change(uid, what, detail) as tx:
+                yield tx, undo
+                _pause("before-commit")
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:   # the store is the truth: a restart puts the kernel right
+                    log.exception("undo of a failed %s failed; restart the gateway to resync", what)
+            raise
+        self.kernel.finish()
+        log.info("generation %d: %s %s", self.store.generation(), what, detail)
+
+    def _swap(self, undo: list, identities: Identities, policy: Policy, generation: int) -> None:
+        undo.append(self.kernel.swap(identities, policy, generation))
+
+    def _devices_changed(self, undo: list, identities: Identities, devices: list[Device]) -> None:
+        undo.append(self.kernel.update_devices(identities, self.policy, devices))
+
+    # -----------------------------------------------------------------------------------------
+    # reading
+
+    def status(self) -> dict:
+        with self.lock:
+            att = self.kernel.attachment()
+            build = self.kernel.build
+            peers = self._peer_states()
+            now = time.time()
+            online = sum(1 for p in peers.values() if p.last_handshake and now - p.last_handshake < ONLINE_SECONDS)
+            pins = sorted(str(p.relative_to(self.config.bpf_pin_dir))
+                          for p in Path(self.config.bpf_pin_dir).rglob("*") if not p.is_dir()) \
+                if Path(self.config.bpf_pin_dir).exists() else []
+            return {
+                "interface": self.config.interface, "wireguard": self.wg_kind, "public_key": self.public_key,
+                "listen_port": self.config.listen_port, "endpoint": self.config.endpoint,
+                "addresses": [str(a) for a in self.config.gateway_addresses],
+                "program_id": att[0] if att else None, "attach_mode": att[1] if att else None,
+                "build": build.number if build else None, "pin_dir": str(self.config.bpf_pin_dir), "pinned": pins,
+                "generation": self.store.generation(),
+                "users": len(self.identities.users), "groups": len(self.store.groups()),
+                "devices": len(self.identities.devices),
+                "devices_enabled": sum(d.enabled for d in self.identities.devices),
+                "devices_online": online, "rules": len(self.policy.rules),
+                "rules_enabled": len(self.policy.ordered_rules),
+                "default_action": self.policy.default_action,
+                "uptime_seconds": round(now - self.started, 1),
+                "tables": build.tables.stats if build else {},
+            }
+
+    def _peer_states(self) -> dict:
+        try:
+            return {p.public_key: p for p in wireguard.show(self.config.interface).peers}
+        except ZtError:
+            return {}
+
+    def policy_show(self) -> dict:
+        with self.lock:
+            return {"generation": self.store.generation(), "policy": dump_yaml(policy_doc(self.policy))}
+
+    def identities_show(self) -> dict:
+        with self.lock:
+            return {"generation": self.store.generation(), "identities": dump_yaml(identities_doc(self.identities))}
+
+    def rule_list(self) -> list[dict]:
+        with self.lock:
+            hits = self.kernel.rule_hits()
+            out = []
+            for r in sorted(self.policy.rules, key=lambda r: r.precedence):
+                packets, nbytes = hits.get(r.name, (0, 0))
+                out.append(dict(rule_doc(r), enabled=r.enabled, packets=packets, bytes=nbytes))
+            return out
+
+    def user_list(self) -> list[dict]:
+        with self.lock:
+            count: dict[str, int] = {}
+            for d in self.identities.devices:
+                count[d.user] = count.get(d.user, 0) + 1
+            return [{"email": u.email, "groups": sorted(self.policy.groups_of(u)), "devices": count.get(u.key, 0)}
+                    for u in self.identities.users]
+
+    def group_list(self) -> list[dict]:
+        with self.lock:
+            out = [{"name": g, "source": "gateway", "members": m} for g, m in self.store.groups().items()]
+            out += [{"name": g, "source": "policy", "members": list(m)} for g, m in self.policy.groups.items()]
+            return sorted(out, key=lambda g: (g["name"], g["source"]))
+
+    def device_list(self) -> list[dict]:
+        with self.lock:
+            peers = self._peer_states()
+            created = self.store.created()
+            out = []
+            for d in self.identities.devices:
+                p = peers.get(d.public_key) if d.public_key else None
+                out.append({
+                    "name": d.name, "user": d.user, "enabled": d.enabled,
+                    "addresses": [str(a) for a in d.addresses], "public_key": d.public_key,
+                    "created": created.get(d.name), "endpoint": p.endpoint if p else None,
+                    "last_handshake": p.last_handshake if p and p.last_handshake else None,
+                    "rx_bytes": p.rx_bytes if p else 0, "tx_bytes": p.tx_bytes if p else 0,
+                })
+            return out
+
+    def audit(self, limit: int) -> list[dict]:
+        with self.lock:
+            return self.store.audit(limit)
+
+    def trace(self, packet: dict) -> dict:
+        """One packet through the attached program (BPF_PROG_TEST_RUN) and the reference:
+        the kernel's own verdict and rule, and why every rule before it did not match."""
+        with self.lock:
+            fields = dict(packet)
+            user = fields.pop("user", None)
+            if user is not None:
+                fields["src"] = self._source_of(user, fields.get("dst"))
+            pkt = packet_from_fields(fields, "trace")
+            decision, misses = trace(self.policy, self.identities, pkt)
+            build = self.kernel.build
+            with build.program.on_one_cpu() as cpu:
+                r = build.program.run(build_raw(pkt), cpu=cpu)
+            who = identify(self.policy, self.identities, pkt.src)
+            return {
+                "packet": {"src": str(pkt.src), "dst": str(pkt.dst), "proto": pkt.protocol_name,
+                           "proto_number": pkt.proto, "sport": pkt.sport, "dport": pkt.dport},
+                "identity": {"device": who.device.name, "user": who.email, "groups": sorted(who.groups)} if who else None,
+                "kernel": {"verdict": r.verdict.label, "reason": r.reason.label,
+                           "rule": build.tables.rule_names[r.rule - 1] if r.rule else None, "build": build.number},
+                "reference": decision.as_json(),
+                "tried": [{"rule": rl.name, "precedence": rl.precedence, "action": rl.action, "why_not": why}
+                          for rl, why in misses],
+            }
+
+    def _source_of(self, email: Any, dst: Any) -> str:
+        if not isinstance(email, str):
+            raise InputError("trace: user must be an email")
+        version = 6 if isinstance(dst, str) and ":" in dst else 4
+        for d in self.identities.devices:
+            if d.user == email.lower() and d.enabled:
+                for a in d.addresses:
+                    if a.version == version:
+                        return str(a)
+        raise InputError(f"trace: {email} has no enabled device with an IPv{version} tunnel address")
+
+    # -----------------------------------------------------------------------------------------
+    # policy as a whole
+
+    def policy_apply(self, uid: int, policy_text: str, policy_name: str, identities_text: Optional[str],
+                     identities_name: Optional[str], dry_run: bool) -> dict:
+        policy = parse_policy(_yaml(policy_text, policy_name), policy_name)
+        identities = None
+        if identities_text is not None:
+            identities = parse_identities(_yaml(identities_text, identities_name), identities_name)
+            self._check_pools(identities, identities_name)
+        with self.lock:
+            changes = _policy_diff(self.policy, policy)
+            if identities is not None:
+                changes += _identities_diff(self.identities, identities)
+            if dry_run or not changes:
+                return {"changes": changes, "applied": False, "generation": self.store.generation()}
+            new_ids = identities if identities is not None else self.identities
+            with self._change(uid, "policy apply", {"policy": policy_name, "identities": identities_name,
+                                                    "changes": len(changes)}) as (tx, undo):
+                tx.replace_policy(policy)
+                if identities is not None:
+                    tx.replace_identities(identities)
+                self._swap(undo, new_ids, policy, tx.generation)
+                if identities is not None:
+                    old_peers = self._peers(self.identities)
+                    wireguard.set_peers(self.config.interface, self._peers(identities), replace=True)
+                    undo.append(lambda: wireguard.set_peers(self.config.interface, old_peers, replace=True))
+            self.policy, self.identities = policy, new_ids
+            self._note_owners()
+            return {"changes": changes, "applied": True, "generation": self.store.generation()}
+
+    def _check_pools(self, identities: Identities, source: str) -> None:
+        """Tunnel addresses must not be the gateway's own."""
+        own = {a.ip for a in self.config.gateway_addresses}
+        for d in identities.devices:
+            for a in d.addresses:
+                if a in own:
+                    raise InputError(f"{source}: device {d.name!r}: {a} is the gateway's own tunnel address")
+
+    # -----------------------------------------------------------------------------------------
+    # rules
+
+    def _rules_changed(self, uid: int, what: str, detail: dict, rules: list) -> dict:
+        """Validate the whole new rule list as a policy file would be, then swap it in."""
+        doc = dict(policy_doc(self.policy), rules=[rule_doc(r) for r in rules])
+        policy = parse_policy(doc, "request")
+        with self._change(uid, what, detail) as (tx, undo):
+            tx.replace_policy(policy)
+            self._swap(undo, self.identities, policy, tx.generation)
+        self.policy = policy
+        return {"generation": self.store.generation()}
+
+    def _rule(self, name: Any) -> Any:
+        for r in self.policy.rules:
+            if r.name == name:
+                return r
+        raise InputError(f"no rule named {name!r} (see `ztgate rule list`)")
+
+    def rule_add(self, uid: int, rule: dict) -> dict:
+        with self.lock:
+            if isinstance(rule, dict) and rule.get("precedence") is None:
+                last = max((r.precedence for r in self.policy.rules), default=0)
+                rule = dict(rule, precedence=(last // 10 + 1) * 10)
+            new = parse_rule(rule, "rule")
+            for r in self.policy.rules:
+                if r.name == new.name:
+                    raise InputError(f"rule {new.name!r} exists already (remove it first, or pick another name)")
+                if r.precedence == new.precedence:
+                    raise InputError(f"rule {new.name!r}: precedence {new.precedence} is taken by rule {r.name!r}")
+            out = self._rules_changed(uid, "rule add", rule_doc(new), list(self.policy.rules) + [new])
+            return dict(out, rule=rule_doc(new))
+
+    def rule_remove(self, uid: int, name: str) -> dict:
+        with self.lock:
+            self._rule(name)
+            return self._rules_changed(uid, "rule remove", {"name": name},
+                                       [r for r in self.policy.rules if r.name != name])
+
+    def rule_set_enabled(self, uid: int, name: str, enabled: bool) -> dict:
+        with self.lock:
+            if self._rule(name).enabled == enabled:
+                return {"generation": self.store.generation(), "unchanged": True}
+            return self._rules_changed(uid, "rule enable" if enabled else "rule disable", {"name": name},
+                                       [replace(r, enabled=enabled) if r.name == name else r for r in self.policy.rules])
+
+    def rule_move(self, uid: int, name: str, precedence: Optional[int], before: Optional[str],
+                  after: Optional[str]) -> dict:
+        with self.lock:
+            rule = self._rule(name)
+            if sum(x is not None for x in (precedence, before, after)) != 1:
+                raise InputError("rule move: give exactly one of precedence, before or after")
+            others = sorted((r for r in self.policy.rules if r.name != name), key=lambda r: r.precedence)
+            if precedence is not None:
+                if precedence < 1:
+                    raise InputError(f"rule move: precedence must be 1 or more, got {precedence}")
+                clash = [r.name for r in others if r.precedence == precedence]
+                if clash:
+                    raise InputError(f"rule move: precedence {precedence} is taken by rule {clash[0]!r}")
+                rules = others + [replace(rule, precedence=precedence)]
+            else:
+                anchor = before if before is not None else after
+                names = [r.name for r in others]
+                if anchor not in names:
+                    raise InputError(f"rule move: no other rule named {anchor!r}")
+                at = names.index(anchor) + (1 if after is not None else 0)
+                order = others[:at] + [rule] + others[at:]
+                lo = order[at - 1].precedence if at > 0 else 0
+                hi = order[at + 1].precedence if at + 1 < len(order) else lo + 20
+                if hi - lo >= 2:
+                    rules = others + [replace(rule, precedence=(lo + hi) // 2)]
+                else:   # no room between the neighbours: renumber everything by tens, in order
+                    rules = [replace(r, precedence=10 * (i + 1)) for i, r in enumerate(order)]
+            return self._rules_changed(uid, "rule move", {"name": name, "precedence": precedence,
+                                                          "before": before, "after": after}, rules)
+
+    # -----------------------------------------------------------------------------------------
+    # users and groups
+
+    def _user(self, email: Any) -> User:
+        try:
+            return self.identities.user(email)
+        except (KeyError, AttributeError):
+            raise InputError(f"no user {email!r} (see `ztgate user list`)") from None
+
+    def _set_identities(self, identities: Identities, changed: list[Device], undo: list) -> None:
+        if changed:
+            self._devices_changed(undo, identities, changed)
+
+    def user_add(self, uid: int, email: str, groups: list[str]) -> dict:
+        with self.lock:
+            if self.identities._users_by_key.get(email.lower()):
+                raise InputError(f"user {email!r} exists already")
+            user = parse_identities({"users": [{"email": email, "groups": groups}]}, "user").users[0]
+            _check_groups(groups)
+            with self._change(uid, "user add", {"email": email, "groups": groups}) as (tx, undo):
+                tx.add_user(user.email, dict.fromkeys(groups))
+            self.identities = replace(self.identities, users=self.identities.users + (user,))
+            return {"generation": self.store.generation()}
+
+    def user_remove(self, uid: int, email: str, with_devices: bool) -> dict:
+        with self.lock:
+            user = self._user(email)
+            devices = [d for d in self.identities.devices if d.user == user.key]
+            if devices and not with_devices:
+                raise InputError(f"user {email!r} has devices ({', '.join(d.name for d in devices)}): "
+                                 "remove them first, or pass --with-devices")
+            ids = Identities(tuple(u for u in self.identities.users if u.key != user.key),
+                             tuple(d for d in self.identities.devices if d.user != user.key))
+            with self._change(uid, "user remove", {"email": email, "devices": [d.name for d in devices]}) as (tx, undo):
+                for d in devices:
+                    tx.remove_device(d.name)
+                tx.remove_user(user.email)
+                self._cut_devices(undo, ids, devices)
+            self.identities = ids
+            return {"generation": self.store.generation(), "devices_removed": [d.name for d in devices]}
+
+    def _set_groups(self, uid: int, what: str, detail: dict, user: User, groups: tuple) -> dict:
+        ids = replace(self.identities, users=tuple(replace(u, groups=groups) if u.key == user.key else u
+                                                   for u in self.identities.users))
+        with self._change(uid, what, detail) as (tx, undo):
+            tx.set_user_groups(user.email, groups)
+            self._set_identities(ids, [d for d in ids.devices if d.user == user.key], undo)
+        self.identities = ids
+        return {"generation": self.store.generation()}
+
+    def group_add(self, uid: int, name: str) -> dict:
+        with self.lock:
+            _check_groups([name])
+            if name in self.store.groups():
+                raise InputError(f"group {name!r} exists already")
+            with self._change(uid, "group add", {"name": name}) as (tx, undo):
+                tx.add_group(name)
+            return {"generation": self.store.generation()}
+
+    def group_remove(self, uid: int, name: str) -> dict:
+        with self.lock:
+            if name not in self.store.groups():
+                raise InputError(f"no gateway group {name!r} (see `ztgate group list`)")
+            members = [u for u in self.identities.users if name in u.groups]
+            ids = replace(self.identities, users=tuple(
+                replace(u, groups=tuple(g for g in u.groups if g != name)) for u in self.identities.users))
+            touched = [d for d in ids.devices if any(d.user == u.key for u in members)]
+            with self._change(uid, "group remove", {"name": name}) as (tx, undo):
+                tx.remove_group(name)
+                self._set_identities(ids, touched, undo)
+            self.identities = ids
+            return {"generation": self.store.generation()}
+
+    def group_member(self, uid: int, group: str, email: str, present: bool) -> dict:
+        with self.lock:
+            user = self._user(email)
+            _check_groups([group])
+            if present == (group in user.groups):
+                return {"generation": self.store.generation(), "unchanged": True}
+            groups = user.groups + (group,) if present else tuple(g for g in user.groups if g != group)
+            return self._set_groups(uid, "group member add" if present else "group member remove",
+                                    {"group": group, "email": user.email}, user, groups)
+
+    # -----------------------------------------------------------------------------------------
+    # devices
+
+    def _device(self, name: Any) -> Device:
+        for d in self.identities.devices:
+            if d.name == name:
+                return d
+        raise InputError(f"no device named {name!r} (see `ztgate device list`)")
+
+    def _free_offset(self) -> int:
+        used = {int(a) - int(self.config.pool_ipv4.network_address)
+                for d in self.identities.devices for a in d.addresses if a.version == 4}
+        for offset in range(2, self.config.pool_size):
+            if offset not in used:
+                return offset
+        raise ZtError(f"the tunnel pool {self.config.pool_ipv4} is full")
+
+    def device_add(self, uid: int, name: str, email: str, public_key: Optional[str]) -> dict:
+        with self.lock:
+            if not DEVICE_NAME.match(name):
+                raise InputError(f"device name {name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
+            if any(d.name == name for d in self.identities.devices):
+                raise InputError(f"device {name!r} exists already (remove it first, or pick another name)")
+            user = self._user(email)
+            private = None
+            if public_key is None:
+                private, public_key = wireguard.generate_keypair()
+            else:
+                public_key = wireguard.check_public_key(public_key)
+                if public_key == self.public_key or any(d.public_key == public_key for d in self.identities.devices):
+                    raise InputError("that public key is already enrolled: each device has its own key pair")
+            if not self.config.endpoint:
+                raise InputError(f"{self.config.source}: set endpoint (HOST:PORT devices dial) to enroll devices")
+            offset = self._free_offset()
+            v4 = self.config.pool_ipv4.network_address + offset
+            v6 = self.config.pool_ipv6.network_address + offset if self.config.pool_ipv6 else None
+            device = Device(name, user.key, v4, v6, public_key, True)
+            ids = replace(self.identities, devices=self.identities.devices + (device,))
+            with self._change(uid, "device add", {"name": name, "user": user.email, "public_key": public_key,
+                                                  "addresses": [str(a) for a in device.addresses]}) as (tx, undo):
+                tx.add_device(device)
+                self._devices_changed(undo, ids, [device])
+                wireguard.add_peer(self.config.interface, public_key, _own_prefixes(device))
+                undo.append(lambda: wireguard.remove_peer(self.config.interface, public_key))
+            self.identities = ids
+            self.owner[name] = user.key
+            out = {"generation": self.store.generation(), "device": name, "user": user.email,
+                   "addresses": [str(a) for a in device.addresses], "public_key": public_key}
+            if private is not None:
+                out["private_key"] = private   # printed once by the CLI, never stored
+                out["config"] = wireguard.client_config(
+                    private, [ipaddress.ip_interface(p) for p in _own_prefixes(device)], self.public_key,
+                    self.config.endpoint, [str(r) for r in self.config.routes])
+            return out
+
+    def _cut_devices(self, undo: list, ids: Identities, devices: list[Device]) -> None:
+        """Kernel first (the source becomes unknown: every packet drops), then the peers."""
+        self._devices_changed(undo, ids, [replace(d, enabled=False) for d in devices])
+        for d in devices:
+            if d.public_key and d.enabled:
+                wireguard.remove_peer(self.config.interface, d.public_key)
+                undo.append(lambda d=d: wireguard.add_peer(self.config.interface, d.public_key, _own_prefixes(d)))
+
+    def device_set_enabled(self, uid: int, name: str, enabled: bool) -> dict:
+        with self.lock:
+            device = self._device(name)
+            if device.enabled == enabled:
+                return {"generation": self.store.generation(), "unchanged": True}
+            new = replace(device, enabled=enabled)
+            ids = replace(self.identities, devices=tuple(new if d.name == name else d for d in self.identities.devices))
+            with self._change(uid, "device enable" if enabled else "device disable", {"name": name}) as (tx, undo):
+                tx.set_device_enabled(name, enabled)
+                if enabled:
+                    self._devices_changed(undo, ids, [new])
+                    if new.public_key:
+                        wireguard.add_peer(self.config.interface, new.public_key, _own_prefixes(new))
+                        undo.append(lambda: wireguard.remove_peer(self.config.interface, new.public_key))
+                else:
+                    self._cut_devices(undo, ids, [device])
+            self.identities = ids
+            return {"generation": self.store.generation()}
+
+    def device_remove(self, uid: int, name: str) -> dict:
+        with self.lock:
+            device = self._device(name)
+            ids = replace(self.identities, devices=tuple(d for d in self.identities.devices if d.name != name))
+            with self._change(uid, "device remove", {"name": name}) as (tx, undo):
+                tx.remove_device(name)
+                self._cut_devices(undo, ids, [device])
+            self.identities = ids
+            return {"generation": self.store.generation()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _own_prefixes(d: Device) -> list[str]:
+    """A device's peer admits only its own addresses."""
+    return [f"{a}/{a.max_prefixlen}" for a in d.addresses]
+
+
+def _check_groups(groups) -> None:
+    for g in groups:
+        if not isinstance(g, str) or not g or len(g) > GROUP_NAME_MAX or g != g.strip():
+            raise InputError(f"group {g!r}: a group is a non-empty name of at most {GROUP_NAME_MAX} "
+                             "characters without leading or trailing spaces")
+
+
+def _yaml(text: Any, name: Any) -> Any:
+    if not isinstance(text, str):
+        raise InputError(f"{name}: the file's text must be a string")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{name}: not valid YAML: {e}") from None
+
+
+def _policy_diff(old: Policy, new: Policy) -> list[str]:
+    out = []
+    if old.default_action != new.default_action:
+        out.append(f"~ default_action {old.default_action} -> {new.default_action}")
+    for g in sorted(set(old.groups) | set(new.groups)):
+        a, b = old.groups.get(g), new.groups.get(g)
+        if a != b:
+            out.append(f"+ group {g}" if a is None else f"- group {g}" if b is None else
+                       f"~ group {g}: members {sorted(a)} -> {sorted(b)}")
+    before = {r.name: rule_doc(r) for r in old.rules}
+    after = {r.name: rule_doc(r) for r in new.rules}
+    for r in sorted(new.rules, key=lambda r: r.precedence):
+        if r.name not in before:
+            out.append(f"+ rule {r.name} (precedence {r.precedence}, {r.action})")
+        elif before[r.name] != after[r.name]:
+            keys = [k for k in dict.fromkeys(list(before[r.name]) + list(after[r.name]))
+                    if before[r.name].get(k) != after[r.name].get(k)]
+            out.append(f"~ rule {r.name}: " + "; ".join(
+                f"{k} {before[r.name].get(k, '-')} -> {after[r.name].get(k, '-')}" for k in keys))
+    out += [f"- rule {name}" for name in before if name not in after]
+    return out
+
+
+def _identities_diff(old: Identities, new: Identities) -> list[str]:
+    out = []
+    ou, nu = {u.key: u for u in old.users}, {u.key: u for u in new.users}
+    out += [f"+ user {nu[k].email}" for k in nu if k not in ou]
+    out += [f"~ user {nu[k].email}: groups {sorted(ou[k].groups)} -> {sorted(nu[k].groups)}"
+            for k in nu if k in ou and sorted(ou[k].groups) != sorted(nu[k].groups)]
+    out += [f"- user {ou[k].email}" for k in ou if k not in nu]
+    od, nd = {d.name: d for d in old.devices}, {d.name: d for d in new.devices}
+    out += [f"+ device {k} ({nd[k].user}, {', '.join(map(str, nd[k].addresses))})" for k in nd if k not in od]
+    out += [f"~ device {k}" for k in nd if k in od and nd[k] != od[k]]
+    out += [f"- device {k}" for k in od if k not in nd]
+    return out
+
+
+def _pause(stage: str) -> None:
+    """Fault injection for the crash tests: ZTGATE_PAUSE_AT=STAGE stops the controller here
+    (it says so on stderr) until it is killed."""
+    if os.environ.get("ZTGATE_PAUSE_AT") == stage:
+        import sys
+        print(f"ztgate: paused at {stage}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)

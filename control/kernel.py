@@ -1,0 +1,167 @@
+"""The gateway's kernel state: the policy build attached to the ingress interface, and the
+two ways it changes.
+
+- swap(): a full build. The model is compiled into a new program with fresh tables, which is
+  attached in place of the old one in one netlink call: every packet is decided wholly by
+  the old policy or wholly by the new. Used for rule changes and at start (which is how a
+  restarted controller takes over: the old program enforces until the new one replaces it).
+- update_devices(): a device or a user changed. Only their source entries (and any new
+  identity class) are written into the build in force: one atomic map write per address.
+
+Both return an undo step, so the gateway can put the kernel back when the store does not
+commit. The maps that outlive builds (ring buffer, per-CPU state, flow cache) are pinned
+and shared; see ebpf/README.md.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from dataplane.attach import attach, attached, detach
+from dataplane.layout import POOL_BITS, Layout
+from dataplane.program import Program
+
+from .compiler import Tables, compile_policy
+from .config import Config
+from .model import Device, Identities, Policy
+
+log = logging.getLogger("ztgate.kernel")
+Undo = Callable[[], None]
+DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
+KEEP_BUILDS = 4          # names of recent builds, for events that were in flight across a swap
+
+
+def base_layout(config: Config) -> Layout:
+    """The pools the kernel indexes by array: the 2^20-address blocks holding the config's pools."""
+    lay = replace(Layout(), pool4_base=int(config.pool_ipv4.network_address) >> POOL_BITS << POOL_BITS)
+    if config.pool_ipv6 is not None:
+        lay = replace(lay, pool6_base=int(config.pool_ipv6.network_address) >> POOL_BITS << POOL_BITS)
+    return lay
+
+
+@dataclass
+class Build:
+    number: int
+    program: Program
+    tables: Tables
+    compile_seconds: float
+    load_seconds: float
+
+
+class Kernel:
+    def __init__(self, config: Config):
+        self.config = config
+        self.base = base_layout(config)
+        self.build: Optional[Build] = None
+        self.carried: dict[str, list[int]] = {}     # rule name -> [packets, bytes] of builds gone
+        self.names: dict[int, Build] = {}            # recent builds by number
+
+    # -----------------------------------------------------------------------------------------
+    # changes
+
+    def swap(self, identities: Identities, policy: Policy, number: int) -> Undo:
+        """Compile, build, fill and attach a whole new build in place of the one in force."""
+        started = time.perf_counter()
+        tables = compile_policy(policy, identities, self.base)
+        compiled = time.perf_counter()
+        program = Program(tables.need.with_headroom(), pin_dir=self.config.bpf_pin_dir, build=number)
+        try:
+            program.load(tables)
+            new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
+            attach(program, self.config.interface, self.config.xdp_mode)
+        except BaseException:
+            program.close()
+            raise
+        old, self.build = self.build, new
+        program.pin(self.config.bpf_pin_dir)
+        self._remember(new)
+        log.info("build %d attached to %s: compile %.2f s, load %.2f s", number, self.config.interface,
+                 new.compile_seconds, new.load_seconds)
+
+        def undo() -> None:
+            if old is None:
+                detach(self.config.interface)
+            else:
+                attach(old.program, self.config.interface, self.config.xdp_mode)
+                old.program.pin(self.config.bpf_pin_dir)
+            self.build = old
+            self.names.pop(new.number, None)
+            if old:
+                self._remember(old)
+            new.program.close()
+
+        self._retire = old
+        return undo
+
+    def finish(self) -> None:
+        """The change committed: the old build's counters fold into the running totals, and
+        its program and tables are freed."""
+        old, self._retire = getattr(self, "_retire", None), None
+        if old is None or old is self.build:
+            return
+        for name, (packets, nbytes) in _named(old).items():
+            total = self.carried.setdefault(name, [0, 0])
+            total[0] += packets
+            total[1] += nbytes
+        old.program.close()
+
+    def update_devices(self, identities: Identities, policy: Policy, devices: list[Device]) -> Undo:
+        """Rewrite only these devices' source entries (as `identities` has them now)."""
+        build = self.build
+        sources = build.tables.sources
+        known = len(sources.idents.values)
+        entries = sources.entries(identities, devices)
+        added = len(sources.idents.values) - known
+        if known + added + 1 > build.program.layout.max_idents:
+            # No room for the new identity classes in this build: a full build has it.
+            log.info("identity classes outgrew build %d: rebuilding", build.number)
+            return self.swap(identities, policy, build.number + 1)
+        if added:
+            rows = [sources.ident_row(i) for i in range(known + 1, known + added + 1)]
+            build.program.set_idents(known + 1, rows)
+        before = build.program.sources_of([a for a, _, _ in entries])
+        build.program.set_sources(entries)
+        return lambda: build.program.set_sources(before)
+
+    # -----------------------------------------------------------------------------------------
+    # reading
+
+    def _remember(self, build: Build) -> None:
+        self.names[build.number] = build
+        for n in sorted(self.names)[:-KEEP_BUILDS]:
+            del self.names[n]
+
+    def rule_name(self, build: int, rule: int) -> Optional[str]:
+        b = self.names.get(build)
+        if b is None or not 0 < rule <= len(b.tables.rule_names):
+            return None
+        return b.tables.rule_names[rule - 1]
+
+    def device_name(self, build: int, device: int) -> Optional[str]:
+        b = self.names.get(build)
+        if b is None or device <= 0:
+            return None
+        names = b.tables.sources.device_names
+        return names[device - 1] if device <= len(names) else None
+
+    def rule_hits(self) -> dict[str, tuple[int, int]]:
+        """Rule name -> (packets, bytes) since this controller started."""
+        out = {name: tuple(v) for name, v in self.carried.items()}
+        if self.build:
+            for name, (packets, nbytes) in _named(self.build).items():
+                p, b = out.get(name, (0, 0))
+                out[name] = (p + packets, b + nbytes)
+        return out
+
+    def attachment(self) -> Optional[tuple[int, str]]:
+        return attached(self.config.interface)
+
+
+def _named(build: Build) -> dict[str, tuple[int, int]]:
+    """A build's per-rule counters by rule name (rule id 0: the default action)."""
+    names = build.tables.rule_names
+    return {(names[rid - 1] if rid else DEFAULT_RULE): v
+            for rid, v in build.program.rule_counters().items() if rid <= len(names)}

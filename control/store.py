@@ -1,0 +1,214 @@
+"""The gateway's truth: users, groups, devices, rules, the policy generation and an audit trail,
+in one SQLite database (WAL) in the state directory. The kernel is always derived from it.
+
+Every change is one transaction (`Store.change`): it moves the generation on by one and writes
+an audit row, or, when anything in it fails, leaves the database exactly as it was.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import InputError
+from .files import parse_policy, rule_doc
+from .model import Device, Identities, Policy, User
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE users (email TEXT PRIMARY KEY COLLATE NOCASE, created REAL NOT NULL);
+CREATE TABLE groups (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE members (
+    grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+    user TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE,
+    PRIMARY KEY (grp, user));
+CREATE TABLE devices (
+    name TEXT PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(email),
+    public_key TEXT UNIQUE,
+    tunnel_ipv4 TEXT NOT NULL UNIQUE,
+    tunnel_ipv6 TEXT UNIQUE,
+    enabled INTEGER NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE rules (name TEXT PRIMARY KEY, precedence INTEGER NOT NULL UNIQUE, body TEXT NOT NULL);
+CREATE TABLE local_groups (name TEXT PRIMARY KEY, members TEXT NOT NULL);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, time REAL NOT NULL, uid INTEGER NOT NULL,
+    what TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+
+class Store:
+    """One database file. Not thread-safe by itself: the daemon serialises calls."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fresh = not self.path.exists()
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if fresh:
+            os.chmod(self.path, 0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")     # a committed change survives power loss
+        self.db.execute("PRAGMA foreign_keys=ON")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+            with self._tx():
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.executemany("INSERT INTO meta VALUES (?, ?)",
+                                    [("schema", SCHEMA_VERSION), ("generation", 0), ("default_action", "block")])
+        version = self._meta("schema")
+        if version != SCHEMA_VERSION:
+            raise InputError(f"{self.path}: database schema {version}, this ztgate reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _meta(self, key: str):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    # -----------------------------------------------------------------------------------------
+    # reading
+
+    def generation(self) -> int:
+        return int(self._meta("generation"))
+
+    def identities(self) -> Identities:
+        groups: dict[str, list[str]] = {}
+        for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY grp"):
+            groups.setdefault(user.lower(), []).append(grp)
+        users = tuple(User(email, tuple(groups.get(email.lower(), ())))
+                      for (email,) in self.db.execute("SELECT email FROM users ORDER BY rowid"))
+        devices = tuple(
+            Device(name, user.lower(), ipaddress.IPv4Address(v4), ipaddress.IPv6Address(v6) if v6 else None,
+                   key, bool(enabled))
+            for name, user, key, v4, v6, enabled in self.db.execute(
+                "SELECT name, user, public_key, tunnel_ipv4, tunnel_ipv6, enabled FROM devices "
+                "ORDER BY rowid"))
+        return Identities(users, devices)
+
+    def policy(self) -> Policy:
+        doc = {"default_action": self._meta("default_action"),
+               "groups": {name: json.loads(members)
+                          for name, members in self.db.execute("SELECT name, members FROM local_groups")},
+               "rules": [json.loads(body) for (body,) in
+                         self.db.execute("SELECT body FROM rules ORDER BY precedence")]}
+        return parse_policy(doc, "store")
+
+    def groups(self) -> dict[str, list[str]]:
+        """Identity groups (local to the gateway) and their members."""
+        out = {name: [] for (name,) in self.db.execute("SELECT name FROM groups ORDER BY name")}
+        for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY user"):
+            out[grp].append(user)
+        return out
+
+    def created(self) -> dict[str, float]:
+        """Device name -> when it was enrolled."""
+        return dict(self.db.execute("SELECT name, created FROM devices"))
+
+    def audit(self, limit: int = 50) -> list[dict]:
+        rows = self.db.execute("SELECT generation, time, uid, what, detail FROM audit ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [{"generation": g, "time": t, "uid": uid, "what": what, "detail": json.loads(detail)}
+                for g, t, uid, what, detail in reversed(rows)]
+
+    # -----------------------------------------------------------------------------------------
+    # changing
+
+    @contextmanager
+    def change(self, uid: int, what: str, detail: Optional[dict] = None) -> Iterator["Change"]:
+        """One accepted change: everything written inside commits together with the next
+        generation and its audit row, or nothing does (an exception rolls it all back)."""
+        with self._tx():
+            generation = self.generation() + 1
+            self.db.execute("UPDATE meta SET value=? WHERE key='generation'", (generation,))
+            self.db.execute("INSERT INTO audit (generation, time, uid, what, detail) VALUES (?, ?, ?, ?, ?)",
+                            (generation, time.time(), uid, what, json.dumps(detail or {}, default=str)))
+            yield Change(self.db, generation)
+
+
+class Change:
+    """The writes of one transaction. Constraint violations become InputError (exit 2)."""
+
+    def __init__(self, db: sqlite3.Connection, generation: int):
+        self.db, self.generation = db, generation
+
+    def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
+        try:
+            return self.db.execute(sql, args)
+        except sqlite3.IntegrityError as e:
+            raise InputError(f"store refused the change: {e}") from None
+
+    def add_user(self, email: str, groups=()) -> None:
+        self._exec("INSERT INTO users VALUES (?, ?)", (email, time.time()))
+        self.set_user_groups(email, groups)
+
+    def remove_user(self, email: str) -> None:
+        self._exec("DELETE FROM users WHERE email=?", (email,))
+
+    def set_user_groups(self, email: str, groups) -> None:
+        self._exec("DELETE FROM members WHERE user=?", (email,))
+        for g in groups:
+            self._exec("INSERT OR IGNORE INTO groups VALUES (?, ?)", (g, time.time()))
+            self._exec("INSERT INTO members VALUES (?, ?)", (g, email))
+
+    def add_group(self, name: str) -> None:
+        self._exec("INSERT INTO groups VALUES (?, ?)", (name, time.time()))
+
+    def remove_group(self, name: str) -> None:
+        self._exec("DELETE FROM groups WHERE name=?", (name,))
+
+    def add_device(self, d: Device) -> None:
+        self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (d.name, d.user, d.public_key, str(d.tunnel_ipv4),
+                    str(d.tunnel_ipv6) if d.tunnel_ipv6 else None, int(d.enabled), time.time()))
+
+    def set_device_enabled(self, name: str, enabled: bool) -> None:
+        self._exec("UPDATE devices SET enabled=? WHERE name=?", (int(enabled), name))
+
+    def remove_device(self, name: str) -> None:
+        self._exec("DELETE FROM devices WHERE name=?", (name,))
+
+    def replace_policy(self, policy: Policy) -> None:
+        self._exec("UPDATE meta SET value=? WHERE key='default_action'", (policy.default_action,))
+        self._exec("DELETE FROM local_groups")
+        self.db.executemany("INSERT INTO local_groups VALUES (?, ?)",
+                            [(g, json.dumps(list(m))) for g, m in policy.groups.items()])
+        self._exec("DELETE FROM rules")
+        self.db.executemany("INSERT INTO rules VALUES (?, ?, ?)",
+                            [(r.name, r.precedence, json.dumps(rule_doc(r))) for r in policy.rules])
+
+    def replace_identities(self, identities: Identities) -> None:
+        """Users and devices become exactly these; devices that stay keep their enrollment time."""
+        created = dict(self.db.execute("SELECT name, created FROM devices"))
+        for table in ("devices", "members", "users", "groups"):
+            self._exec(f"DELETE FROM {table}")
+        now = time.time()
+        self.db.executemany("INSERT INTO users VALUES (?, ?)", [(u.email, now) for u in identities.users])
+        groups = sorted({g for u in identities.users for g in u.groups})
+        self.db.executemany("INSERT INTO groups VALUES (?, ?)", [(g, now) for g in groups])
+        self.db.executemany("INSERT INTO members VALUES (?, ?)",
+                            [(g, u.email) for u in identities.users for g in dict.fromkeys(u.groups)])
+        for d in identities.devices:
+            self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (d.name, d.user, d.public_key, str(d.tunnel_ipv4),
+                        str(d.tunnel_ipv6) if d.tunnel_ipv6 else None, int(d.enabled),
+                        created.get(d.name, now)))
