@@ -2,9 +2,10 @@
 
 Every operation the API offers is a method here. A change is validated first (a bad request
 changes nothing), then made inside one store transaction: the kernel and the WireGuard peers
-are changed before the commit and put back if it does not happen. A controller killed
-in the middle leaves the store whole (SQLite) and the kernel enforcing the last build it
-had; start() makes kernel and peers equal to the store again.
+are staged before the commit (where a change can still fail) and applied after it. A
+controller killed in the middle leaves the store whole (SQLite) and the kernel enforcing
+what it enforced, never a change the store does not hold; start() makes kernel and peers
+equal to the store again.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import yaml
 
 from . import wireguard
 from .config import Config
-from .errors import InputError, ZtError
+from .errors import InputError, KernelError, ZtError
 from .files import (DEVICE_NAME, dump_yaml, identities_doc, parse_identities, parse_policy, parse_rule,
                     policy_doc, rule_doc)
-from .kernel import Kernel
+from .kernel import Kernel, Staged
 from .model import Device, Identities, Policy, User
 from .packets import build_raw, packet_from_fields
 from .reference import identify, trace
@@ -58,8 +59,7 @@ class Gateway:
             self.public_key = wireguard.public_key_of(private)
             self.wg_kind = wireguard.ensure_interface(self.config.interface, private, self.config.listen_port,
                                                       self.config.gateway_addresses)
-            self.kernel.swap(self.identities, self.policy, self.store.generation())
-            self.kernel.finish()
+            self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
             wireguard.set_peers(self.config.interface, self._peers(self.identities), replace=True)
             self._note_owners()
             log.info("gateway up on %s (%s WireGuard), generation %d", self.config.interface, self.wg_kind,
@@ -90,28 +90,38 @@ class Gateway:
 
     @contextmanager
     def _change(self, uid: int, what: str, detail: dict) -> Iterator[tuple[Any, list]]:
-        """Yields (store change, undo steps). Kernel and WireGuard steps made inside append
-        their undo; if anything fails before the commit, the steps are undone in reverse."""
-        undo: list = []
+        """Yields (store change, later). The caller writes the store and stages kernel and
+        WireGuard steps in `later`; staging is where a change can still fail, and then the
+        store rolls back and the staged steps are discarded: nothing moved. After the commit
+        the steps are applied in order (kernel before peers when access is taken away)."""
+        later: list[Staged] = []
         try:
             with self.store.change(uid, what, detail) as tx:
-                yield tx, undo
+                yield tx, later
                 _pause("before-commit")
         except BaseException:
-            for step in reversed(undo):
-                try:
-                    step()
-                except Exception:   # the store is the truth: a restart puts the kernel right
-                    log.exception("undo of a failed %s failed; restart the gateway to resync", what)
+            for step in later:
+                step.discard()
             raise
-        self.kernel.finish()
+        _pause("after-commit")
+        failed = []
+        for step in later:          # every step is tried: one failing must not skip a revocation
+            try:
+                step.apply()
+            except Exception as e:
+                log.exception("applying generation %d (%s)", self.store.generation(), what)
+                failed.append(str(e))
+        if failed:
+            raise KernelError(f"generation {self.store.generation()} ({what}) is stored, but the data plane "
+                              f"could not follow: {'; '.join(failed)}. Restart the gateway to make it equal "
+                              "to the store.")
         log.info("generation %d: %s %s", self.store.generation(), what, detail)
 
-    def _swap(self, undo: list, identities: Identities, policy: Policy, generation: int) -> None:
-        undo.append(self.kernel.swap(identities, policy, generation))
-
-    def _devices_changed(self, undo: list, identities: Identities, devices: list[Device]) -> None:
-        undo.append(self.kernel.update_devices(identities, self.policy, devices))
+    def _peer_step(self, add: bool, device: Device) -> Staged:
+        if add:
+            return Staged(lambda: wireguard.add_peer(self.config.interface, device.public_key, _own_prefixes(device)),
+                          lambda: None)
+        return Staged(lambda: wireguard.remove_peer(self.config.interface, device.public_key), lambda: None)
 
     # -----------------------------------------------------------------------------------------
     # reading
@@ -254,15 +264,15 @@ class Gateway:
                 return {"changes": changes, "applied": False, "generation": self.store.generation()}
             new_ids = identities if identities is not None else self.identities
             with self._change(uid, "policy apply", {"policy": policy_name, "identities": identities_name,
-                                                    "changes": len(changes)}) as (tx, undo):
+                                                    "changes": len(changes)}) as (tx, later):
                 tx.replace_policy(policy)
                 if identities is not None:
                     tx.replace_identities(identities)
-                self._swap(undo, new_ids, policy, tx.generation)
+                later.append(self.kernel.stage_swap(new_ids, policy, tx.generation))
                 if identities is not None:
-                    old_peers = self._peers(self.identities)
-                    wireguard.set_peers(self.config.interface, self._peers(identities), replace=True)
-                    undo.append(lambda: wireguard.set_peers(self.config.interface, old_peers, replace=True))
+                    peers = self._peers(identities)
+                    later.append(Staged(lambda: wireguard.set_peers(self.config.interface, peers, replace=True),
+                                        lambda: None))
             self.policy, self.identities = policy, new_ids
             self._note_owners()
             return {"changes": changes, "applied": True, "generation": self.store.generation()}
@@ -282,9 +292,9 @@ class Gateway:
         """Validate the whole new rule list as a policy file would be, then swap it in."""
         doc = dict(policy_doc(self.policy), rules=[rule_doc(r) for r in rules])
         policy = parse_policy(doc, "request")
-        with self._change(uid, what, detail) as (tx, undo):
+        with self._change(uid, what, detail) as (tx, later):
             tx.replace_policy(policy)
-            self._swap(undo, self.identities, policy, tx.generation)
+            later.append(self.kernel.stage_swap(self.identities, policy, tx.generation))
         self.policy = policy
         return {"generation": self.store.generation()}
 
@@ -360,9 +370,9 @@ class Gateway:
         except (KeyError, AttributeError):
             raise InputError(f"no user {email!r} (see `ztgate user list`)") from None
 
-    def _set_identities(self, identities: Identities, changed: list[Device], undo: list) -> None:
-        if changed:
-            self._devices_changed(undo, identities, changed)
+    def _stage_devices(self, later: list, identities: Identities, devices: list[Device]) -> None:
+        if devices:
+            later.append(self.kernel.stage_devices(identities, self.policy, devices))
 
     def user_add(self, uid: int, email: str, groups: list[str]) -> dict:
         with self.lock:
@@ -370,7 +380,7 @@ class Gateway:
                 raise InputError(f"user {email!r} exists already")
             user = parse_identities({"users": [{"email": email, "groups": groups}]}, "user").users[0]
             _check_groups(groups)
-            with self._change(uid, "user add", {"email": email, "groups": groups}) as (tx, undo):
+            with self._change(uid, "user add", {"email": email, "groups": groups}) as (tx, later):
                 tx.add_user(user.email, dict.fromkeys(groups))
             self.identities = replace(self.identities, users=self.identities.users + (user,))
             return {"generation": self.store.generation()}
@@ -384,20 +394,20 @@ class Gateway:
                                  "remove them first, or pass --with-devices")
             ids = Identities(tuple(u for u in self.identities.users if u.key != user.key),
                              tuple(d for d in self.identities.devices if d.user != user.key))
-            with self._change(uid, "user remove", {"email": email, "devices": [d.name for d in devices]}) as (tx, undo):
+            with self._change(uid, "user remove", {"email": email, "devices": [d.name for d in devices]}) as (tx, later):
                 for d in devices:
                     tx.remove_device(d.name)
                 tx.remove_user(user.email)
-                self._cut_devices(undo, ids, devices)
+                self._cut_devices(later, ids, devices)
             self.identities = ids
             return {"generation": self.store.generation(), "devices_removed": [d.name for d in devices]}
 
     def _set_groups(self, uid: int, what: str, detail: dict, user: User, groups: tuple) -> dict:
         ids = replace(self.identities, users=tuple(replace(u, groups=groups) if u.key == user.key else u
                                                    for u in self.identities.users))
-        with self._change(uid, what, detail) as (tx, undo):
+        with self._change(uid, what, detail) as (tx, later):
             tx.set_user_groups(user.email, groups)
-            self._set_identities(ids, [d for d in ids.devices if d.user == user.key], undo)
+            self._stage_devices(later, ids, [d for d in ids.devices if d.user == user.key])
         self.identities = ids
         return {"generation": self.store.generation()}
 
@@ -406,7 +416,7 @@ class Gateway:
             _check_groups([name])
             if name in self.store.groups():
                 raise InputError(f"group {name!r} exists already")
-            with self._change(uid, "group add", {"name": name}) as (tx, undo):
+            with self._change(uid, "group add", {"name": name}) as (tx, later):
                 tx.add_group(name)
             return {"generation": self.store.generation()}
 
@@ -418,9 +428,9 @@ class Gateway:
             ids = replace(self.identities, users=tuple(
                 replace(u, groups=tuple(g for g in u.groups if g != name)) for u in self.identities.users))
             touched = [d for d in ids.devices if any(d.user == u.key for u in members)]
-            with self._change(uid, "group remove", {"name": name}) as (tx, undo):
+            with self._change(uid, "group remove", {"name": name}) as (tx, later):
                 tx.remove_group(name)
-                self._set_identities(ids, touched, undo)
+                self._stage_devices(later, ids, touched)
             self.identities = ids
             return {"generation": self.store.generation()}
 
@@ -473,11 +483,10 @@ class Gateway:
             device = Device(name, user.key, v4, v6, public_key, True)
             ids = replace(self.identities, devices=self.identities.devices + (device,))
             with self._change(uid, "device add", {"name": name, "user": user.email, "public_key": public_key,
-                                                  "addresses": [str(a) for a in device.addresses]}) as (tx, undo):
+                                                  "addresses": [str(a) for a in device.addresses]}) as (tx, later):
                 tx.add_device(device)
-                self._devices_changed(undo, ids, [device])
-                wireguard.add_peer(self.config.interface, public_key, _own_prefixes(device))
-                undo.append(lambda: wireguard.remove_peer(self.config.interface, public_key))
+                self._stage_devices(later, ids, [device])
+                later.append(self._peer_step(True, device))
             self.identities = ids
             self.owner[name] = user.key
             out = {"generation": self.store.generation(), "device": name, "user": user.email,
@@ -489,13 +498,10 @@ class Gateway:
                     self.config.endpoint, [str(r) for r in self.config.routes])
             return out
 
-    def _cut_devices(self, undo: list, ids: Identities, devices: list[Device]) -> None:
+    def _cut_devices(self, later: list, ids: Identities, devices: list[Device]) -> None:
         """Kernel first (the source becomes unknown: every packet drops), then the peers."""
-        self._devices_changed(undo, ids, [replace(d, enabled=False) for d in devices])
-        for d in devices:
-            if d.public_key and d.enabled:
-                wireguard.remove_peer(self.config.interface, d.public_key)
-                undo.append(lambda d=d: wireguard.add_peer(self.config.interface, d.public_key, _own_prefixes(d)))
+        self._stage_devices(later, ids, [replace(d, enabled=False) for d in devices])
+        later += [self._peer_step(False, d) for d in devices if d.public_key and d.enabled]
 
     def device_set_enabled(self, uid: int, name: str, enabled: bool) -> dict:
         with self.lock:
@@ -504,15 +510,14 @@ class Gateway:
                 return {"generation": self.store.generation(), "unchanged": True}
             new = replace(device, enabled=enabled)
             ids = replace(self.identities, devices=tuple(new if d.name == name else d for d in self.identities.devices))
-            with self._change(uid, "device enable" if enabled else "device disable", {"name": name}) as (tx, undo):
+            with self._change(uid, "device enable" if enabled else "device disable", {"name": name}) as (tx, later):
                 tx.set_device_enabled(name, enabled)
                 if enabled:
-                    self._devices_changed(undo, ids, [new])
+                    self._stage_devices(later, ids, [new])
                     if new.public_key:
-                        wireguard.add_peer(self.config.interface, new.public_key, _own_prefixes(new))
-                        undo.append(lambda: wireguard.remove_peer(self.config.interface, new.public_key))
+                        later.append(self._peer_step(True, new))
                 else:
-                    self._cut_devices(undo, ids, [device])
+                    self._cut_devices(later, ids, [device])
             self.identities = ids
             return {"generation": self.store.generation()}
 
@@ -520,9 +525,9 @@ class Gateway:
         with self.lock:
             device = self._device(name)
             ids = replace(self.identities, devices=tuple(d for d in self.identities.devices if d.name != name))
-            with self._change(uid, "device remove", {"name": name}) as (tx, undo):
+            with self._change(uid, "device remove", {"name": name}) as (tx, later):
                 tx.remove_device(name)
-                self._cut_devices(undo, ids, [device])
+                self._cut_devices(later, ids, [device])
             self.identities = ids
             return {"generation": self.store.generation()}
 

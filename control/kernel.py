@@ -1,15 +1,16 @@
 """The gateway's kernel state: the policy build attached to the ingress interface, and the
 two ways it changes.
 
-- swap(): a full build. The model is compiled into a new program with fresh tables, which is
+- stage_swap(): a full build. The model is compiled into a new program with fresh tables, which is
   attached in place of the old one in one netlink call: every packet is decided wholly by
   the old policy or wholly by the new. Used for rule changes and at start (which is how a
   restarted controller takes over: the old program enforces until the new one replaces it).
-- update_devices(): a device or a user changed. Only their source entries (and any new
+- stage_devices(): a device or a user changed. Only their source entries (and any new
   identity class) are written into the build in force: one atomic map write per address.
 
-Both return an undo step, so the gateway can put the kernel back when the store does not
-commit. The maps that outlive builds (ring buffer, per-CPU state, flow cache) are pinned
+Both are staged before the store commits (compiling and sizing, which can fail, happen
+there) and applied after it, so a crash leaves the kernel at the last committed state or
+behind it, never ahead; start() catches up. The maps that outlive builds (ring buffer, per-CPU state, flow cache) are pinned
 and shared; see ebpf/README.md.
 """
 from __future__ import annotations
@@ -29,7 +30,6 @@ from .config import Config
 from .model import Device, Identities, Policy
 
 log = logging.getLogger("ztgate.kernel")
-Undo = Callable[[], None]
 DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
 KEEP_BUILDS = 4          # names of recent builds, for events that were in flight across a swap
 
@@ -40,6 +40,14 @@ def base_layout(config: Config) -> Layout:
     if config.pool_ipv6 is not None:
         lay = replace(lay, pool6_base=int(config.pool_ipv6.network_address) >> POOL_BITS << POOL_BITS)
     return lay
+
+
+@dataclass
+class Staged:
+    """A kernel change made ready: apply() makes it take effect, discard() frees it unused."""
+
+    apply: Callable[[], None]
+    discard: Callable[[], None]
 
 
 @dataclass
@@ -60,79 +68,62 @@ class Kernel:
         self.names: dict[int, Build] = {}            # recent builds by number
 
     # -----------------------------------------------------------------------------------------
-    # changes
+    # changes: staged before the store commits (where they can still fail), applied after
 
-    def swap(self, identities: Identities, policy: Policy, number: int) -> Undo:
-        """Compile, build, fill and attach a whole new build in place of the one in force."""
+    def stage_swap(self, identities: Identities, policy: Policy, number: int) -> Staged:
+        """Compile, build and fill a whole new build; applying it attaches it in place of the
+        one in force (one netlink call: no packet sees half of either)."""
         started = time.perf_counter()
         tables = compile_policy(policy, identities, self.base)
         compiled = time.perf_counter()
         program = Program(tables.need.with_headroom(), pin_dir=self.config.bpf_pin_dir, build=number)
         try:
             program.load(tables)
-            new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
-            attach(program, self.config.interface, self.config.xdp_mode)
         except BaseException:
             program.close()
             raise
+        new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
+        return Staged(lambda: self._switch(new), program.close)
+
+    def _switch(self, new: Build) -> None:
+        attach(new.program, self.config.interface, self.config.xdp_mode)
+        new.program.pin(self.config.bpf_pin_dir)
         old, self.build = self.build, new
-        program.pin(self.config.bpf_pin_dir)
-        self._remember(new)
-        log.info("build %d attached to %s: compile %.2f s, load %.2f s", number, self.config.interface,
+        self.names[new.number] = new
+        for n in sorted(self.names)[:-KEEP_BUILDS]:
+            del self.names[n]
+        log.info("build %d attached to %s: compile %.2f s, load %.2f s", new.number, self.config.interface,
                  new.compile_seconds, new.load_seconds)
+        if old is not None:
+            # Counters of the build going away join the running totals; its tables are freed
+            # (events it emitted keep their names: self.names holds the tables, not the maps).
+            for name, (packets, nbytes) in _named(old).items():
+                total = self.carried.setdefault(name, [0, 0])
+                total[0] += packets
+                total[1] += nbytes
+            old.program.close()
 
-        def undo() -> None:
-            if old is None:
-                detach(self.config.interface)
-            else:
-                attach(old.program, self.config.interface, self.config.xdp_mode)
-                old.program.pin(self.config.bpf_pin_dir)
-            self.build = old
-            self.names.pop(new.number, None)
-            if old:
-                self._remember(old)
-            new.program.close()
-
-        self._retire = old
-        return undo
-
-    def finish(self) -> None:
-        """The change committed: the old build's counters fold into the running totals, and
-        its program and tables are freed."""
-        old, self._retire = getattr(self, "_retire", None), None
-        if old is None or old is self.build:
-            return
-        for name, (packets, nbytes) in _named(old).items():
-            total = self.carried.setdefault(name, [0, 0])
-            total[0] += packets
-            total[1] += nbytes
-        old.program.close()
-
-    def update_devices(self, identities: Identities, policy: Policy, devices: list[Device]) -> Undo:
-        """Rewrite only these devices' source entries (as `identities` has them now)."""
+    def stage_devices(self, identities: Identities, policy: Policy, devices: list[Device]) -> Staged:
+        """Only these devices' source entries (as `identities` has them now), written into the
+        build in force; a whole new build if its identity classes would not fit."""
         build = self.build
         sources = build.tables.sources
         known = len(sources.idents.values)
         entries = sources.entries(identities, devices)
         added = len(sources.idents.values) - known
         if known + added + 1 > build.program.layout.max_idents:
-            # No room for the new identity classes in this build: a full build has it.
-            log.info("identity classes outgrew build %d: rebuilding", build.number)
-            return self.swap(identities, policy, build.number + 1)
-        if added:
-            rows = [sources.ident_row(i) for i in range(known + 1, known + added + 1)]
-            build.program.set_idents(known + 1, rows)
-        before = build.program.sources_of([a for a, _, _ in entries])
-        build.program.set_sources(entries)
-        return lambda: build.program.set_sources(before)
+            log.info("identity classes outgrew build %d: staging a new build", build.number)
+            return self.stage_swap(identities, policy, build.number + 1)
+        rows = [sources.ident_row(i) for i in range(known + 1, known + added + 1)]
+
+        def apply() -> None:
+            if rows:   # the new classes first: no source points at a class not yet written
+                build.program.set_idents(known + 1, rows)
+            build.program.set_sources(entries)
+        return Staged(apply, lambda: None)
 
     # -----------------------------------------------------------------------------------------
     # reading
-
-    def _remember(self, build: Build) -> None:
-        self.names[build.number] = build
-        for n in sorted(self.names)[:-KEEP_BUILDS]:
-            del self.names[n]
 
     def rule_name(self, build: int, rule: int) -> Optional[str]:
         b = self.names.get(build)

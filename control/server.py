@@ -85,9 +85,13 @@ def check_request(req: Any) -> tuple[str, dict, bool]:
     for key, (kind, required) in schema.items():
         if required and args.get(key) is None:
             raise InputError(f"{op}: {key} is required")
-    out = {k: args.get(k, DEFAULTS.get(k)) for k in schema}
+    out = {k: args[k] if args.get(k) is not None else DEFAULTS.get(k) for k in schema}
     if "limit" in out and not 1 <= out["limit"] <= 100000:
         raise InputError(f"{op}: limit must be from 1 to 100000")
+    cursor = out.get("cursor")
+    if cursor is not None and (len(cursor) != 2 or not all(isinstance(c, int) and not isinstance(c, bool)
+                                                            and 0 <= c < 2**64 for c in cursor)):
+        raise InputError(f"{op}: cursor must be the [inode, offset] a previous reply gave")
     if op == "user.add" and not all(isinstance(g, str) for g in out["groups"] or []):
         raise InputError("user.add: groups must be a list of names")
     if op == "user.add":

@@ -94,3 +94,24 @@ def test_config_defaults_and_addresses():
 def test_bad_config_is_refused(doc, what):
     with pytest.raises(InputError, match=what):
         parse_config(doc, "gw.yaml")
+
+
+def test_check_request_refuses_anything_else_with_input_error():
+    """Whatever a peer sends, the check answers with a valid request or an InputError."""
+    from hypothesis import given, settings, strategies as st
+
+    leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=6) | st.binary(max_size=4)
+    value = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                         max_leaves=6)
+    args = st.dictionaries(st.sampled_from(sorted({k for _, schema, _ in OPS.values() for k in schema} | {"x"})),
+                           value, max_size=4)
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.sampled_from(sorted(OPS) + ["nope"]), args)
+    def check(op, a):
+        try:
+            check_request({"op": op, "args": a})
+        except InputError:
+            pass
+
+    check()

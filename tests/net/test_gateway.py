@@ -1,0 +1,364 @@
+"""The gateway end to end: the real daemon in a namespace with a real wireguard-go interface
+and the real XDP program, a device enrolled with `ztgate device add` and brought up with
+wg-quick, real TCP/UDP to servers behind the gateway, all driven through the `ztgate` CLI.
+
+    dev namespace                  gw namespace                         app namespace
+    wg-quick (device add's conf)   ztgate gateway run                   10.20.0.10 tcp 22, 8080; udp 5353
+    198.18.0.11 <--- veth ---> 198.18.0.1   zt (XDP)  10.20.0.1 <-- veth --> 10.20.0.11 tcp 3389
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.netns import PYTHON, REPO, Namespaces, wait_until
+
+LAB = REPO / "examples" / "lab"
+APP_WEB, APP_RDP = "10.20.0.10", "10.20.0.11"
+SERVERS = r"""
+import socket, threading
+def tcp(addr, port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((addr, port)); s.listen(64)
+    def serve(c):
+        with c:
+            c.sendall(f"hello from {addr}:{port}\n".encode())
+            while True:
+                data = c.recv(4096)
+                if not data: return
+                c.sendall(data)
+    while True:
+        c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+def udp(addr, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, port))
+    while True:
+        data, peer = s.recvfrom(4096); s.sendto(b"echo " + data, peer)
+for a, p in (("10.20.0.10", 22), ("10.20.0.10", 8080), ("10.20.0.11", 3389)):
+    threading.Thread(target=tcp, args=(a, p), daemon=True).start()
+threading.Thread(target=udp, args=("10.20.0.10", 5353), daemon=True).start()
+print("serving", flush=True)
+threading.Event().wait()
+"""
+
+
+class Site:
+    """The three namespaces, the daemon (which tests may kill and restart) and the CLI."""
+
+    def __init__(self, ns: Namespaces, tmp: Path):
+        self.ns, self.tmp = ns, tmp
+        self.sock = str(tmp / "ztgate.sock")
+        self.pin_dir = f"/sys/fs/bpf/ztgate-test-{ns.token}"
+        self.iface = ns.ifname("zt")
+        self.metrics_port = 19469
+        self.config = tmp / "gateway.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "interface": self.iface, "listen_port": 51820, "endpoint": "198.18.0.1:51820",
+            "routes": ["10.20.0.0/16"], "state_dir": str(tmp / "state"), "socket": self.sock,
+            "flow_log": str(tmp / "flows.log"), "metrics": f"127.0.0.1:{self.metrics_port}",
+            "bpf_pin_dir": self.pin_dir}))
+        self.daemon = None
+        self.stderr = tmp / "daemon.stderr"
+
+    def start(self, **env) -> None:
+        self.daemon = self.ns.popen("gw", PYTHON, "-m", "control.cli", "gateway", "run", "--config", self.config,
+                                    cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.DEVNULL,
+                                    stderr=open(self.stderr, "a"))
+        wait_until(lambda: self.daemon.poll() is not None or self._answers(), timeout=60, what="the gateway to serve")
+        assert self.daemon.poll() is None, self.stderr.read_text()[-3000:]
+
+    def _answers(self) -> bool:
+        return self.ztgate("status", "--json", check=False).returncode == 0
+
+    def kill(self) -> None:
+        self.daemon.send_signal(signal.SIGKILL)
+        self.daemon.wait(timeout=10)
+
+    def ztgate(self, *args, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        """The CLI, run from the host's own namespace: the socket reaches the gateway anyway."""
+        r = subprocess.run([PYTHON, "-m", "control.cli", *map(str, args), "--socket", self.sock], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, input=input)
+        if check and r.returncode != 0:
+            raise AssertionError(f"ztgate {' '.join(map(str, args))}: exit {r.returncode}\n{r.stdout}{r.stderr}")
+        return r
+
+    def json(self, *args):
+        return json.loads(self.ztgate(*args, "--json").stdout)
+
+    def logs(self, *args) -> list[dict]:
+        """`ztgate logs --json` prints one event a line, as the flow log holds them."""
+        return [json.loads(line) for line in self.ztgate("logs", "--json", *args).stdout.splitlines()]
+
+    # traffic from the device ----------------------------------------------------------------
+    def tcp(self, addr: str, port: int, timeout: float = 1.5) -> socket.socket | None:
+        """A connection from the device to addr:port that got the server's greeting, or None."""
+        s = self.ns.socket("dev", socket.SOCK_STREAM, timeout=timeout)
+        try:
+            s.connect((addr, port))
+            if s.recv(100).startswith(b"hello"):
+                return s
+        except OSError:
+            pass
+        s.close()
+        return None
+
+    def echo(self, s: socket.socket, payload: bytes = b"ping") -> bool:
+        try:
+            s.sendall(payload)
+            return s.recv(100) == payload
+        except OSError:
+            return False
+
+    def udp(self, addr: str, port: int) -> bool:
+        s = self.ns.socket("dev", socket.SOCK_DGRAM, timeout=1.0)
+        try:
+            s.sendto(b"hi", (addr, port))
+            return s.recvfrom(100)[0] == b"echo hi"
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def metrics(self) -> str:
+        with self.ns.inside("gw"):
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gateway")
+    os.chmod(tmp, 0o755)
+    with Namespaces("ztgw") as ns:
+        for name in ("gw", "dev", "app"):
+            ns.add(name)
+        ns.veth("gw", "dev", "198.18.0.1/24", "198.18.0.11/24")
+        _, app_if = ns.veth("gw", "app", "10.20.0.1/24", f"{APP_WEB}/24")
+        ns.run("app", "ip", "addr", "add", f"{APP_RDP}/24", "dev", app_if)
+        ns.run("app", "ip", "route", "add", "default", "via", "10.20.0.1")
+        ns.run("gw", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        servers = ns.popen("app", PYTHON, "-c", SERVERS, stdout=subprocess.PIPE, text=True)
+        assert servers.stdout.readline().strip() == "serving"
+        s = Site(ns, tmp)
+        try:
+            s.start()
+            yield s
+        finally:
+            if s.daemon and s.daemon.poll() is None:
+                s.daemon.terminate()
+                s.daemon.wait(timeout=10)
+            ns.run("gw", PYTHON, "-m", "control.cli", "gateway", "teardown", "--config", s.config, cwd=REPO,
+                   check=False, timeout=30)
+            subprocess.run(["rm", "-rf", s.pin_dir])
+
+
+@pytest.fixture(scope="module")
+def alice(site):
+    """alice enrolled as the lab has her; her laptop up with the configuration device add printed."""
+    site.ztgate("user", "add", "alice@example.com", "--group", "developers", "--group", "staff")
+    site.ztgate("user", "add", "bob@example.com", "--group", "staff")
+    applied = site.ztgate("policy", "apply", LAB / "policy.yaml")
+    assert "+ rule devs-app" in applied.stdout and "applied: 3 changes" in applied.stdout
+    out = site.ztgate("device", "add", "alice-laptop", "--user", "alice@example.com")
+    assert "only copy" in out.stderr
+    name = site.ns.ifname("al")
+    conf = site.tmp / f"{name}.conf"
+    conf.write_text(out.stdout)
+    conf.chmod(0o600)
+    site.ns.run("dev", "wg-quick", "up", conf, env=dict(os.environ, WG_QUICK_USERSPACE_IMPLEMENTATION="wireguard-go"))
+    assert "Address = 100.96.0.2/32" in out.stdout and "AllowedIPs = 10.20.0.0/16" in out.stdout
+    return name
+
+
+def test_enrolled_device_reaches_what_policy_allows_and_nothing_else(site, alice):
+    web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="alice's first connection")
+    assert site.echo(web)
+    assert site.tcp(APP_WEB, 22) is not None
+    assert site.udp(APP_WEB, 5353)
+    assert site.tcp(APP_RDP, 3389) is None            # default block
+    assert site.tcp(APP_WEB, 3389) is None             # no rule for this port at all
+    web.close()
+
+
+def test_flow_log_names_the_user_device_rule_and_reason(site, alice):
+    site.tcp(APP_WEB, 8080)
+    site.tcp(APP_RDP, 3389)
+
+    def events():
+        evs = site.logs("--user", "alice@example.com", "--limit", "500")
+        allowed = [e for e in evs if e["verdict"] == "allow" and e["dport"] == 8080 and e["dst"] == APP_WEB]
+        blocked = [e for e in evs if e["verdict"] == "block" and e["dport"] == 3389]
+        return (allowed, blocked) if allowed and blocked else None
+    allowed, blocked = wait_until(events, timeout=10, what="flow events for alice")
+    assert allowed[-1]["device"] == "alice-laptop" and allowed[-1]["rule"] == "devs-app"
+    assert allowed[-1]["src"] == "100.96.0.2" and allowed[-1]["proto"] == "tcp"
+    assert blocked[-1]["rule"] is None and blocked[-1]["reason"] == "default"
+    assert site.logs("--verdict", "block", "--limit", "500")
+    human = site.ztgate("logs", "--user", "alice@example.com").stdout
+    assert "alice@example.com" in human and "devs-app" in human
+
+
+def test_status_rules_devices_metrics_and_trace(site, alice):
+    site.tcp(APP_WEB, 8080)
+    status = site.json("status")
+    assert status["program_id"] and status["attach_mode"] == "generic" and status["interface"] == site.iface
+    assert status["devices_online"] == 1 and status["rules"] == 3 and "prog" in " ".join(status["pinned"])
+    rules = site.json("rule", "list")
+    assert [r["name"] for r in rules] == ["devs-app", "devs-echo", "staff-web"]
+    assert rules[0]["packets"] > 0
+    devices = site.json("device", "list")
+    assert devices[0]["last_handshake"] and devices[0]["rx_bytes"] > 0
+    text = site.metrics()
+    assert 'ztgate_rule_packets_total{rule="devs-app",verdict="allow"}' in text
+    assert "ztgate_devices_online 1.0" in text and f"ztgate_policy_generation {status['generation']}.0" in text
+    trace = site.json("trace", "--user", "alice@example.com", "--dst", APP_RDP, "--dport", "3389")
+    assert trace["kernel"]["verdict"] == trace["reference"]["verdict"] == "block"
+    assert [t["rule"] for t in trace["tried"]] == ["devs-app", "devs-echo", "staff-web"]
+
+
+def test_rule_changes_decide_open_connections_too(site, alice):
+    web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=5, what="a connection")
+    site.ztgate("rule", "add", "no-web", "--action", "block", "--proto", "tcp", "--dst-port", "8080",
+                "--precedence", "10")
+    assert not site.echo(web)                          # the open connection is cut
+    assert site.tcp(APP_WEB, 8080) is None
+    assert site.tcp(APP_WEB, 22) is not None
+    site.ztgate("rule", "disable", "no-web")
+    assert wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=5, what="web again")
+    site.ztgate("rule", "remove", "no-web")
+    shown = yaml.safe_load(site.ztgate("policy", "show").stdout)
+    assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web"]
+
+
+def test_disable_cuts_at_once_and_enable_restores(site, alice):
+    web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=5, what="a connection")
+    assert site.echo(web)
+    site.ztgate("device", "disable", "alice-laptop")
+    assert not site.echo(web)
+    assert site.tcp(APP_WEB, 8080, timeout=1) is None
+    # Both halves are gone: the peer (wireguard-go no longer takes her packets) and the
+    # kernel's identity (a packet from her address that got in anyway would be unknown).
+    assert not any(d["public_key"] and d["name"] == "alice-laptop" and d["endpoint"] for d in site.json("device", "list"))
+    t = site.json("trace", "--src", "100.96.0.2", "--dst", APP_WEB, "--dport", "8080")
+    assert t["kernel"]["verdict"] == t["reference"]["verdict"] == "unknown"
+    site.ztgate("device", "enable", "alice-laptop")
+    assert wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=15, what="alice back after enable")
+
+
+def test_bad_requests_change_nothing(site, alice):
+    before = site.json("status")["generation"]
+    cases = [
+        (("device", "add", "Bad Name", "--user", "alice@example.com"), "must match"),
+        (("device", "add", "x1", "--user", "nobody@example.com"), "no user"),
+        (("device", "add", "x2", "--user", "alice@example.com", "--public-key", "short"), "44 characters"),
+        (("rule", "add", "bad", "--action", "allow", "--dst-port", "70000"), "outside 0-65535"),
+        (("rule", "add", "devs-app", "--action", "allow"), "exists already"),
+        (("rule", "move", "devs-app", "--before", "nope"), "no other rule"),
+        (("rule", "remove", "nope"), "no rule named"),
+        (("user", "remove", "alice@example.com"), "has devices"),
+    ]
+    for args, what in cases:
+        r = site.ztgate(*args, check=False)
+        assert r.returncode == 2 and what in r.stderr, (args, r.stderr)
+    bad = site.tmp / "bad.yaml"
+    bad.write_text("rules:\n  - name: x\n    precedence: 1\n    action: allow\n    destination: {cidrs: [10.0.0.1/8]}\n")
+    r = site.ztgate("policy", "apply", bad, check=False)
+    assert r.returncode == 2 and "host bits set" in r.stderr
+    dry = site.ztgate("policy", "apply", LAB / "policy.yaml", "--dry-run")
+    assert "no changes" in dry.stdout
+    assert site.json("status")["generation"] == before
+
+
+def test_socket_survives_garbage(site, alice):
+    """Fuzz the socket with frames that are oversized, truncated, not msgpack, or msgpack
+    of the wrong shape; the daemon answers or closes, and stays up and unchanged."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    import msgpack
+    import struct
+
+    before = site.json("status")["generation"]
+    ints = st.integers(-(2**63), 2**64 - 1)          # what msgpack can carry
+    junk = st.one_of(
+        st.binary(max_size=64),
+        st.builds(lambda n, b: struct.pack(">I", n) + b, st.integers(0, 2**32 - 1), st.binary(max_size=32)),
+        st.builds(lambda obj: (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb(obj)),
+                  st.recursive(st.none() | st.booleans() | ints | st.text(max_size=8) | st.binary(max_size=8),
+                               lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                               max_leaves=8)),
+        st.builds(lambda op, args: (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"op": op, "args": args})),
+                  st.sampled_from(["device.add", "rule.add", "rule.move", "user.add", "policy.apply", "trace", "logs"]),
+                  st.dictionaries(st.sampled_from(["name", "email", "rule", "precedence", "packet", "policy_text",
+                                                   "policy_name", "limit", "cursor", "x"]),
+                                  st.none() | ints | st.text(max_size=5) | st.lists(ints, max_size=2),
+                                  max_size=3)),
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(junk)
+    def send(raw):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(5)
+        c.connect(site.sock)
+        try:
+            c.sendall(raw)
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    send()
+    assert site.daemon.poll() is None
+    assert "Traceback" not in site.stderr.read_text(), "a request reached a code path that failed: see the log"
+    assert site.json("status")["generation"] == before
+
+
+def test_socket_refuses_strangers(site):
+    st = os.stat(site.sock)
+    assert oct(st.st_mode & 0o777) == "0o660" and st.st_uid == 0
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-m", "control.cli",
+                        "status", "--socket", site.sock], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "not allowed" in r.stderr
+
+
+@pytest.mark.parametrize("stage", ["before-commit", "after-commit"])
+def test_kill_9_in_the_middle_of_a_change(site, alice, stage):
+    """The controller dies inside a change. While it is down the kernel enforces what it
+    enforced; on restart the store is whole and the kernel equals the store."""
+    wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="web before the crash")
+    before = site.json("status")["generation"]
+    site.kill()
+    site.start(ZTGATE_PAUSE_AT=stage)
+    change = subprocess.Popen([PYTHON, "-m", "control.cli", "rule", "add", "no-web", "--action", "block",
+                               "--proto", "tcp", "--dst-port", "8080", "--precedence", "10", "--socket", site.sock],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: f"paused at {stage}" in site.stderr.read_text(), timeout=60, what=f"the pause at {stage}")
+    site.kill()
+    change.wait(timeout=10)
+    site.stderr.write_text("")
+    # Down: enforcement goes on as before the change (the program stays attached).
+    assert site.tcp(APP_WEB, 8080) is not None and site.tcp(APP_RDP, 3389) is None
+    site.start()
+    generation = site.json("status")["generation"]
+    names = [r["name"] for r in site.json("rule", "list")]
+    if stage == "before-commit":      # the transaction never committed: SQLite rolled it back
+        assert generation == before and "no-web" not in names
+    else:                             # committed, not yet applied when it died: start() applies it
+        assert generation == before + 1 and "no-web" in names
+    # The kernel equals the store: every probe's kernel verdict is the reference's.
+    for args in (("--dst", APP_WEB, "--dport", "8080"), ("--dst", APP_WEB, "--dport", "22"),
+                 ("--dst", APP_RDP, "--dport", "3389"), ("--dst", APP_WEB, "--proto", "udp", "--dport", "5353")):
+        t = site.json("trace", "--user", "alice@example.com", *args)
+        assert (t["kernel"]["verdict"], t["kernel"]["rule"]) == (t["reference"]["verdict"], t["reference"]["rule"])
+    blocked = "no-web" in names
+    assert (site.tcp(APP_WEB, 8080) is None) == blocked
+    if blocked:
+        site.ztgate("rule", "remove", "no-web")
