@@ -1,28 +1,42 @@
 """The kernel side: build ebpf/ztgate.c with bcc for a Layout, fill its maps from compiled
-tables, and run packets through it with BPF_PROG_TEST_RUN."""
+tables, change them in place, read its counters, pin it, and run packets through it with
+BPF_PROG_TEST_RUN. Attaching is dataplane/attach.py; flow events are dataplane/events.py."""
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import mmap
 import os
+import secrets
+import shutil
 import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from .errors import KernelError, TablesDoNotFit
-from .layout import PORT_END, Layout
+from .layout import POOL_BITS, PORT_END, Layout
 from .reasons import Reason, Verdict
 
 EBPF_DIR = Path(os.environ.get("ZTGATE_EBPF_DIR", Path(__file__).resolve().parent.parent / "ebpf"))
 ENTRY = "xdp_ztgate"
-MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
-        "zt_services", "zt_sport", "zt_rule_stats", "zt_cpu_state")
+# The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
+POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
+               "zt_services", "zt_sport", "zt_rule_stats")
+# The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
+SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_flows")
+MAPS = POLICY_MAPS + SHARED_MAPS
 MIN_TEST_RUN_BYTES = 14   # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
+BPF_FS_MAGIC = 0xCAFE4A11
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+ENOENT = 2
+
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -36,15 +50,137 @@ class _TestRunOpts(ctypes.Structure):
                 ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
 
 
+class _BatchOpts(ctypes.Structure):
+    """struct bpf_map_batch_opts (libbpf 1.1)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (the kernel fills as much as the caller asks for)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+class _ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
+
+
 _libbpf = None
 
 
-def _test_run_fn():
+def libbpf() -> ctypes.CDLL:
+    """libbpf.so.1 (Debian's libbpf1) with the prototypes this package calls. Its functions
+    return a negative errno on failure (libbpf 1.x)."""
     global _libbpf
     if _libbpf is None:
-        _libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        _libbpf.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
-    return _libbpf.bpf_prog_test_run_opts
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+        lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+        lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                             ctypes.POINTER(_BatchOpts)]
+        _libbpf = lib
+    return _libbpf
+
+
+def _test_run_fn():
+    return libbpf().bpf_prog_test_run_opts
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise KernelError(f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def obj_get(path: Union[str, Path]) -> int:
+    """A new fd for the object pinned at `path` (the caller closes it)."""
+    return _check(libbpf().bpf_obj_get(os.fsencode(path)), f"cannot open the pin {path}")
+
+
+def map_info(fd: int) -> _MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return info
+
+
+def prog_id(fd: int) -> int:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program info")
+    return info.id
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds per key (possible CPUs, not online ones)."""
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+def ring_pending(fd: int) -> int:
+    """Bytes written to a ring buffer map and not yet consumed: its producer position minus
+    its consumer position, each in a page of its own (read-only mappings of the first two)."""
+    with mmap.mmap(fd, 2 * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+        consumer, = struct.unpack_from("<Q", mm, 0)
+        producer, = struct.unpack_from("<Q", mm, mmap.PAGESIZE)
+    return producer - consumer
+
+
+def on_bpffs(path: Union[str, Path]) -> bool:
+    """Whether `path` (which must exist) lies on a bpf filesystem."""
+    buf = ctypes.create_string_buffer(256)   # struct statfs: f_type is its first field (a long)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == BPF_FS_MAGIC
+
+
+def _pin_path(path: Union[str, Path]) -> Path:
+    """An absolute path for pins. It becomes a C string literal in the program (ZT_PIN_DIR)."""
+    path = Path(path).absolute()
+    if any(c in str(path) for c in '"\\\n'):
+        raise ValueError(f"pin directory {str(path)!r}: quotes, backslashes and newlines are not allowed")
+    return path
+
+
+def _bpffs_dir(path: Union[str, Path]) -> Path:
+    path = _pin_path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not on_bpffs(path):
+        raise KernelError(f"{path} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
+    return path
+
+
+def _obj_pin(fd: int, path: Path) -> None:
+    _check(libbpf().bpf_obj_pin(fd, os.fsencode(path)), f"cannot pin {path}")
+
+
+def _rename_exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE; bpffs supports it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
+
+
+def unpin_all(directory: Union[str, Path]) -> None:
+    """Remove every pin under `directory` and the directory itself (teardown). Objects live on
+    while something else holds them (an interface its attached program, the program its maps)."""
+    directory = _pin_path(directory)
+    if not directory.exists():
+        return
+    if not on_bpffs(directory):
+        raise KernelError(f"{directory} is not on a bpf filesystem: not removing anything there")
+    shutil.rmtree(directory)
 
 
 @dataclass(frozen=True)
@@ -57,19 +193,62 @@ class RunResult:
     device: int          # 0: none
 
 
-class Program:
-    """One loaded ztgate program and its maps (not attached to any interface)."""
+COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])   # struct zt_counter
 
-    def __init__(self, layout: Layout):
+
+class Program:
+    """One loaded ztgate program and its maps. dataplane.attach attaches it to an interface.
+
+    build: a number the program puts in each flow event (-DZT_BUILD), so that a reader names
+    rule and device ids with the tables of the build that decided.
+    pin_dir: a directory on bpffs where the maps every build of one gateway shares (per-CPU
+    state, ring buffer, flow cache: SHARED_MAPS) are pinned: the first build creates them,
+    later builds and restarted controllers reuse them. Without it they are this program's own.
+    """
+
+    def __init__(self, layout: Layout, build: int = 0, pin_dir: Union[str, Path, None] = None):
         from bcc import BPF  # Debian's python3-bpfcc; imported here so pure code runs anywhere
 
+        if not 0 <= build < 1 << 32:
+            raise ValueError(f"build {build}: must fit 32 bits")
         self.layout = layout
+        self.build = build
+        self.pin_dir = _bpffs_dir(pin_dir) if pin_dir is not None else None
+        cflags = [f"-I{EBPF_DIR}", "-Wno-unused-function", f"-DZT_BUILD={build}"] + layout.defines()
+        if self.pin_dir is not None:
+            cflags.append(f'-DZT_PIN_DIR="{self.pin_dir}"')
         started = time.perf_counter()
-        self.bpf = BPF(src_file=str(EBPF_DIR / "ztgate.c"),
-                       cflags=[f"-I{EBPF_DIR}", "-Wno-unused-function"] + layout.defines())
-        self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
+        self.bpf = BPF(src_file=str(EBPF_DIR / "ztgate.c"), cflags=cflags)
+        try:
+            if self.pin_dir is not None:
+                self._check_shared()
+            self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
+        except BaseException:
+            self.bpf.cleanup()
+            raise
         self.build_seconds = time.perf_counter() - started
         self._maps: dict[str, mmap.mmap] = {}
+        self._ncpu = possible_cpus()
+
+    def _check_shared(self) -> None:
+        """bcc reuses a pinned map without comparing it with the source: refuse one whose shape
+        is not the one this build was compiled for (the verifier would not always notice)."""
+        for name in SHARED_MAPS:
+            table = self.bpf[name]
+            info = map_info(table.get_fd())
+            # bcc's Leaf of a per-CPU map is the array of every CPU's value; sLeaf is one value.
+            leaf = getattr(table, "sLeaf", None) or getattr(table, "Leaf", None)
+            sizes = (0, 0) if name == "zt_events" else (ctypes.sizeof(table.Key), ctypes.sizeof(leaf))
+            want = (table.ttype, table.max_entries, *sizes)
+            got = (info.type, info.max_entries, info.key_size, info.value_size)
+            if got != want:
+                raise KernelError(f"the map pinned at {self.pin_dir / name} has (type, entries, key, value) "
+                                  f"{got}, this build wants {want}: remove the old pins (unpin_all) first")
+
+    @property
+    def id(self) -> int:
+        """The kernel's id of this program (what dataplane.attach.attached() reports)."""
+        return prog_id(self.fn.fd)
 
     def close(self) -> None:
         for mm in self._maps.values():
@@ -138,7 +317,185 @@ class Program:
         self._write("zt_services", _pad(tables.services, lay.max_cands, 0))
         self._write("zt_sport", _pad(tables.sport, lay.sport_words, 0))
         self.bpf["zt_rule_stats"].clear()
-        self.bpf["zt_cpu_state"].clear()
+        if self.pin_dir is None:
+            # Unshared, the state starts with the policy. Pinned, it is the gateway's: counters,
+            # the event limiter and the flow cache carry on across builds.
+            self.bpf["zt_cpu_state"].clear()
+            self.bpf["zt_flows"].clear()
+
+    # -----------------------------------------------------------------------------------------
+    # changes in place: a live gateway, no reload
+
+    def _pool_slot(self, addr: Address) -> Optional[tuple[str, int]]:
+        """(pool map, slot) of an address inside the layout's pools; None: the hash holds it."""
+        name, base = ("zt_pool4", self.layout.pool4_base) if addr.version == 4 else ("zt_pool6", self.layout.pool6_base)
+        if int(addr) >> POOL_BITS != base >> POOL_BITS:
+            return None
+        return name, int(addr) & ((1 << POOL_BITS) - 1)
+
+    def _src_key(self, addr: Address):
+        table = self.bpf["zt_src_hash"]
+        key = table.Key()
+        ctypes.memmove(ctypes.byref(key), struct.pack("<I", addr.version) + addr.packed.rjust(16, b"\0"), 20)
+        return table, key
+
+    def set_sources(self, entries: Iterable[tuple[Address, int, int]]) -> None:
+        """Write (address, identity class, device id) entries; ident 0 removes the address.
+
+        The kernel sees each entry whole. A pool slot is one aligned 8-byte store into the
+        mmapped array ({ident, device} is 8 bytes at an 8-aligned offset, and numpy stores an
+        aligned uint64 scalar with one instruction); the program reads the slot with one
+        8-byte load. A hash entry is one bpf_map_update_elem or delete_elem, which replaces
+        the element under RCU. Entries are written one after another, not as a transaction."""
+        for addr, ident, device in entries:
+            if not 0 <= ident < self.layout.max_idents:
+                raise ValueError(f"{addr}: identity class {ident} is outside 0..{self.layout.max_idents - 1}")
+            if not 0 <= device < 1 << 32:
+                raise ValueError(f"{addr}: device id {device} does not fit 32 bits")
+            slot = self._pool_slot(addr)
+            if slot is not None:
+                words = self._array(slot[0]).view(np.uint64)
+                words[slot[1], 0] = (ident | device << 32) if ident else 0
+                continue
+            table, key = self._src_key(addr)
+            if ident:
+                table[key] = table.Leaf(ident, device)
+            else:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+
+    def sources_of(self, addresses: Iterable[Address]) -> list[tuple[Address, int, int]]:
+        """What the kernel holds now for these addresses, as set_sources() takes it ((a, 0, 0):
+        nothing): the undo of a set_sources()."""
+        out = []
+        for addr in addresses:
+            slot = self._pool_slot(addr)
+            if slot is not None:
+                value = int(self._array(slot[0]).view(np.uint64)[slot[1], 0])
+                out.append((addr, value & 0xFFFFFFFF, value >> 32))
+                continue
+            table, key = self._src_key(addr)
+            try:
+                leaf = table[key]
+            except KeyError:
+                out.append((addr, 0, 0))
+            else:
+                out.append((addr, leaf.ident, leaf.device))
+        return out
+
+    def set_idents(self, first_id: int, rows) -> None:
+        """Write identity-class rows (who-bits as uint64 words, (n, words)) at first_id, ...
+
+        Each word is one aligned 8-byte store, so the kernel sees every word whole; a row of
+        several words is not written at once, and a packet decided meanwhile may see some words
+        old and some new. So a class that sources point at should not be rewritten: write the
+        new bits at a free id and move the sources there with set_sources (as the gateway does)."""
+        rows = np.asarray(rows, np.uint64)
+        if rows.ndim == 1:
+            rows = rows[None, :]
+        n, width = rows.shape
+        if first_id < 1 or first_id + n > self.layout.max_idents:
+            raise ValueError(f"identity classes {first_id}..{first_id + n - 1}: outside "
+                             f"1..{self.layout.max_idents - 1}")
+        if width > self.layout.who_words:
+            raise ValueError(f"rows of {width} words: this build holds {self.layout.who_words}")
+        words = self._array("zt_idents").view(np.uint64)
+        words[first_id:first_id + n, :width] = rows
+        words[first_id:first_id + n, width:] = 0
+
+    # -----------------------------------------------------------------------------------------
+    # counters
+
+    def rule_counters(self) -> dict[int, tuple[int, int]]:
+        """Rule id -> (packets, bytes) over all CPUs, for the rules that decided a packet (id 0:
+        the default action). Ids are this build's (the compiled tables' rule_names)."""
+        counts = self._percpu_array("zt_rule_stats", COUNTER)
+        packets, nbytes = counts["packets"].sum(axis=1), counts["bytes"].sum(axis=1)
+        return {int(r): (int(packets[r]), int(nbytes[r])) for r in np.flatnonzero(packets)}
+
+    def _percpu_array(self, name: str, dtype: np.dtype) -> np.ndarray:
+        """Every value of a per-CPU array, in one batch syscall: (entries, cpus) of dtype."""
+        table = self.bpf[name]
+        entries = table.max_entries
+        stride = (dtype.itemsize + 7) & ~7
+        keys = np.zeros(entries, np.uint32)
+        values = np.zeros((entries, self._ncpu, stride), np.uint8)
+        count = ctypes.c_uint32(entries)
+        out_batch = ctypes.c_uint32()
+        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        ret = libbpf().bpf_map_lookup_batch(table.get_fd(), None, ctypes.byref(out_batch), keys.ctypes.data,
+                                            values.ctypes.data, ctypes.byref(count), ctypes.byref(opts))
+        if ret < 0 and ret != -ENOENT:     # ENOENT: the last batch, the whole map was read
+            _check(ret, f"batch lookup in {name}")
+        out = np.zeros((entries, self._ncpu), dtype)
+        got = np.ascontiguousarray(values[:count.value, :, :dtype.itemsize])
+        out[keys[:count.value]] = got.view(dtype).reshape(count.value, self._ncpu)
+        return out
+
+    def _cpu_state(self):
+        return self.bpf["zt_cpu_state"][0]
+
+    def reason_counters(self) -> dict[Reason, tuple[int, int]]:
+        """Reason -> (packets, bytes) over all CPUs: every packet decided, by why. With pin_dir
+        the counts run on across builds (the state is shared)."""
+        cpus = self._cpu_state()
+        return {r: (sum(c.reason[r].packets for c in cpus), sum(c.reason[r].bytes for c in cpus)) for r in Reason}
+
+    def event_counters(self) -> dict[str, int]:
+        """Flow events over all CPUs: sent, and not sent (over the rate; ring buffer full)."""
+        cpus = self._cpu_state()
+        return {"sent": sum(c.ev_sent for c in cpus), "rate_limited": sum(c.ev_limited for c in cpus),
+                "ring_full": sum(c.ev_full for c in cpus)}
+
+    def events_lost(self) -> int:
+        """Events the kernel did not emit (rate limit or ring buffer full), over all CPUs."""
+        c = self.event_counters()
+        return c["rate_limited"] + c["ring_full"]
+
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """Map -> (entries in use, capacity) for the maps that fill as the gateway runs: the
+        tunnel pools (a scan of the mmapped arrays, ~1 ms each), the source hash and the flow
+        cache (walked key by key: up to ~50 ms for a full flow cache), and the bytes of events
+        not yet read from the ring buffer."""
+        out = {}
+        for name in ("zt_pool4", "zt_pool6"):
+            out[name[3:]] = (int(np.count_nonzero(self._array(name).view(np.uint64))), 1 << POOL_BITS)
+        for name, label in (("zt_src_hash", "src_hash"), ("zt_flows", "flow_cache")):
+            table = self.bpf[name]
+            out[label] = (sum(1 for _ in table.keys()), table.max_entries)
+        fd = self.bpf["zt_events"].get_fd()
+        out["event_ring_bytes"] = (ring_pending(fd), map_info(fd).max_entries)
+        return out
+
+    # -----------------------------------------------------------------------------------------
+    # pins
+
+    def pin(self, directory: Union[str, Path]) -> None:
+        """Pin this build under `directory` (on bpffs): the program at prog, its policy maps at
+        tables/NAME, so they outlive this process and a restarted controller finds them.
+
+        A build pinned there before is replaced. The new pins are made in a staging
+        directory, then tables/ is swapped in with one renameat2(RENAME_EXCHANGE) and prog
+        with one rename(2): a reader finds a whole tables/ and a prog at every moment, never
+        a missing one. The two swaps are two steps (tables first), so for an instant tables/
+        is the new build's and prog the old one's. The old build's pins are then removed."""
+        directory = _bpffs_dir(directory)
+        # bpffs refuses names with a dot in them
+        staging = directory / f"staging-{os.getpid()}-{secrets.token_hex(4)}"
+        (staging / "tables").mkdir(parents=True)
+        try:
+            _obj_pin(self.fn.fd, staging / "prog")
+            for name in POLICY_MAPS:
+                _obj_pin(self.bpf[name].get_fd(), staging / "tables" / name)
+            if (directory / "tables").exists():
+                _rename_exchange(staging / "tables", directory / "tables")
+            else:
+                os.rename(staging / "tables", directory / "tables")
+            os.rename(staging / "prog", directory / "prog")
+        finally:
+            shutil.rmtree(staging)   # the old build's tables after the swap; the new pins on failure
 
     # -----------------------------------------------------------------------------------------
     # BPF_PROG_TEST_RUN
@@ -169,7 +526,7 @@ class Program:
                             data_size_out=len(out), repeat=max(1, repeat))
         if _test_run_fn()(self.fn.fd, ctypes.byref(opts)) != 0:
             raise KernelError(f"BPF_PROG_TEST_RUN failed: {os.strerror(ctypes.get_errno())}")
-        last = self.bpf["zt_cpu_state"][0][cpu if cpu is not None else os.sched_getaffinity(0).pop()].last
+        last = self._cpu_state()[cpu if cpu is not None else os.sched_getaffinity(0).pop()].last
         return RunResult(opts.retval, opts.duration, Verdict(last.verdict), Reason(last.reason),
                          last.rule, last.device)
 

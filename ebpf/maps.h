@@ -128,10 +128,117 @@ struct zt_last {
 	__u32 pad2;
 };
 
-struct zt_cpu {
-	struct zt_counter reason[ZT_REASON__MAX];
-	struct zt_last last;
+/* ------------------------------------------------------------------------------------------
+ * Flow events and the state that outlives a build.
+ *
+ * zt_events, zt_cpu_state and zt_flows are shared by every build of one gateway: with
+ * ZT_PIN_DIR they are pinned there (bcc creates and pins them when the path is absent and
+ * reuses them when present), so counters, the token bucket and unread events survive a
+ * program swap and a controller restart. Their shapes must therefore not change between
+ * builds: nothing in them depends on the Layout, and the reason counters have room for
+ * reasons appended later (ZT_REASON_SLOTS). dataplane/program.py refuses a pinned map whose
+ * shape differs from what a build expects. */
+
+#ifndef ZT_BUILD
+#define ZT_BUILD 0 /* the policy build: events carry it, so rule and device ids can be named */
+#endif
+#ifndef ZT_EVENT_RING_BYTES
+#define ZT_EVENT_RING_BYTES (1 << 20) /* a power of two, a multiple of the page: ~13k events */
+#endif
+#ifndef ZT_EVENT_RATE
+#define ZT_EVENT_RATE 10000 /* events per second per CPU, sustained */
+#endif
+#ifndef ZT_EVENT_BURST
+#define ZT_EVENT_BURST 1000 /* events per CPU at once after a quiet spell */
+#endif
+#ifndef ZT_FLOW_EVENT_NS
+#define ZT_FLOW_EVENT_NS 60000000000ULL /* an allowed non-TCP flow is reported again after this */
+#endif
+#ifndef ZT_FLOW_CACHE
+#define ZT_FLOW_CACHE 65536 /* flows remembered (LRU): more flows than this are reported more often */
+#endif
+#define ZT_EVENT_INTERVAL_NS (1000000000ULL / ZT_EVENT_RATE)
+#define ZT_EVENT_BURST_NS ((ZT_EVENT_BURST - 1) * ZT_EVENT_INTERVAL_NS)
+#define ZT_REASON_SLOTS 32
+
+/* One flow event: a drop, or a new allowed flow. 72 bytes; dataplane/events.py reads it.
+ * Addresses are as on the wire; IPv4 in the first four bytes, the other twelve zero
+ * (not v4-mapped). family 0: the packet was unreadable before its addresses (no addresses,
+ * no ports). Ports are 0 unless TCP or UDP. */
+struct zt_event {
+	__u64 time_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 build;   /* ZT_BUILD of the program that decided */
+	__u32 device;  /* 0: none (unknown source, unreadable packet) */
+	__u32 ident;   /* identity class; 0: none */
+	__u32 rule;    /* 0: no rule (default action, or no decision) */
+	__u32 len;     /* bytes of the frame as XDP saw it */
+	__u16 sport;   /* host order */
+	__u16 dport;
+	__u8 src[16];
+	__u8 dst[16];
+	__u8 family; /* 4, 6 or 0 */
+	__u8 proto;
+	__u8 verdict;
+	__u8 reason;
+	__u32 pad;
 };
+
+/* Per CPU: counters by reason, the last decision, and the event limiter. The limiter is a
+ * token bucket kept as one timestamp (GCRA): ev_tat is when the bucket would be full again;
+ * an event may go while ev_tat - now <= ZT_EVENT_BURST_NS, and each one moves ev_tat on by
+ * ZT_EVENT_INTERVAL_NS. Events not emitted are counted, never waited for. */
+struct zt_cpu {
+	struct zt_counter reason[ZT_REASON_SLOTS];
+	struct zt_last last;
+	__u64 clock_jiffies; /* the coarse clock as read at this jiffy (see coarse_now()) */
+	__u64 clock_ns;
+	__u64 ev_tat;
+	__u64 ev_sent;    /* events written to zt_events */
+	__u64 ev_limited; /* events not written: over the rate */
+	__u64 ev_full;    /* events not written: the ring buffer was full */
+};
+
+/* An allowed flow the program reported, by 5-tuple. */
+struct zt_flow_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 proto;
+	__u16 pad;
+};
+
+struct zt_flow {
+	__u64 last_ns;   /* when its last event was emitted (coarse clock) */
+	__u32 build;     /* and by which build and rule: a new decision is reported at once */
+	__u32 rule;
+};
+
+/* A ring buffer whose map is pinned at _path: BPF_RINGBUF_OUTPUT of bcc's helpers.h with the
+ * pin suffix that bcc's BPF_TABLE_PINNED puts on other maps' sections. */
+#define ZT_RINGBUF_PINNED(_name, _bytes, _path)                                                \
+	struct _name##_table_t {                                                               \
+		int key;                                                                       \
+		u32 leaf;                                                                      \
+		int (*ringbuf_output)(void *, u64, u64);                                       \
+		void *(*ringbuf_reserve)(u64);                                                 \
+		void (*ringbuf_discard)(void *, u64);                                          \
+		void (*ringbuf_submit)(void *, u64);                                           \
+		u32 max_entries;                                                               \
+	};                                                                                     \
+	__attribute__((section("maps/ringbuf:" _path))) struct _name##_table_t _name = {      \
+		.max_entries = (_bytes)}
+
+#ifdef ZT_PIN_DIR
+#define ZT_SHARED_TABLE(_type, _key, _leaf, _name, _entries)                                   \
+	BPF_TABLE_PINNED(_type, _key, _leaf, _name, _entries, ZT_PIN_DIR "/" #_name)
+#define ZT_SHARED_RINGBUF(_name, _bytes) ZT_RINGBUF_PINNED(_name, _bytes, ZT_PIN_DIR "/" #_name)
+#else
+#define ZT_SHARED_TABLE(_type, _key, _leaf, _name, _entries)                                   \
+	BPF_TABLE(_type, _key, _leaf, _name, _entries)
+#define ZT_SHARED_RINGBUF(_name, _bytes) BPF_RINGBUF_OUTPUT(_name, (_bytes) / PAGE_SIZE)
+#endif
 
 /* 1. source -> identity */
 BPF_F_TABLE("array", __u32, struct zt_src, zt_pool4, 1 << ZT_POOL_BITS, BPF_F_MMAPABLE);
@@ -145,8 +252,11 @@ BPF_F_TABLE("array", __u32, struct zt_ports, zt_port_tables, ZT_MAX_PORT_TABLES,
 /* 4. service -> candidates, and the source-port bits some candidates test */
 BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_MAX_SERVICES, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, 65536, BPF_F_MMAPABLE);
-/* 5. counters */
+/* 5. counters: per rule (rule ids belong to one build), and the shared per-CPU state */
 BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_MAX_RULES);
-BPF_PERCPU_ARRAY(zt_cpu_state, struct zt_cpu, 1);
+ZT_SHARED_TABLE("percpu_array", __u32, struct zt_cpu, zt_cpu_state, 1);
+/* 6. flow events, and the allowed flows already reported */
+ZT_SHARED_RINGBUF(zt_events, ZT_EVENT_RING_BYTES);
+ZT_SHARED_TABLE("lru_hash", struct zt_flow_key, struct zt_flow, zt_flows, ZT_FLOW_CACHE);
 
 #endif

@@ -251,6 +251,34 @@ def test_disable_cuts_at_once_and_enable_restores(site, alice):
     assert wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=15, what="alice back after enable")
 
 
+def test_membership_and_enrollment_change_only_that_user(site, alice):
+    """One user's change rewrites only her entries (no new build), and the kernel agrees with
+    the reference before and after."""
+    from control.wireguard import generate_keypair
+
+    site.ztgate("device", "add", "bob-laptop", "--user", "bob@example.com", "--public-key", generate_keypair()[1])
+    build = site.json("status")["build"]
+
+    def kernel_says(user, port):
+        t = site.json("trace", "--user", user, "--dst", APP_WEB, "--dport", str(port))
+        assert (t["kernel"]["verdict"], t["kernel"]["rule"]) == (t["reference"]["verdict"], t["reference"]["rule"])
+        return t["kernel"]["verdict"], t["kernel"]["rule"]
+
+    assert kernel_says("bob@example.com", 22) == ("block", None)
+    assert kernel_says("bob@example.com", 8080) == ("allow", "staff-web")
+    site.ztgate("group", "add-member", "developers", "bob@example.com")
+    assert kernel_says("bob@example.com", 22) == ("allow", "devs-app")
+    site.ztgate("group", "remove-member", "staff", "bob@example.com")
+    site.ztgate("group", "remove-member", "developers", "bob@example.com")
+    assert kernel_says("bob@example.com", 8080) == ("block", None)
+    assert kernel_says("alice@example.com", 8080) == ("allow", "devs-app")
+    assert site.json("status")["build"] == build          # all of it without a new build
+    site.ztgate("user", "remove", "bob@example.com", "--with-devices")
+    assert "bob" not in site.ztgate("device", "list").stdout
+    audit = site.json("audit", "--limit", "5")
+    assert audit[-1]["what"] == "user remove" and audit[-1]["uid"] == 0
+
+
 def test_bad_requests_change_nothing(site, alice):
     before = site.json("status")["generation"]
     cases = [
