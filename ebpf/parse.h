@@ -32,7 +32,8 @@ struct zt_pkt {
 	__u16 dport;
 	__u8 family; /* 4 or 6 */
 	__u8 proto;
-	__u16 pad;
+	__u8 tcp_flags; /* flags byte of the TCP header; 0 unless TCP */
+	__u8 pad;
 };
 
 /* TCP/UDP header checks and ports. l4 is where the transport header starts; present is how
@@ -49,6 +50,7 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 			return ZT_REASON_TCP_TRUNCATED;
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
+		p->tcp_flags = ((__u8 *)th)[13];
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
 		if (present < sizeof(*uh) || (void *)(uh + 1) > data_end)

@@ -181,58 +181,6 @@ static __always_inline int verdict_of_reason(int reason)
 	return ZT_VERDICT_MALFORMED;
 }
 
-/* The TCP flags of a TCP packet the parse accepted; -1 if they cannot be read. parse.h keeps
- * no header offsets, so the headers are skipped again here (the parse has checked them: only
- * the verifier's bounds checks remain). Paid only by allowed TCP packets. */
-static __always_inline int tcp_flags(void *data, void *data_end, const struct zt_pkt *p)
-{
-	void *ip = data;
-#if ZT_ETHERNET
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return -1;
-	__be16 type = eth->h_proto;
-	ip = eth + 1;
-#pragma unroll
-	for (int i = 0; i < ZT_VLAN_DEPTH; i++) {
-		if (type != bpf_htons(ETH_P_8021Q) && type != bpf_htons(ETH_P_8021AD))
-			break;
-		__be16 *tag = ip;
-		if ((void *)(tag + 2) > data_end)
-			return -1;
-		type = tag[1];
-		ip = tag + 2;
-	}
-#endif
-	__u32 off;
-	if (p->family == 4) {
-		struct iphdr *iph = ip;
-		if ((void *)(iph + 1) > data_end)
-			return -1;
-		off = iph->ihl * 4;
-	} else {
-		struct ipv6hdr *ip6 = ip;
-		if ((void *)(ip6 + 1) > data_end)
-			return -1;
-		__u8 nh = ip6->nexthdr;
-		off = sizeof(*ip6);
-#pragma unroll
-		for (int i = 0; i < ZT_MAX_EXT_HEADERS; i++) {
-			if (!is_ext_header(nh))
-				break;
-			__u8 *h = ip + (off & 0xffff);
-			if ((void *)(h + 2) > data_end)
-				return -1;
-			off += nh == ZT_NH_FRAGMENT ? 8 : nh == ZT_NH_AUTH ? ((__u32)h[1] + 2) * 4 : ((__u32)h[1] + 1) * 8;
-			nh = h[0];
-		}
-	}
-	__u8 *flags = ip + (off & 0xffff) + 13;
-	if ((void *)(flags + 1) > data_end)
-		return -1;
-	return *flags;
-}
-
 #define ZT_TCP_SYN 0x02
 #define ZT_TCP_ACK 0x10
 
@@ -304,8 +252,7 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 		return;
 	}
 	if (p->proto == IPPROTO_TCP) {
-		int flags = tcp_flags(data, data_end, p);
-		if (flags < 0 || (flags & (ZT_TCP_SYN | ZT_TCP_ACK)) != ZT_TCP_SYN)
+		if ((p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) != ZT_TCP_SYN)
 			return;
 		if (event_allowed(cpu, coarse_now(cpu)))
 			emit(cpu, d, p, data_end - data);
