@@ -52,13 +52,14 @@ def attached(ifname: str) -> Optional[tuple[int, str]]:
         return _query(ipr, _index(ipr, ifname))
 
 
-def attach(program, ifname: str, mode: str = "auto") -> str:
+def attach(program, ifname: str, mode: str = "auto", reply: bool = False) -> str:
     """Attach `program` (a dataplane.program.Program) to `ifname`, replacing the program there
     in one step. mode: "native", "generic", or "auto": the mode of the program already there,
-    else native where the driver has it, else generic. Returns the mode used."""
+    else native where the driver has it, else generic. reply: its connector-side entry (only
+    replies of tracked flows pass) instead of the ingress one. Returns the mode used."""
     if mode not in ("auto", "native", "generic"):
         raise ValueError(f"XDP mode {mode!r}: use auto, native or generic")
-    fd = program.fn.fd
+    fd = (program.reply_fn if reply else program.fn).fd
     with IPRoute() as ipr:
         index = _index(ipr, ifname)
         current = _query(ipr, index)

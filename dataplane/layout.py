@@ -44,6 +44,8 @@ class Layout:
     pool4_base: int = 0x64600000  # 100.96.0.0/12
     pool6_base: int = 0xFD00005A << 96   # fd00:5a::/108
     ethernet: bool = False       # frames start at the Ethernet header (else at the IP header)
+    ct_tcp_seconds: int = 3600   # replies of a flow pass this long after its last packet
+    ct_udp_seconds: int = 120
 
     def defines(self) -> list[str]:
         out = []
@@ -61,6 +63,8 @@ class Layout:
         """What `need` asks for that this layout cannot hold."""
         out = []
         for f in fields(self):
+            if f.name.startswith("ct_"):
+                continue     # settings, not capacities
             if f.name in ("pool4_base", "pool6_base", "ethernet"):
                 if getattr(self, f.name) != getattr(need, f.name):
                     out.append(f"{f.name} differs")

@@ -24,11 +24,12 @@ from .reasons import Reason, Verdict
 
 EBPF_DIR = Path(os.environ.get("ZTGATE_EBPF_DIR", Path(__file__).resolve().parent.parent / "ebpf"))
 ENTRY = "xdp_ztgate"
+REPLY_ENTRY = "xdp_ztgate_reply"   # for connector interfaces: replies of tracked flows only
 # The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
 POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
-SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_flows")
+SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct")
 MAPS = POLICY_MAPS + SHARED_MAPS
 MIN_TEST_RUN_BYTES = 14   # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -202,7 +203,7 @@ class Program:
     build: a number the program puts in each flow event (-DZT_BUILD), so that a reader names
     rule and device ids with the tables of the build that decided.
     pin_dir: a directory on bpffs where the maps every build of one gateway shares (per-CPU
-    state, ring buffer, flow cache: SHARED_MAPS) are pinned: the first build creates them,
+    state, ring buffer, conntrack: SHARED_MAPS) are pinned: the first build creates them,
     later builds and restarted controllers reuse them. Without it they are this program's own.
     """
 
@@ -223,6 +224,7 @@ class Program:
             if self.pin_dir is not None:
                 self._check_shared()
             self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
+            self.reply_fn = self.bpf.load_func(REPLY_ENTRY, BPF.XDP)
         except BaseException:
             self.bpf.cleanup()
             raise
@@ -319,9 +321,9 @@ class Program:
         self.bpf["zt_rule_stats"].clear()
         if self.pin_dir is None:
             # Unshared, the state starts with the policy. Pinned, it is the gateway's: counters,
-            # the event limiter and the flow cache carry on across builds.
+            # the event limiter and conntrack carry on across builds.
             self.bpf["zt_cpu_state"].clear()
-            self.bpf["zt_flows"].items_delete_batch()     # clear() deletes key by key: seconds when full
+            self.bpf["zt_ct"].items_delete_batch()     # clear() deletes key by key: seconds when full
 
     # -----------------------------------------------------------------------------------------
     # changes in place: a live gateway, no reload
@@ -456,13 +458,13 @@ class Program:
 
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """Map -> (entries in use, capacity) for the maps that fill as the gateway runs: the
-        tunnel pools (a scan of the mmapped arrays, ~1 ms each), the source hash and the flow
-        cache (batch reads: ~10 ms for a full flow cache), and the bytes of events not yet read
+        tunnel pools (a scan of the mmapped arrays, ~1 ms each), the source hash and conntrack
+        (batch reads: ~10 ms for a full table), and the bytes of events not yet read
         from the ring buffer."""
         out = {}
         for name in ("zt_pool4", "zt_pool6"):
             out[name[3:]] = (int(np.count_nonzero(self._array(name).view(np.uint64))), 1 << POOL_BITS)
-        for name, label in (("zt_src_hash", "src_hash"), ("zt_flows", "flow_cache")):
+        for name, label in (("zt_src_hash", "src_hash"), ("zt_ct", "conntrack")):
             table = self.bpf[name]
             out[label] = (_hash_count(table), table.max_entries)
         fd = self.bpf["zt_events"].get_fd()
@@ -487,6 +489,7 @@ class Program:
         (staging / "tables").mkdir(parents=True)
         try:
             _obj_pin(self.fn.fd, staging / "prog")
+            _obj_pin(self.reply_fn.fd, staging / "prog_reply")
             for name in POLICY_MAPS:
                 _obj_pin(self.bpf[name].get_fd(), staging / "tables" / name)
             if (directory / "tables").exists():
@@ -494,6 +497,7 @@ class Program:
             else:
                 os.rename(staging / "tables", directory / "tables")
             os.rename(staging / "prog", directory / "prog")
+            os.rename(staging / "prog_reply", directory / "prog_reply")
         finally:
             shutil.rmtree(staging)   # the old build's tables after the swap; the new pins on failure
 
@@ -511,7 +515,8 @@ class Program:
         finally:
             os.sched_setaffinity(0, saved)
 
-    def run(self, data: bytes, repeat: int = 1, cpu: Optional[int] = None, raw_frame: bool = False) -> RunResult:
+    def run(self, data: bytes, repeat: int = 1, cpu: Optional[int] = None, raw_frame: bool = False,
+            reply: bool = False) -> RunResult:
         """Run one IP packet (on an Ethernet build, framed first; raw_frame: `data` is the whole
         frame). Call inside on_one_cpu()."""
         if self.layout.ethernet and not raw_frame:
@@ -524,7 +529,8 @@ class Program:
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(buf, ctypes.c_void_p),
                             data_size_in=len(data), data_out=ctypes.cast(out, ctypes.c_void_p),
                             data_size_out=len(out), repeat=max(1, repeat))
-        if _test_run_fn()(self.fn.fd, ctypes.byref(opts)) != 0:
+        fn = self.reply_fn if reply else self.fn
+        if _test_run_fn()(fn.fd, ctypes.byref(opts)) != 0:
             raise KernelError(f"BPF_PROG_TEST_RUN failed: {os.strerror(ctypes.get_errno())}")
         last = self._cpu_state()[cpu if cpu is not None else os.sched_getaffinity(0).pop()].last
         return RunResult(opts.retval, opts.duration, Verdict(last.verdict), Reason(last.reason),

@@ -39,6 +39,8 @@ class Reason(IntEnum):
     NOT_IP = 20
     INTERNAL = 21
     ETH_VLAN_DEPTH = 22
+    REPLY = 23
+    NOT_REPLY = 24
 
     @property
     def label(self) -> str:

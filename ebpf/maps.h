@@ -131,7 +131,7 @@ struct zt_last {
 /* ------------------------------------------------------------------------------------------
  * Flow events and the state that outlives a build.
  *
- * zt_events, zt_cpu_state and zt_flows are shared by every build of one gateway: with
+ * zt_events, zt_cpu_state and zt_ct are shared by every build of one gateway: with
  * ZT_PIN_DIR they are pinned there (bcc creates and pins them when the path is absent and
  * reuses them when present), so counters, the token bucket and unread events survive a
  * program swap and a controller restart. Their shapes must therefore not change between
@@ -154,8 +154,16 @@ struct zt_last {
 #ifndef ZT_FLOW_EVENT_NS
 #define ZT_FLOW_EVENT_NS 60000000000ULL /* an allowed non-TCP flow is reported again after this */
 #endif
-#ifndef ZT_FLOW_CACHE
-#define ZT_FLOW_CACHE 65536 /* flows remembered (LRU): more flows than this are reported more often */
+#ifndef ZT_CT_ENTRIES
+#define ZT_CT_ENTRIES 65536 /* flows tracked (LRU): the least recently used goes when it is full */
+#endif
+/* How long a flow's replies may come back after its last packet (either way), by protocol. An
+ * older entry is not honoured even before the LRU evicts it. */
+#ifndef ZT_CT_TCP_SECONDS
+#define ZT_CT_TCP_SECONDS 3600
+#endif
+#ifndef ZT_CT_UDP_SECONDS
+#define ZT_CT_UDP_SECONDS 120
 #endif
 #define ZT_EVENT_INTERVAL_NS (1000000000ULL / ZT_EVENT_RATE)
 #define ZT_EVENT_BURST_NS ((ZT_EVENT_BURST - 1) * ZT_EVENT_INTERVAL_NS)
@@ -198,8 +206,8 @@ struct zt_cpu {
 	__u64 ev_full;    /* events not written: the ring buffer was full */
 };
 
-/* An allowed flow the program reported, by 5-tuple. */
-struct zt_flow_key {
+/* An allowed flow, by its 5-tuple as the device sent it (src: the device). */
+struct zt_ct_key {
 	__u8 src[16];
 	__u8 dst[16];
 	__u16 sport;
@@ -209,9 +217,10 @@ struct zt_flow_key {
 	__u16 pad;
 };
 
-struct zt_flow {
-	__u64 last_ns;   /* when its last event was emitted (coarse clock) */
-	__u32 build;     /* and by which build and rule: a new decision is reported at once */
+struct zt_ct {
+	__u64 seen_ns;  /* its last packet, either way (coarse clock): replies pass until it is old */
+	__u64 event_ns; /* when its last event was emitted */
+	__u32 build;    /* and by which build and rule: a new decision is reported at once */
 	__u32 rule;
 };
 
@@ -255,8 +264,8 @@ BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, 65536, BPF_F_MMAPABLE);
 /* 5. counters: per rule (rule ids belong to one build), and the shared per-CPU state */
 BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_MAX_RULES);
 ZT_SHARED_TABLE("percpu_array", __u32, struct zt_cpu, zt_cpu_state, 1);
-/* 6. flow events, and the allowed flows already reported */
+/* 6. flow events, and the allowed flows (whose replies the connector side lets back) */
 ZT_SHARED_RINGBUF(zt_events, ZT_EVENT_RING_BYTES);
-ZT_SHARED_TABLE("lru_hash", struct zt_flow_key, struct zt_flow, zt_flows, ZT_FLOW_CACHE);
+ZT_SHARED_TABLE("lru_hash", struct zt_ct_key, struct zt_ct, zt_ct, ZT_CT_ENTRIES);
 
 #endif

@@ -38,6 +38,8 @@ enum zt_reason {
 	ZT_REASON_NOT_IP = 20,            /* Ethernet frame that is not IPv4/IPv6: passed */
 	ZT_REASON_INTERNAL = 21,          /* the tables are inconsistent: fail closed */
 	ZT_REASON_ETH_VLAN_DEPTH = 22,    /* more VLAN tags than the parser walks */
+	ZT_REASON_REPLY = 23,             /* from a connector: a reply of a tracked flow */
+	ZT_REASON_NOT_REPLY = 24,         /* from a connector: no reply of a tracked TCP/UDP flow */
 	ZT_REASON__MAX
 };
 

@@ -23,29 +23,29 @@ struct zt_decision {
 };
 
 /* 1. Tunnel address -> identity. Pool addresses index an array; others probe a hash. */
-static __always_inline struct zt_src *identify(const struct zt_pkt *p)
+static __always_inline struct zt_src *identify(__u8 family, const __u32 *addr)
 {
 	__u32 idx;
-	if (p->family == 4) {
-		__u32 a = bpf_ntohl(p->src[0]);
+	if (family == 4) {
+		__u32 a = bpf_ntohl(addr[0]);
 		if ((a >> ZT_POOL_BITS) == (ZT_POOL4_BASE >> ZT_POOL_BITS)) {
 			idx = a & ZT_POOL_MASK;
 			return zt_pool4.lookup(&idx);
 		}
 	} else {
-		__u32 a = bpf_ntohl(p->src[3]);
-		if (p->src[0] == bpf_htonl(ZT_POOL6_BASE_0) && p->src[1] == bpf_htonl(ZT_POOL6_BASE_1) &&
-		    p->src[2] == bpf_htonl(ZT_POOL6_BASE_2) &&
+		__u32 a = bpf_ntohl(addr[3]);
+		if (addr[0] == bpf_htonl(ZT_POOL6_BASE_0) && addr[1] == bpf_htonl(ZT_POOL6_BASE_1) &&
+		    addr[2] == bpf_htonl(ZT_POOL6_BASE_2) &&
 		    (a >> ZT_POOL_BITS) == (ZT_POOL6_BASE_3 >> ZT_POOL_BITS)) {
 			idx = a & ZT_POOL_MASK;
 			return zt_pool6.lookup(&idx);
 		}
 	}
-	struct zt_src_key key = {.family = p->family};
-	if (p->family == 4)
-		__builtin_memcpy(&key.addr[12], &p->src[0], 4);
+	struct zt_src_key key = {.family = family};
+	if (family == 4)
+		__builtin_memcpy(&key.addr[12], &addr[0], 4);
 	else
-		__builtin_memcpy(key.addr, p->src, 16);
+		__builtin_memcpy(key.addr, addr, 16);
 	return zt_src_hash.lookup(&key);
 }
 
@@ -145,7 +145,7 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 
 static __always_inline void decide(struct zt_decision *d, const struct zt_pkt *p)
 {
-	struct zt_src *entry = identify(p);
+	struct zt_src *entry = identify(p->family, p->src);
 	/* One 8-byte load: userspace rewrites a live entry with one aligned 8-byte store
 	 * (Program.set_sources), so ident and device are always read from the same write. Map
 	 * values are 8-byte aligned. */
@@ -239,48 +239,56 @@ static __always_inline int emit(struct zt_cpu *cpu, const struct zt_decision *d,
 }
 
 /* Events: every drop, and each new allowed flow. A TCP flow is new at its SYN (without ACK);
- * other protocols by the flow cache: a flow is reported when it is not there, when its last
- * report is older than ZT_FLOW_EVENT_NS, or when another build or rule decided it. */
+ * other protocols by conntrack: a flow is reported when it is not there, when its last report
+ * is older than ZT_FLOW_EVENT_NS, or when another build or rule decided it.
+ * Conntrack: every allowed packet writes its flow's zt_ct entry (created, or its seen_ns moved
+ * on), which is what lets the flow's replies back through the connector side; a blocked one
+ * removes it. */
 static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
 				   void *data, void *data_end)
 {
 	if (d->verdict == ZT_VERDICT_PASS)
 		return;
-	if (d->verdict != ZT_VERDICT_ALLOW) {
-		if (event_allowed(cpu, coarse_now(cpu)))
-			emit(cpu, d, p, data_end - data);
-		return;
-	}
-	if (p->proto == IPPROTO_TCP) {
-		if ((p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) != ZT_TCP_SYN)
-			return;
-		if (event_allowed(cpu, coarse_now(cpu)))
-			emit(cpu, d, p, data_end - data);
-		return;
-	}
-	struct zt_flow_key key = {};
+	__u64 now = coarse_now(cpu);
+	struct zt_ct_key key = {};
 	__builtin_memcpy(key.src, p->src, 16);
 	__builtin_memcpy(key.dst, p->dst, 16);
 	key.sport = p->sport;
 	key.dport = p->dport;
 	key.family = p->family;
 	key.proto = p->proto;
-	__u64 now = coarse_now(cpu);
-	struct zt_flow *seen = zt_flows.lookup(&key);
-	/* (Another CPU's clock reading may be a tick ahead of this one's: no subtraction.) */
-	if (seen && now < seen->last_ns + ZT_FLOW_EVENT_NS && seen->build == ZT_BUILD && seen->rule == d->rule)
+	if (d->verdict != ZT_VERDICT_ALLOW) {
+		/* A flow the policy no longer allows loses its way back at once. (The key holds the
+		 * sender's own address, which WireGuard vouches for: a device ends only its own.) */
+		if ((d->verdict == ZT_VERDICT_BLOCK || d->verdict == ZT_VERDICT_UNKNOWN) &&
+		    (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP))
+			zt_ct.delete(&key);
+		if (event_allowed(cpu, now))
+			emit(cpu, d, p, data_end - data);
 		return;
-	/* A flow whose event was not emitted stays unreported: its next packet tries again. */
-	if (!event_allowed(cpu, now) || !emit(cpu, d, p, data_end - data))
-		return;
-	if (seen) {
-		/* Two CPUs may both report a flow's first packets: a duplicate event, no harm. */
-		seen->last_ns = now;
-		seen->build = ZT_BUILD;
-		seen->rule = d->rule;
+	}
+	struct zt_ct *ct = zt_ct.lookup(&key);
+	if (ct && ct->seen_ns != now)   /* once a tick: no cache line written on every packet */
+		ct->seen_ns = now;
+	int new_flow;
+	if (p->proto == IPPROTO_TCP)
+		new_flow = (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
+	else
+		/* (Another CPU's clock reading may be a tick ahead of this one's: no subtraction.) */
+		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != ZT_BUILD ||
+			   ct->rule != d->rule;
+	/* A non-TCP flow whose event was not emitted stays unreported: its next packet tries again. */
+	int sent = new_flow && event_allowed(cpu, now) && emit(cpu, d, p, data_end - data);
+	if (ct) {
+		if (sent && p->proto != IPPROTO_TCP) {
+			/* Two CPUs may both report a flow's first packets: a duplicate event, no harm. */
+			ct->event_ns = now;
+			ct->build = ZT_BUILD;
+			ct->rule = d->rule;
+		}
 	} else {
-		struct zt_flow flow = {.last_ns = now, .build = ZT_BUILD, .rule = d->rule};
-		zt_flows.update(&key, &flow);
+		struct zt_ct flow = {.seen_ns = now, .event_ns = sent ? now : 0, .build = ZT_BUILD, .rule = d->rule};
+		zt_ct.update(&key, &flow);
 	}
 }
 
@@ -338,4 +346,70 @@ int xdp_ztgate(struct xdp_md *ctx)
 	 * so noinline is no way out. */
 	asm volatile("" : : "r"(&d), "r"(&p) : "memory");
 	return record(&d, &p, data, data_end);
+}
+
+/* The connector side: packets from a private network towards devices. Only replies of flows
+ * the ingress program allowed (TCP and UDP, by zt_ct, within the protocol's timeout) pass;
+ * everything else is dropped, counted and reported, with the device it was sent to. */
+int xdp_ztgate_reply(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct zt_decision d = {};
+	struct zt_pkt p = {};
+
+#if ZT_ETHERNET
+	int parsed = parse_eth(&p, data, data_end);
+#else
+	int parsed = parse_ip(&p, data, data_end, 0);
+#endif
+	__u32 zero = 0;
+	struct zt_cpu *cpu = zt_cpu_state.lookup(&zero);
+	if (!cpu)
+		return XDP_DROP;
+	__u64 now = coarse_now(cpu);
+	if (parsed != ZT_PARSED) {
+		d.reason = parsed;
+		d.verdict = verdict_of_reason(parsed);
+	} else {
+		d.verdict = ZT_VERDICT_BLOCK;
+		d.reason = ZT_REASON_NOT_REPLY;
+		if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
+			struct zt_ct_key key = {};
+			__builtin_memcpy(key.src, p.dst, 16);
+			__builtin_memcpy(key.dst, p.src, 16);
+			key.sport = p.dport;
+			key.dport = p.sport;
+			key.family = p.family;
+			key.proto = p.proto;
+			struct zt_ct *ct = zt_ct.lookup(&key);
+			__u64 timeout = (p.proto == IPPROTO_TCP ? ZT_CT_TCP_SECONDS : ZT_CT_UDP_SECONDS) * 1000000000ULL;
+			/* Replies do not move seen_ns on: a flow lives by its device's packets, which
+			 * the policy decides, so a revoked flow's replies end with it. */
+			if (ct && now < ct->seen_ns + timeout) {
+				d.verdict = ZT_VERDICT_ALLOW;
+				d.reason = ZT_REASON_REPLY;
+			}
+		}
+		if (d.verdict != ZT_VERDICT_ALLOW) {
+			/* name the device it was sent to, for the flow log */
+			struct zt_src *to = identify(p.family, p.dst);
+			__u64 both = to ? *(const __u64 *)to : 0;
+			d.ident = (__u32)both;
+			d.device = (__u32)(both >> 32);
+		}
+	}
+	__u64 bytes = data_end - data;
+	__u32 r = d.reason < ZT_REASON__MAX ? d.reason : ZT_REASON_INTERNAL;
+	cpu->reason[r].packets++;
+	cpu->reason[r].bytes += bytes;
+	cpu->last.rule = 0;
+	cpu->last.device = d.device;
+	cpu->last.verdict = d.verdict;
+	cpu->last.reason = d.reason;
+	if (d.verdict == ZT_VERDICT_ALLOW || d.verdict == ZT_VERDICT_PASS)
+		return XDP_PASS;
+	if (event_allowed(cpu, now))
+		emit(cpu, &d, &p, bytes);
+	return XDP_DROP;
 }

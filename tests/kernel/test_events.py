@@ -227,14 +227,14 @@ def test_an_allowed_udp_or_icmp_flow_is_reported_once_per_window(loaded):
 
     # Age the first flow's entry past ZT_FLOW_EVENT_NS: its next packet is reported again, once.
     window = define("ZT_FLOW_EVENT_NS")
-    flows = program.bpf["zt_flows"]
+    flows = program.bpf["zt_ct"]
     (key,) = [k for k in flows.keys() if k.proto == 17 and k.sport == 42000]
     entry = flows[key]
-    entry.last_ns -= window + 1
+    entry.event_ns -= window + 1
     flows[key] = entry
     assert run_all(program, [flow, flow, other_port]) == [XDP_PASS] * 3
     assert [(e.proto, e.sport) for e in reader.poll(50)] == [(17, 42000)]
-    assert program.occupancy()["flow_cache"][0] == 3
+    assert program.occupancy()["conntrack"][0] == 3
 
 
 def test_dropped_packets_are_always_reported(loaded):
@@ -326,11 +326,11 @@ def test_occupancy(loaded):
     occ = program.occupancy()
     assert occ["pool4"] == (len(tables.pool4), 1 << 20) and occ["pool6"] == (len(tables.pool6), 1 << 20)
     assert occ["src_hash"] == (len(tables.src_hash), program.layout.max_src_hash)
-    assert occ["flow_cache"] == (0, define("ZT_FLOW_CACHE"))
+    assert occ["conntrack"] == (0, define("ZT_CT_ENTRIES"))
     assert occ["event_ring_bytes"] == (0, 1 << 20)
     run_all(program, [IP(src=ANN4, dst=D4) / UDP(sport=47000 + i, dport=5000) for i in range(4)])
     occ = program.occupancy()
-    assert occ["flow_cache"][0] == 4
+    assert occ["conntrack"][0] == 4
     assert occ["event_ring_bytes"][0] == 4 * 80      # 72-byte events, 8-byte record headers
     assert len(drain(reader)) == 4
 
@@ -420,14 +420,14 @@ def test_builds_sharing_a_pin_dir_share_events_state_and_flows(pin_dir):
     flow = bytes(IP(src=ANN4, dst=D4) / UDP(sport=50001, dport=5000))
     with ExitStack() as stack:
         first = stack.enter_context(Program(TEST_LAYOUT, build=1, pin_dir=pin_dir))
-        assert sorted(os.listdir(pin_dir)) == ["zt_cpu_state", "zt_events", "zt_flows"]
+        assert sorted(os.listdir(pin_dir)) == ["zt_cpu_state", "zt_ct", "zt_events"]
         first.load(compile_policy(POLICY, IDS, first.layout))
         assert run_all(first, [dns, flow, flow]) == [XDP_DROP, XDP_PASS, XDP_PASS]
 
         # The next build, as a policy swap makes it: the same maps, which its load() keeps.
         second = stack.enter_context(Program(TEST_LAYOUT, build=2, pin_dir=pin_dir))
         second.load(compile_policy(POLICY, IDS, second.layout))
-        for name in ("zt_cpu_state", "zt_events", "zt_flows"):
+        for name in ("zt_cpu_state", "zt_events", "zt_ct"):
             assert map_info(second.bpf[name].get_fd()).id == _pinned_map_id(pin_dir / name)
         assert second.reason_counters()[Reason.RULE] == (3, len(dns) + 2 * len(flow))
         first.close()
@@ -447,7 +447,7 @@ def test_pin_replaces_the_build_in_force(program, eth_program, pin_dir):
     """Two programs (the session's tunnel and Ethernet builds) pinned in turn at one place."""
     for p in (program, eth_program):
         p.pin(pin_dir)
-        assert sorted(os.listdir(pin_dir)) == ["prog", "tables"]    # no staging left behind
+        assert sorted(os.listdir(pin_dir)) == ["prog", "prog_reply", "tables"]    # no staging left behind
         fd = obj_get(pin_dir / "prog")
         try:
             assert prog_id(fd) == p.id
@@ -466,9 +466,9 @@ def test_a_pinned_map_of_another_shape_is_refused(pin_dir):
 
     # What another program might have left there: a flow cache of other sizes.
     pin_dir.mkdir()
-    BPF(text=f'BPF_TABLE_PINNED("lru_hash", u32, u64, zt_flows, 16, "{pin_dir}/zt_flows");').cleanup()
-    assert (pin_dir / "zt_flows").exists()
-    with pytest.raises(KernelError, match="zt_flows"):
+    BPF(text=f'BPF_TABLE_PINNED("lru_hash", u32, u64, zt_ct, 16, "{pin_dir}/zt_ct");').cleanup()
+    assert (pin_dir / "zt_ct").exists()
+    with pytest.raises(KernelError, match="zt_ct"):
         Program(TEST_LAYOUT, pin_dir=pin_dir)
 
 

@@ -1,0 +1,160 @@
+"""The connector side (xdp_ztgate_reply, BPF_PROG_TEST_RUN): from a private network towards
+devices, only replies of TCP/UDP flows the ingress program allowed pass, by zt_ct.
+
+Every forward packet is decided by the reference too: its reply must pass exactly when the
+reference allowed it."""
+import ipaddress
+import secrets
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+
+from control.compiler import compile_policy
+from control.model import Device, Identities, Policy, Principal, Rule, User
+from control.packets import parse_raw
+from control.reference import decide
+from dataplane.reasons import Reason, Verdict
+
+from .conftest import TEST_LAYOUT
+
+XDP_DROP, XDP_PASS = 1, 2
+UDP_TIMEOUT = 1      # seconds: short, so that a test can watch an entry expire
+
+IDS = Identities(
+    (User("ann@example.com", ("dev",)), User("bob@example.com", ())),
+    (Device("ann-laptop", "ann@example.com", ipaddress.IPv4Address("100.96.0.2"), ipaddress.IPv6Address("fd00:5a::2")),
+     Device("bob-phone", "bob@example.com", ipaddress.IPv4Address("100.96.0.3"))))
+POLICY = Policy("block", (
+    Rule("ssh-dev", 10, "allow", principals=(Principal("group", "dev"),), protocols=frozenset({"tcp"}),
+         dst_ports=((22, 22),)),
+    Rule("web", 20, "allow", protocols=frozenset({"tcp"}), dst_ports=((8080, 8080),)),
+    Rule("dns", 30, "allow", protocols=frozenset({"udp"}), dst_ports=((5353, 5353),)),
+    Rule("icmp", 40, "allow", protocols=frozenset({"icmp"})),
+))
+ANN4, ANN6, BOB4, APP4, APP6 = "100.96.0.2", "fd00:5a::2", "100.96.0.3", "10.20.0.10", "fd20::10"
+
+
+@pytest.fixture(scope="module")
+def program():
+    """Pinned, as on a gateway: zt_ct outlives each load() of new tables."""
+    from dataplane.program import Program, unpin_all
+
+    pin_dir = Path("/sys/fs/bpf") / f"zt-test-reply-{secrets.token_hex(4)}"
+    try:
+        with Program(replace(TEST_LAYOUT, ct_udp_seconds=UDP_TIMEOUT), pin_dir=pin_dir) as prog:
+            yield prog
+    finally:
+        unpin_all(pin_dir)
+
+
+@pytest.fixture
+def loaded(program):
+    program.load(compile_policy(POLICY, IDS, program.layout))
+    program.bpf["zt_ct"].items_delete_batch()
+    return program
+
+
+def ingress(program, pkt):
+    with program.on_one_cpu() as cpu:
+        return program.run(bytes(pkt), cpu=cpu)
+
+
+def reply(program, pkt):
+    with program.on_one_cpu() as cpu:
+        return program.run(bytes(pkt), cpu=cpu, reply=True)
+
+
+def reverse(pkt):
+    """The reply to a forward packet: addresses and ports swapped."""
+    ip = pkt.copy()
+    l3 = ip[IP] if IP in ip else ip[IPv6]
+    l3.src, l3.dst = l3.dst, l3.src
+    l4 = ip[TCP] if TCP in ip else ip[UDP]
+    l4.sport, l4.dport = l4.dport, l4.sport
+    if TCP in ip:
+        l4.flags = "SA"
+    return ip
+
+
+FORWARD = [
+    IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="S"),     # ssh-dev
+    IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=22, flags="S"),     # bob: default block
+    IP(src=BOB4, dst=APP4) / TCP(sport=40002, dport=8080, flags="S"),   # web
+    IP(src=ANN4, dst=APP4) / TCP(sport=40003, dport=3389, flags="S"),   # default block
+    IP(src=ANN4, dst=APP4) / UDP(sport=40004, dport=5353),              # dns
+    IP(src=BOB4, dst=APP4) / UDP(sport=40005, dport=53),                # default block
+    IPv6(src=ANN6, dst=APP6) / TCP(sport=40006, dport=22, flags="S"),   # ssh-dev, IPv6
+    IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353),            # dns, IPv6
+    IP(src="100.96.0.77", dst=APP4) / UDP(sport=40008, dport=5353),     # unknown source
+]
+
+
+@pytest.mark.parametrize("fwd", FORWARD, ids=lambda p: p.summary())
+def test_a_reply_passes_exactly_when_the_reference_allowed_its_flow(loaded, fwd):
+    back = reverse(fwd)
+    before = reply(loaded, back)
+    assert (before.retval, before.verdict, before.reason) == (XDP_DROP, Verdict.BLOCK, Reason.NOT_REPLY)
+
+    want = decide(POLICY, IDS, parse_raw(bytes(fwd)))
+    assert ingress(loaded, fwd).verdict.label == want.verdict
+    got = reply(loaded, back)
+    if want.verdict == "allow":
+        assert (got.retval, got.verdict, got.reason) == (XDP_PASS, Verdict.ALLOW, Reason.REPLY)
+    else:
+        assert (got.retval, got.verdict, got.reason) == (XDP_DROP, Verdict.BLOCK, Reason.NOT_REPLY)
+
+
+def test_only_the_exact_reverse_tuple_passes(loaded):
+    fwd = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="S")
+    assert ingress(loaded, fwd).retval == XDP_PASS
+    assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+    strangers = [
+        IP(src=APP4, dst=ANN4) / TCP(sport=22, dport=40001, flags="A"),     # another client port
+        IP(src=APP4, dst=ANN4) / TCP(sport=23, dport=40000, flags="A"),     # another service port
+        IP(src="10.20.0.11", dst=ANN4) / TCP(sport=22, dport=40000),        # another server
+        IP(src=APP4, dst=BOB4) / TCP(sport=22, dport=40000, flags="A"),     # another device
+        IP(src=APP4, dst=ANN4) / UDP(sport=22, dport=40000),                # another protocol
+        IP(src=APP4, dst=ANN4) / TCP(sport=40000, dport=22, flags="S"),     # the forward tuple itself
+        IP(src=APP4, dst=ANN4) / ICMP(),                                    # ICMP is not tracked yet
+        IP(src=APP4, dst=ANN4, frag=5) / (b"\0" * 16),                      # a non-first fragment
+    ]
+    for pkt in strangers:
+        got = reply(loaded, pkt)
+        assert got.retval == XDP_DROP, pkt.summary()
+    assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+
+
+def test_a_drop_towards_a_device_names_the_device(loaded):
+    got = reply(loaded, IP(src=APP4, dst=BOB4) / UDP(sport=5353, dport=40000))
+    assert got.verdict == Verdict.BLOCK and got.device == 2   # bob-phone, the second device
+
+
+def test_a_blocked_packet_ends_its_flow_return_path(loaded):
+    fwd = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    assert ingress(loaded, fwd).retval == XDP_PASS
+    assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+    # The policy changes: ssh is no longer allowed (zt_ct is pinned: it outlives the tables,
+    # as on a gateway). Until the device's next packet the reply still passes; that packet is
+    # blocked, and the flow's replies with it.
+    revoked = Policy("block", tuple(r for r in POLICY.rules if r.name != "ssh-dev"))
+    loaded.load(compile_policy(revoked, IDS, loaded.layout))
+    assert ingress(loaded, fwd).verdict == Verdict.BLOCK
+    assert reply(loaded, reverse(fwd)).reason == Reason.NOT_REPLY
+
+
+def test_an_expired_flow_is_not_honoured_before_it_is_evicted(loaded):
+    fwd = IP(src=ANN4, dst=APP4) / UDP(sport=40004, dport=5353)
+    assert ingress(loaded, fwd).retval == XDP_PASS
+    # Replies do not keep a flow alive: only the device's own (decided) packets do.
+    for _ in range(3):
+        assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+        time.sleep(UDP_TIMEOUT / 3)
+    time.sleep(0.1)
+    assert len(list(loaded.bpf["zt_ct"].keys())) == 1     # still there, no longer honoured
+    assert reply(loaded, reverse(fwd)).reason == Reason.NOT_REPLY
+    assert ingress(loaded, fwd).retval == XDP_PASS          # the device speaks again: it lives
+    assert reply(loaded, reverse(fwd)).retval == XDP_PASS
