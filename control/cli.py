@@ -220,6 +220,70 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("name", metavar="NAME")
         gw(sp, reads=False, run=run)
 
+    co = nouns.add_parser("connector", help="connectors: the way into private networks").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    gw(verb(co, "list", "connectors, their routes and tunnel state",
+            "Connectors of the running gateway: interface, port, routes, last handshake, traffic.",
+            "ztgate connector list"), reads=True, run=cmd_connector_list)
+    ca = verb(co, "add", "create a connector's tunnel on the gateway and print its configuration",
+        "Create the gateway side of a connector: a WireGuard interface ztc-NAME listening on the next "
+        "free port after the device port, with the connector-side eBPF program on it (only replies "
+        "of flows devices opened go back to devices). Prints the configuration `ztgate connector run` "
+        "reads inside the private network; it holds the connector's private key, which the gateway "
+        "does not keep. Then route prefixes to it with `ztgate route add`.",
+        """
+            ztgate connector add lan > lan-connector.yaml
+            ztgate connector add dc2 --port 51830 > dc2-connector.yaml
+        """)
+    ca.add_argument("name", metavar="NAME")
+    ca.add_argument("--port", type=int, metavar="PORT", help="the port the gateway listens on for it")
+    gw(ca, reads=True, run=cmd_connector_add)
+    cr = verb(co, "remove", "remove a connector (after its routes)",
+              "Delete the connector's interface on the gateway. Refused while routes point to it.",
+              "ztgate connector remove dc2")
+    cr.add_argument("name", metavar="NAME")
+    gw(cr, reads=False, run=cmd_connector_remove)
+    crun = verb(co, "run", "run a connector inside a private network (foreground)",
+        "Bring up the connector's tunnel from the file `ztgate connector add` printed: it dials out "
+        "to the gateway (nothing listens here), routes the device pools into the tunnel and forwards "
+        "between the tunnel and the LAN interfaces, and only between them. Runs until stopped; "
+        "stopping removes the tunnel.",
+        """
+            ztgate connector run lan-connector.yaml
+            ztgate connector run lan-connector.yaml --lan eth1
+        """)
+    crun.add_argument("config", metavar="FILE")
+    crun.add_argument("--lan", action="append", metavar="IFACE",
+                      help="the interface to the private network (repeat; default: every interface but "
+                           "the tunnel, loopback and the one that reaches the gateway)")
+    crun.set_defaults(run=cmd_connector_run)
+
+    ro = nouns.add_parser("route", help="private prefixes routed to connectors").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    gw(verb(ro, "list", "routes and whether the kernel holds them",
+            "Private prefixes, their connectors, and whether ztgate's routing table holds them.",
+            "ztgate route list"), reads=True, run=cmd_route_list)
+    ra = verb(ro, "add", "route a private prefix to a connector",
+        "Route PREFIX to the connector's tunnel, in ztgate's own routing table (used only by packets "
+        "from devices). Prefixes may not overlap each other or the device pools. New devices get it "
+        "in their configuration; enrolled devices need it in their AllowedIPs.",
+        "ztgate route add 10.20.0.0/16 --connector lan")
+    ra.add_argument("prefix", metavar="PREFIX")
+    ra.add_argument("--connector", required=True, metavar="NAME")
+    gw(ra, reads=False, run=cmd_route_add)
+    rr = verb(ro, "remove", "stop routing a prefix", "Remove the route and the connector's claim to it.",
+              "ztgate route remove 10.20.0.0/16")
+    rr.add_argument("prefix", metavar="PREFIX")
+    gw(rr, reads=False, run=cmd_route_remove)
+
+    lab = nouns.add_parser("lab", help="the lab: a whole deployment in network namespaces (spec/LAB.md)"
+                           ).add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name, help_ in (("up", "build the lab (idempotent): namespaces, gateway, devices, connector, services"),
+                        ("status", "what of the lab is there, and whether it works"),
+                        ("down", "remove the lab and everything it made (idempotent)")):
+        verb(lab, name, help_, help_[0].upper() + help_[1:] + ".", f"ztgate lab {name}").set_defaults(
+            run=cmd_lab)
+
     lg = verb(nouns, "logs", "flow events: who, what, verdict, rule, reason",
         "Flow events of the running gateway: every drop and every new allowed flow, with the "
         "user and device, addresses, ports, protocol, verdict, rule and reason.",

@@ -388,3 +388,69 @@ def cmd_gateway_teardown(args) -> int:
     for line in teardown(load_config(args.config)) or ["nothing to remove"]:
         print(line)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# connectors and routes
+
+def cmd_connector_list(args) -> int:
+    rows = _call(args, "connector.list")
+    if args.json:
+        _json(rows)
+        return 0
+    for r in rows:
+        r["routes"] = ", ".join(r["routes"]) or "-"
+        r["handshake"] = _ago(r["last_handshake"])
+        r["traffic"] = f"{_bytes(r['rx_bytes'])} in, {_bytes(r['tx_bytes'])} out"
+    table(rows, [("name", "name"), ("interface", "interface"), ("listen_port", "port"), ("routes", "routes"),
+                 ("endpoint", "endpoint"), ("handshake", "handshake"), ("traffic", "traffic")])
+    return 0
+
+
+def cmd_connector_add(args) -> int:
+    result = _call(args, "connector.add", name=args.name, listen_port=args.port)
+    if args.json:
+        _json(result)
+        return 0
+    sys.stdout.write(result["config"])
+    print(f"ztgate: connector {args.name} added: {result['interface']} listens on port {result['listen_port']}. "
+          "The configuration above holds its private key: this is the only copy. Next: "
+          f"ztgate route add PREFIX --connector {args.name}", file=sys.stderr)
+    return 0
+
+
+def cmd_connector_remove(args) -> int:
+    return _done(args, _call(args, "connector.remove", name=args.name), f"connector {args.name} removed")
+
+
+def cmd_connector_run(args) -> int:
+    from .connector import load_connector_config, run_connector
+
+    return run_connector(load_connector_config(args.config), args.lan)
+
+
+def cmd_route_list(args) -> int:
+    rows = _call(args, "route.list")
+    if args.json:
+        _json(rows)
+        return 0
+    for r in rows:
+        r["installed"] = "yes" if r["installed"] else "NO"
+    table(rows, [("prefix", "prefix"), ("connector", "connector"), ("interface", "interface"),
+                 ("installed", "installed")])
+    return 0
+
+
+def cmd_route_add(args) -> int:
+    return _done(args, _call(args, "route.add", prefix=args.prefix, connector=args.connector),
+                 f"{args.prefix} routed to connector {args.connector}")
+
+
+def cmd_route_remove(args) -> int:
+    return _done(args, _call(args, "route.remove", prefix=args.prefix), f"route {args.prefix} removed")
+
+
+def cmd_lab(args) -> int:
+    from lab import lab
+
+    return {"up": lab.up, "down": lab.down, "status": lab.status}[args.verb]()

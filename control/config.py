@@ -3,7 +3,8 @@
     interface: zt0                 # the WireGuard ingress interface the daemon creates
     listen_port: 51820
     endpoint: 198.18.0.1:51820     # what device clients dial (printed into their configuration)
-    routes: [10.20.0.0/16]         # private networks devices route into their tunnel
+    routes: [10.20.0.0/16]         # networks this host reaches itself (not through a connector):
+                                   # devices route them into their tunnel, the host forwards them
     pool_ipv4: 100.96.0.0/12       # device tunnel addresses; the gateway takes the first
     pool_ipv6: fd00:5a::/64        # null: IPv4 only
     state_dir: /var/lib/ztgate     # the database and the gateway's own WireGuard key
@@ -15,6 +16,8 @@
     metrics: 127.0.0.1:9469        # Prometheus endpoint; null: off
     bpf_pin_dir: /sys/fs/bpf/ztgate
     xdp_mode: auto                 # auto (native where the driver has it, else generic), native, generic
+    route_table: 51820             # ztgate's own routing table (private prefixes -> connectors)
+    route_priority: 1000           # of the rule "iif INTERFACE lookup route_table"
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class Config:
     metrics: Optional[str] = "127.0.0.1:9469"
     bpf_pin_dir: Path = Path("/sys/fs/bpf/ztgate")
     xdp_mode: str = "auto"
+    route_table: int = 51820
+    route_priority: int = 1000
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -133,6 +138,11 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     integer("listen_port", 1, 65535)
     integer("flow_log_max_bytes", 4096, 1 << 40)
     integer("flow_log_backups", 0, 1000)
+    integer("route_table", 1, (1 << 32) - 1)
+    integer("route_priority", 1, 32765)     # before the main table's rule (32766)
+    if values.get("route_table") in (253, 254, 255):
+        raise bad("route_table", f"{values['route_table']} is the kernel's own (default, main, local): pick "
+                                 "another number, such as 51820")
 
     if not IFNAME.match(values.get("interface", "zt0")):
         raise bad("interface", f"{values['interface']!r} is not a Linux interface name (1-15 of A-Z a-z 0-9 _ . -)")

@@ -70,7 +70,21 @@ def teardown(config: Config) -> list[str]:
 
     from . import wireguard
 
+    from . import routes
+    from .store import Store
+
     done = []
+    connectors = []
+    if config.database.exists():
+        store = Store(config.database)
+        connectors = [c.interface for c in store.connectors()]
+        store.close()
+    for ifname in connectors:
+        if wireguard.exists(ifname):
+            wireguard.delete_interface(ifname)     # (its XDP program goes with it)
+            done.append(f"deleted connector interface {ifname}")
+    if routes.remove_rules(config.route_table, config.route_priority, config.interface):
+        done.append(f"removed routing table {config.route_table} and its rules")
     if wireguard.exists(config.interface):
         if attached(config.interface):
             detach(config.interface)

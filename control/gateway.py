@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -21,13 +22,13 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from . import wireguard
+from . import routes, wireguard
 from .config import Config
 from .errors import InputError, KernelError, ZtError
 from .files import (DEVICE_NAME, dump_yaml, identities_doc, parse_identities, parse_policy, parse_rule,
                     policy_doc, rule_doc)
 from .kernel import Kernel, Staged
-from .model import Device, Identities, Policy, User
+from .model import Connector, Device, Identities, Policy, User
 from .packets import build_raw, packet_from_fields
 from .reference import identify, trace
 from .store import Store
@@ -35,6 +36,8 @@ from .store import Store
 log = logging.getLogger("ztgate.gateway")
 ONLINE_SECONDS = 180          # a device with a handshake this recent counts as online
 GROUP_NAME_MAX = 128
+CONNECTOR_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,10}\Z")   # its interface is ztc-NAME (15 at most)
+KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up
 
 
 class Gateway:
@@ -43,6 +46,7 @@ class Gateway:
         self.store = Store(config.database)
         self.identities = self.store.identities()
         self.policy = self.store.policy()
+        self.connectors = self.store.connectors()
         self.kernel = Kernel(config)
         self.lock = threading.RLock()
         self.owner: dict[str, str] = {}            # device name -> user, also of removed devices
@@ -54,16 +58,29 @@ class Gateway:
     # start: make the kernel and the peers equal to the store
 
     def start(self) -> None:
+        """Interfaces first (a new one has no peers: nothing arrives yet), then the build
+        attached to ingress and connector interfaces, then peers, forwarding and routes: no
+        packet is forwarded before a program decides it."""
         with self.lock:
             private = self._gateway_key()
             self.public_key = wireguard.public_key_of(private)
-            self.wg_kind = wireguard.ensure_interface(self.config.interface, private, self.config.listen_port,
-                                                      self.config.gateway_addresses)
+            cfg = self.config
+            self.wg_kind = wireguard.ensure_interface(cfg.interface, private, cfg.listen_port,
+                                                      cfg.gateway_addresses)
+            for c in self.connectors:
+                wireguard.ensure_interface(c.interface, c.private_key, c.listen_port, [])
+            self.kernel.reply_interfaces = [c.interface for c in self.connectors]
             self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
-            wireguard.set_peers(self.config.interface, self._peers(self.identities), replace=True)
+            wireguard.set_peers(cfg.interface, self._peers(self.identities), replace=True)
+            routes.enable_forwarding(cfg.interface)
+            for c in self.connectors:
+                wireguard.set_peers(c.interface, [wireguard.Peer(c.public_key, c.routes)], replace=True)
+                routes.enable_forwarding(c.interface, connector=True)
+            routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes)
+            routes.sync(cfg.route_table, self._routes_wanted())
             self._note_owners()
-            log.info("gateway up on %s (%s WireGuard), generation %d", self.config.interface, self.wg_kind,
-                     self.store.generation())
+            log.info("gateway up on %s (%s WireGuard), %d connectors, generation %d", cfg.interface, self.wg_kind,
+                     len(self.connectors), self.store.generation())
 
     def _gateway_key(self) -> str:
         """The gateway's own WireGuard key: made once, kept in the state directory (0600)."""
@@ -80,6 +97,17 @@ class Gateway:
     def _peers(identities: Identities) -> list:
         return [wireguard.Peer(d.public_key, tuple(_own_prefixes(d))) for d in identities.devices
                 if d.enabled and d.public_key]
+
+    def _routes_wanted(self) -> dict:
+        """ztgate's routing table: private prefixes to their connectors, pools to the ingress."""
+        wanted = {p: c.interface for c in self.connectors for p in c.routes}
+        wanted.update({a.network: self.config.interface for a in self.config.gateway_addresses})
+        return wanted
+
+    def _client_routes(self) -> list[str]:
+        """What a device sends into its tunnel: the configured routes and the connectors'."""
+        nets = list(self.config.routes) + [p for c in self.connectors for p in c.routes]
+        return [str(n) for n in dict.fromkeys(nets)]
 
     def _note_owners(self) -> None:
         for d in self.identities.devices:
@@ -495,7 +523,7 @@ class Gateway:
                 out["private_key"] = private   # printed once by the CLI, never stored
                 out["config"] = wireguard.client_config(
                     private, [ipaddress.ip_interface(p) for p in _own_prefixes(device)], self.public_key,
-                    self.config.endpoint, [str(r) for r in self.config.routes])
+                    self.config.endpoint, self._client_routes())
             return out
 
     def _cut_devices(self, later: list, ids: Identities, devices: list[Device]) -> None:
@@ -531,8 +559,170 @@ class Gateway:
             self.identities = ids
             return {"generation": self.store.generation()}
 
+    # -----------------------------------------------------------------------------------------
+    # connectors and routes
+
+    def _connector(self, name: Any) -> Connector:
+        for c in self.connectors:
+            if c.name == name:
+                return c
+        raise InputError(f"no connector named {name!r} (see `ztgate connector list`)")
+
+    def connector_list(self) -> list[dict]:
+        with self.lock:
+            out = []
+            for c in self.connectors:
+                try:
+                    peer = wireguard.show(c.interface).peer(c.public_key)
+                except ZtError:
+                    peer = None
+                out.append({
+                    "name": c.name, "interface": c.interface, "listen_port": c.listen_port,
+                    "public_key": c.public_key, "routes": [str(r) for r in c.routes],
+                    "endpoint": peer.endpoint if peer else None,
+                    "last_handshake": peer.last_handshake if peer and peer.last_handshake else None,
+                    "online": bool(peer and peer.last_handshake and time.time() - peer.last_handshake < ONLINE_SECONDS),
+                    "rx_bytes": peer.rx_bytes if peer else 0, "tx_bytes": peer.tx_bytes if peer else 0,
+                })
+            return out
+
+    def connector_add(self, uid: int, name: str, listen_port: Optional[int]) -> dict:
+        with self.lock:
+            if not CONNECTOR_NAME.match(name):
+                raise InputError(f"connector name {name!r} must match [a-z0-9][a-z0-9-]{{0,10}} "
+                                 "(its interface on the gateway is ztc-NAME)")
+            if any(c.name == name for c in self.connectors):
+                raise InputError(f"connector {name!r} exists already (remove it first, or pick another name)")
+            if not self.config.endpoint:
+                raise InputError(f"{self.config.source}: set endpoint (HOST:PORT devices dial) to add connectors: "
+                                 "they dial the same host")
+            used = {self.config.listen_port} | {c.listen_port for c in self.connectors}
+            if listen_port is None:
+                listen_port = next(p for p in range(self.config.listen_port + 1, 65536) if p not in used)
+            elif listen_port in used or not 1 <= listen_port <= 65535:
+                raise InputError(f"port {listen_port} is taken or out of range: the gateway listens on "
+                                 f"{', '.join(map(str, sorted(used)))}")
+            gateway_private, _ = wireguard.generate_keypair()
+            connector_private, connector_public = wireguard.generate_keypair()
+            c = Connector(name, f"ztc-{name}", listen_port, gateway_private, connector_public)
+            with self._change(uid, "connector add", {"name": name, "interface": c.interface,
+                                                     "listen_port": listen_port}) as (tx, later):
+                tx.add_connector(c)
+                later.append(self._stage_connector(c))
+            self.connectors = self.connectors + [c]
+            host = self.config.endpoint.rpartition(":")[0]
+            return {"generation": self.store.generation(), "connector": name, "interface": c.interface,
+                    "listen_port": listen_port,
+                    "config": connector_config(name, connector_private, wireguard.public_key_of(gateway_private),
+                                               f"{host}:{listen_port}",
+                                               [str(a.network) for a in self.config.gateway_addresses])}
+
+    def _stage_connector(self, c: Connector) -> Staged:
+        """Made before the commit (the port may be taken, the program may not attach): the
+        interface, with the connector-side program on it before it has a peer. Applied: the
+        peer, and forwarding of what the program lets through."""
+        wireguard.ensure_interface(c.interface, c.private_key, c.listen_port, [])
+        try:
+            self.kernel.attach_reply(c.interface)
+        except BaseException:
+            wireguard.delete_interface(c.interface)
+            raise
+
+        def apply() -> None:
+            wireguard.set_peers(c.interface, [wireguard.Peer(c.public_key, c.routes)], replace=True)
+            routes.enable_forwarding(c.interface, connector=True)
+
+        def discard() -> None:
+            self.kernel.detach_reply(c.interface)
+            wireguard.delete_interface(c.interface)
+        return Staged(apply, discard)
+
+    def connector_remove(self, uid: int, name: str) -> dict:
+        with self.lock:
+            c = self._connector(name)
+            if c.routes:
+                raise InputError(f"connector {name!r} serves {', '.join(map(str, c.routes))}: remove those routes "
+                                 "first (ztgate route remove PREFIX)")
+
+            def apply() -> None:
+                self.kernel.detach_reply(c.interface)
+                wireguard.delete_interface(c.interface)
+            with self._change(uid, "connector remove", {"name": name}) as (tx, later):
+                tx.remove_connector(name)
+                later.append(Staged(apply, lambda: None))
+            self.connectors = [x for x in self.connectors if x.name != name]
+            return {"generation": self.store.generation()}
+
+    def route_list(self) -> list[dict]:
+        with self.lock:
+            installed = routes.routes(self.config.route_table)
+            return [{"prefix": str(p), "connector": c.name, "interface": c.interface,
+                     "installed": installed.get(p) == c.interface}
+                    for c in self.connectors for p in c.routes]
+
+    def route_add(self, uid: int, prefix: str, connector: str) -> dict:
+        with self.lock:
+            try:
+                net = ipaddress.ip_network(prefix, strict=True)
+            except ValueError:
+                raise InputError(f"{prefix!r} is not a prefix like 10.20.0.0/16 (with the host bits zero)") from None
+            c = self._connector(connector)
+            for other in self.connectors:
+                for p in other.routes:
+                    if p.version == net.version and net.overlaps(p):
+                        raise InputError(f"{net} overlaps {p}, routed to connector {other.name!r}: remove that "
+                                         "route first (ztgate route remove), or route a prefix that does not overlap")
+            for a in self.config.gateway_addresses:
+                if a.network.version == net.version and net.overlaps(a.network):
+                    raise InputError(f"{net} overlaps the device pool {a.network}: private prefixes must lie "
+                                     "outside the tunnel pools")
+            new = replace(c, routes=c.routes + (net,))
+            with self._change(uid, "route add", {"prefix": str(net), "connector": c.name}) as (tx, later):
+                tx.add_route(net, c.name)
+                later.append(Staged(lambda: self._route_step(new, net, True), lambda: None))
+            self.connectors = [new if x.name == c.name else x for x in self.connectors]
+            return {"generation": self.store.generation()}
+
+    def route_remove(self, uid: int, prefix: str) -> dict:
+        with self.lock:
+            try:
+                net = ipaddress.ip_network(prefix, strict=True)
+            except ValueError:
+                raise InputError(f"{prefix!r} is not a prefix like 10.20.0.0/16 (with the host bits zero)") from None
+            c = next((x for x in self.connectors if net in x.routes), None)
+            if c is None:
+                raise InputError(f"no route for {net} (see `ztgate route list`)")
+            new = replace(c, routes=tuple(p for p in c.routes if p != net))
+            with self._change(uid, "route remove", {"prefix": str(net), "connector": c.name}) as (tx, later):
+                tx.remove_route(net)
+                later.append(Staged(lambda: self._route_step(new, net, False), lambda: None))
+            self.connectors = [new if x.name == c.name else x for x in self.connectors]
+            return {"generation": self.store.generation()}
+
+    def _route_step(self, c: Connector, net, add: bool) -> None:
+        """The connector's peer admits exactly its routes (what it may send from, and what is
+        sent to it); the route goes in after the peer admits it and out before it stops."""
+        peer = [wireguard.Peer(c.public_key, c.routes)]
+        if add:
+            wireguard.set_peers(c.interface, peer, replace=True)
+            routes.set_route(self.config.route_table, net, c.interface)
+        else:
+            routes.remove_route(self.config.route_table, net)
+            wireguard.set_peers(c.interface, peer, replace=True)
+
 
 # ---------------------------------------------------------------------------------------------
+
+def connector_config(name: str, private_key: str, gateway_public_key: str, endpoint: str, device_networks: list) -> str:
+    """What `ztgate connector run` reads, inside the private network."""
+    doc = {"name": name, "interface": f"ztr-{name}", "private_key": private_key,
+           "gateway_public_key": gateway_public_key, "gateway_endpoint": endpoint,
+           "device_networks": device_networks, "keepalive": KEEPALIVE}
+    return (f"# ztgate connector {name!r}: run it inside the private network with\n"
+            f"#   ztgate connector run THIS-FILE [--lan IFACE]\n"
+            "# It dials out to the gateway (nothing listens here). The private key is printed once\n"
+            "# and not kept by the gateway: keep this file like a password.\n" + yaml.safe_dump(doc, sort_keys=False))
+
 
 def _own_prefixes(d: Device) -> list[str]:
     """A device's peer admits only its own addresses."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from dataplane.attach import attach, attached, detach
+from dataplane.errors import KernelError
 from dataplane.layout import POOL_BITS, Layout
 from dataplane.program import Program
 
@@ -66,6 +67,7 @@ class Kernel:
         self.build: Optional[Build] = None
         self.carried: dict[str, list[int]] = {}     # rule name -> [packets, bytes] of builds gone
         self.names: dict[int, Build] = {}            # recent builds by number
+        self.reply_interfaces: list[str] = []        # connector interfaces: the build's reply entry
 
     # -----------------------------------------------------------------------------------------
     # changes: staged before the store commits (where they can still fail), applied after
@@ -87,6 +89,9 @@ class Kernel:
 
     def _switch(self, new: Build) -> None:
         attach(new.program, self.config.interface, self.config.xdp_mode)
+        for ifname in self.reply_interfaces:
+            # (each interface in one step; the reply entry reads no policy table, only zt_ct)
+            attach(new.program, ifname, self.config.xdp_mode, reply=True)
         new.program.pin(self.config.bpf_pin_dir)
         old, self.build = self.build, new
         self.names[new.number] = new
@@ -121,6 +126,20 @@ class Kernel:
                 build.program.set_idents(known + 1, rows)
             build.program.set_sources(entries)
         return Staged(apply, lambda: None)
+
+    def attach_reply(self, ifname: str) -> None:
+        """Put the build's connector-side entry on IFNAME (kept on it across builds)."""
+        attach(self.build.program, ifname, self.config.xdp_mode, reply=True)
+        if ifname not in self.reply_interfaces:
+            self.reply_interfaces.append(ifname)
+
+    def detach_reply(self, ifname: str) -> None:
+        if ifname in self.reply_interfaces:
+            self.reply_interfaces.remove(ifname)
+        try:
+            detach(ifname)
+        except KernelError:
+            pass      # the interface is gone already
 
     # -----------------------------------------------------------------------------------------
     # reading

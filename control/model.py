@@ -131,3 +131,15 @@ class Decision:
 
     def as_json(self) -> dict:
         return {"verdict": self.verdict, "rule": self.rule, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Connector:
+    """A private network's way in: a WireGuard interface on the gateway (listening on
+    listen_port) whose one peer is the connector inside that network, which dials out to it."""
+    name: str
+    interface: str
+    listen_port: int
+    private_key: str          # the gateway side's key (the store is 0600)
+    public_key: str           # the connector's
+    routes: tuple = ()        # the private prefixes routed to it (ipaddress networks)

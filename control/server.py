@@ -52,12 +52,18 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "device.add": ("device_add", {"name": (_S, True), "email": (_S, True), "public_key": (_S, False)}, True),
     "device.set_enabled": ("device_set_enabled", {"name": (_S, True), "enabled": (_B, True)}, True),
     "device.remove": ("device_remove", {"name": (_S, True)}, True),
+    "connector.list": ("connector_list", {}, False),
+    "connector.add": ("connector_add", {"name": (_S, True), "listen_port": (_I, False)}, True),
+    "connector.remove": ("connector_remove", {"name": (_S, True)}, True),
+    "route.list": ("route_list", {}, False),
+    "route.add": ("route_add", {"prefix": (_S, True), "connector": (_S, True)}, True),
+    "route.remove": ("route_remove", {"prefix": (_S, True)}, True),
     "audit": ("audit", {"limit": (_I, False)}, False),
     "trace": ("trace", {"packet": (_D, True)}, False),
     "logs": ("logs", {"cursor": (_L, False), "user": (_S, False), "verdict": (_S, False),
                       "device": (_S, False), "limit": (_I, False)}, False),
 }
-DEFAULTS = {"dry_run": False, "with_devices": False, "limit": 50}
+DEFAULTS = {"dry_run": False, "with_devices": False, "limit": 50, "listen_port": None}
 
 
 def check_request(req: Any) -> tuple[str, dict, bool]:

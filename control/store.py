@@ -17,9 +17,9 @@ from typing import Iterator, Optional
 
 from .errors import InputError
 from .files import parse_policy, rule_doc
-from .model import Device, Identities, Policy, User
+from .model import Connector, Device, Identities, Policy, User
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE users (email TEXT PRIMARY KEY COLLATE NOCASE, created REAL NOT NULL);
@@ -41,7 +41,15 @@ CREATE TABLE local_groups (name TEXT PRIMARY KEY, members TEXT NOT NULL);
 CREATE TABLE audit (
     id INTEGER PRIMARY KEY, generation INTEGER NOT NULL, time REAL NOT NULL, uid INTEGER NOT NULL,
     what TEXT NOT NULL, detail TEXT NOT NULL);
+""" + """
+CREATE TABLE connectors (
+    name TEXT PRIMARY KEY, interface TEXT NOT NULL UNIQUE, listen_port INTEGER NOT NULL UNIQUE,
+    private_key TEXT NOT NULL, public_key TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+CREATE TABLE routes (
+    prefix TEXT PRIMARY KEY, connector TEXT NOT NULL REFERENCES connectors(name), created REAL NOT NULL);
 """
+# What each schema version adds to the one before (a database is migrated in place on open).
+MIGRATIONS = {2: SCHEMA[SCHEMA.index("CREATE TABLE connectors"):]}
 
 
 class Store:
@@ -65,6 +73,13 @@ class Store:
                 self.db.executemany("INSERT INTO meta VALUES (?, ?)",
                                     [("schema", SCHEMA_VERSION), ("generation", 0), ("default_action", "block")])
         version = self._meta("schema")
+        while isinstance(version, int) and version < SCHEMA_VERSION and version + 1 in MIGRATIONS:
+            with self._tx():
+                for stmt in MIGRATIONS[version + 1].split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (version + 1,))
+            version = self._meta("schema")
         if version != SCHEMA_VERSION:
             raise InputError(f"{self.path}: database schema {version}, this ztgate reads {SCHEMA_VERSION}")
 
@@ -119,6 +134,14 @@ class Store:
         for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY user"):
             out[grp].append(user)
         return out
+
+    def connectors(self) -> list[Connector]:
+        routes: dict[str, list] = {}
+        for prefix, name in self.db.execute("SELECT prefix, connector FROM routes ORDER BY created"):
+            routes.setdefault(name, []).append(ipaddress.ip_network(prefix))
+        return [Connector(name, ifname, port, private, public, tuple(routes.get(name, ())))
+                for name, ifname, port, private, public in self.db.execute(
+                    "SELECT name, interface, listen_port, private_key, public_key FROM connectors ORDER BY created")]
 
     def created(self) -> dict[str, float]:
         """Device name -> when it was enrolled."""
@@ -195,6 +218,19 @@ class Change:
         self._exec("DELETE FROM rules")
         self.db.executemany("INSERT INTO rules VALUES (?, ?, ?)",
                             [(r.name, r.precedence, json.dumps(rule_doc(r))) for r in policy.rules])
+
+    def add_connector(self, c: Connector) -> None:
+        self._exec("INSERT INTO connectors VALUES (?, ?, ?, ?, ?, ?)",
+                   (c.name, c.interface, c.listen_port, c.private_key, c.public_key, time.time()))
+
+    def remove_connector(self, name: str) -> None:
+        self._exec("DELETE FROM connectors WHERE name=?", (name,))
+
+    def add_route(self, prefix, connector: str) -> None:
+        self._exec("INSERT INTO routes VALUES (?, ?, ?)", (str(prefix), connector, time.time()))
+
+    def remove_route(self, prefix) -> None:
+        self._exec("DELETE FROM routes WHERE prefix=?", (str(prefix),))
 
     def replace_identities(self, identities: Identities) -> None:
         """Users and devices become exactly these; devices that stay keep their enrollment time."""

@@ -50,9 +50,12 @@ Interface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
 @dataclass(frozen=True)
 class Peer:
-    """A peer as the gateway configures it: a key and the addresses it may send from."""
+    """A peer as configured here: a key and the addresses it may send from (and that are sent
+    to it); where to dial it and how often to keep the tunnel up, for peers we dial out to."""
     public_key: str
     allowed_ips: tuple = ()    # addresses or networks; a bare address means /32 or /128
+    endpoint: Optional[str] = None   # "IP:port" ("[IPv6]:port"); None: learnt from its packets
+    keepalive: int = 0               # seconds between keepalives; 0: off
 
 
 @dataclass
@@ -128,9 +131,9 @@ def _check_name(name) -> str:
     return name
 
 
-def _check_port(port) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise InputError(f"bad WireGuard listen port {port!r}: an integer from 1 to 65535")
+def _check_port(port, lowest: int = 1) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not lowest <= port <= 65535:
+        raise InputError(f"bad WireGuard listen port {port!r}: an integer from {lowest} to 65535")
     return port
 
 
@@ -216,7 +219,7 @@ def ensure_interface(name: str, private_key: str, listen_port: int, addresses: l
     Addresses are added, never removed."""
     _check_name(name)
     _decode_key(private_key, "private key")
-    _check_port(listen_port)
+    _check_port(listen_port, lowest=0)     # 0: any port (for a side that only dials out)
     addrs = _interfaces(addresses, "interface addresses")
     kind = interface_kind(name) or _create(name)
     _set_device(name, kind, private_key, listen_port)
@@ -337,7 +340,7 @@ def _set_device(name: str, kind: str, private_key: str, listen_port: int) -> Non
     """Set key and port where they differ (setting an unchanged port would rebind the socket)."""
     state = show(name)
     new_key = public_key_of(private_key) != state.public_key
-    new_port = listen_port != state.listen_port
+    new_port = listen_port != state.listen_port and not (listen_port == 0 and state.listen_port)
     if not (new_key or new_port):
         return
     if kind == USERSPACE:
@@ -357,11 +360,14 @@ def set_peers(name: str, peers: list[Peer], replace: bool = True) -> None:
     the list are removed; peers that stay keep their sessions (no tunnel is cut)."""
     _check_name(name)
     wanted: dict[str, list[Network]] = {}
+    extra: dict[str, Peer] = {}
     for p in peers:
         check_public_key(p.public_key)
         if p.public_key in wanted:
             raise InputError(f"peer {p.public_key} is listed twice")
         wanted[p.public_key] = _networks(p.allowed_ips, f"allowed IPs of peer {p.public_key}")
+        if p.endpoint or p.keepalive:
+            extra[p.public_key] = p
     kind = _backend(name)
     gone = [p.public_key for p in show(name).peers if p.public_key not in wanted] if replace else []
     if kind == USERSPACE:
@@ -371,14 +377,23 @@ def set_peers(name: str, peers: list[Peer], replace: bool = True) -> None:
         for key, nets in wanted.items():
             lines += [f"public_key={_hex(key)}", "replace_allowed_ips=true"]
             lines += [f"allowed_ip={n}" for n in nets]
+            if key in extra:
+                if extra[key].endpoint:
+                    lines.append(f"endpoint={extra[key].endpoint}")
+                lines.append(f"persistent_keepalive_interval={extra[key].keepalive}")
         if lines:
             _uapi_set(name, lines)                 # one transaction
     else:
         for key in gone:
             _kernel_call(name, "set", peer={"public_key": key, "remove": True})
         for key, nets in wanted.items():
-            _kernel_call(name, "set", peer={"public_key": key, "replace_allowed_ips": True,
-                                            "allowed_ips": [str(n) for n in nets]})
+            peer = {"public_key": key, "replace_allowed_ips": True, "allowed_ips": [str(n) for n in nets]}
+            if key in extra:
+                if extra[key].endpoint:
+                    host, _, port = extra[key].endpoint.rpartition(":")
+                    peer.update(endpoint_addr=host.strip("[]"), endpoint_port=int(port))
+                peer["persistent_keepalive"] = extra[key].keepalive
+            _kernel_call(name, "set", peer=peer)
 
 
 def add_peer(name: str, public_key: str, allowed_ips: list) -> None:
