@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from dataplane.attach import attached
+
 from . import routes, wireguard
 from .config import Config
 from .errors import InputError, KernelError, ZtError
@@ -173,6 +175,9 @@ class Gateway:
                 "generation": self.store.generation(),
                 "users": len(self.identities.users), "groups": len(self.store.groups()),
                 "devices": len(self.identities.devices),
+                "connectors": [{"name": c.name, "interface": c.interface, "routes": [str(r) for r in c.routes],
+                                "reply_program": (attached(c.interface) or (None,))[0]}
+                               for c in self.connectors],
                 "devices_enabled": sum(d.enabled for d in self.identities.devices),
                 "devices_online": online, "rules": len(self.policy.rules),
                 "rules_enabled": len(self.policy.ordered_rules),
