@@ -290,12 +290,14 @@ def _parser() -> argparse.ArgumentParser:
         """
             ztgate logs --verdict block
             ztgate logs --follow --user bob@example.com
+            ztgate logs --since 5m --device bob-laptop
         """)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     lg.add_argument("--user", metavar="EMAIL")
     lg.add_argument("--device", metavar="NAME")
     lg.add_argument("--verdict", choices=[v.label for v in Verdict])
     lg.add_argument("--limit", type=int, default=50, help="how many past events (default 50)")
+    lg.add_argument("--since", metavar="DURATION", help="only events of the last 30s, 5m, 2h...")
     gw(lg, reads=True, run=cmd_logs)
 
     tr = verb(nouns, "trace", "one packet through the running gateway's kernel program",

@@ -281,26 +281,44 @@ def _log_row(e: dict) -> dict:
     return dict(e, time=e["time"][11:23], **{"from": join(e["src"], e.get("sport")), "to": join(e["dst"], e.get("dport"))})
 
 
+def _duration(text: str) -> float:
+    """30s, 5m, 2h (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise InputError(f"--since {text!r}: a duration such as 30s, 5m or 2h")
+    return value
+
+
 def cmd_logs(args) -> int:
     if not 1 <= args.limit <= 100000:
         raise InputError("--limit must be from 1 to 100000")
+    since = None
+    if args.since:
+        since = datetime.fromtimestamp(time.time() - _duration(args.since), timezone.utc)
+        since = since.isoformat(timespec="microseconds").replace("+00:00", "Z")
     with Client(args.socket) as client:
         ask = lambda cursor: client.call("logs", cursor=cursor, user=args.user, verdict=args.verdict,
                                          device=args.device, limit=args.limit if cursor is None else 1000)
         result = ask(None)
         first = True
         while True:
-            for e in result["events"]:
-                if args.json:
+            events = [e for e in result["events"] if since is None or e["time"] >= since]
+            if args.json:
+                for e in events:
                     print(json.dumps(e), flush=True)
-                else:
-                    if first:
-                        table([_log_row(e)], LOG_COLUMNS)
-                        first = False
-                    else:
-                        row = _log_row(e)
-                        print("  ".join(str(row.get(k) if row.get(k) is not None else "-") for k, _ in LOG_COLUMNS),
-                              flush=True)
+            elif first:
+                table([_log_row(e) for e in events], LOG_COLUMNS)   # the header even when empty
+                first = False
+            else:
+                for e in events:
+                    row = _log_row(e)
+                    print("  ".join(str(row.get(k) if row.get(k) is not None else "-") for k, _ in LOG_COLUMNS),
+                          flush=True)
             if not args.follow:
                 return 0
             time.sleep(0.5)

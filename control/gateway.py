@@ -677,6 +677,10 @@ class Gateway:
                     if p.version == net.version and net.overlaps(p):
                         raise InputError(f"{net} overlaps {p}, routed to connector {other.name!r}: remove that "
                                          "route first (ztgate route remove), or route a prefix that does not overlap")
+            for p in self.config.routes:
+                if p.version == net.version and net.overlaps(p):
+                    raise InputError(f"{net} overlaps {p}, which {self.config.source} routes through this host "
+                                     "itself (`routes`): pick one way to reach it")
             for a in self.config.gateway_addresses:
                 if a.network.version == net.version and net.overlaps(a.network):
                     raise InputError(f"{net} overlaps the device pool {a.network}: private prefixes must lie "

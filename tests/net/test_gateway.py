@@ -390,3 +390,58 @@ def test_kill_9_in_the_middle_of_a_change(site, alice, stage):
     assert (site.tcp(APP_WEB, 8080) is None) == blocked
     if blocked:
         site.ztgate("rule", "remove", "no-web")
+
+
+def test_connectors_and_routes_are_managed_and_checked(site, alice):
+    """A connector's interface carries the connector-side program before it has a peer; routes go
+    into ztgate's own table and the peer's allowed IPs; bad requests change nothing."""
+    name = f"t{site.ns.token[:6]}"
+    ifname = f"ztc-{name}"
+    added = site.json("connector", "add", name)
+    assert added["interface"] == ifname and added["listen_port"] == 51821
+    assert "private_key:" in added["config"] and "gateway_endpoint: 198.18.0.1:51821" in added["config"]
+    (conn,) = site.json("status")["connectors"]
+    assert conn["name"] == name and conn["reply_program"]
+    assert site.ns.run("gw", "ip", "link", "show", ifname).returncode == 0
+
+    before = site.json("status")["generation"]
+    cases = [
+        (("connector", "add", name), "exists already"),
+        (("connector", "add", "Bad_Name"), "must match"),
+        (("connector", "add", "other", "--port", "51821"), "taken"),
+        (("route", "add", "10.30.0.1/16", "--connector", name), "host bits"),
+        (("route", "add", "10.30.0.0/16", "--connector", "nope"), "no connector named"),
+        (("route", "add", "100.96.0.0/16", "--connector", name), "overlaps the device pool"),
+        (("route", "add", "10.20.5.0/24", "--connector", name), "routes through this host itself"),
+        (("route", "remove", "10.40.0.0/16"), "no route for"),
+    ]
+    for args, what in cases:
+        r = site.ztgate(*args, check=False)
+        assert r.returncode == 2 and what in r.stderr, (args, r.stderr)
+    assert site.json("status")["generation"] == before
+
+    site.ztgate("route", "add", "10.30.0.0/16", "--connector", name)
+    site.ztgate("route", "add", "fd30::/64", "--connector", name)
+    r = site.ztgate("route", "add", "10.30.128.0/17", "--connector", name, check=False)
+    assert r.returncode == 2 and "overlaps 10.30.0.0/16" in r.stderr
+    assert [(x["prefix"], x["installed"]) for x in site.json("route", "list")] == [("10.30.0.0/16", True),
+                                                                                    ("fd30::/64", True)]
+    table = site.ns.run("gw", "ip", "route", "show", "table", "51820").stdout
+    assert f"10.30.0.0/16 dev {ifname}" in table and "unreachable default" in table
+    rules = site.ns.run("gw", "ip", "rule").stdout
+    assert f"iif {site.iface} lookup 51820" in rules and f"to 10.20.0.0/16 iif {site.iface} lookup main" in rules
+    (peer,) = site.json("connector", "list")
+    assert peer["routes"] == ["10.30.0.0/16", "fd30::/64"]
+    # a device enrolled now gets the connector's routes in its configuration
+    conf = site.ztgate("device", "add", f"late-{name}", "--user", "alice@example.com").stdout
+    assert "10.30.0.0/16" in conf and "fd30::/64" in conf and "10.20.0.0/16" in conf
+    site.ztgate("device", "remove", f"late-{name}")
+
+    r = site.ztgate("connector", "remove", name, check=False)
+    assert r.returncode == 2 and "remove those routes first" in r.stderr
+    site.ztgate("route", "remove", "10.30.0.0/16")
+    site.ztgate("route", "remove", "fd30::/64")
+    assert "10.30.0.0/16" not in site.ns.run("gw", "ip", "route", "show", "table", "51820").stdout
+    site.ztgate("connector", "remove", name)
+    assert site.ns.run("gw", "ip", "link", "show", ifname, check=False).returncode != 0
+    assert site.json("connector", "list") == []

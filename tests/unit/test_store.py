@@ -96,3 +96,39 @@ def test_committed_change_is_on_disk_for_another_connection(store, tmp_path):
     other = sqlite3.connect(tmp_path / "state" / "ztgate.db")
     assert other.execute("SELECT email FROM users").fetchall() == [("carol@example.com",)]
     other.close()
+
+
+def test_connectors_and_routes_round_trip(store):
+    from control.model import Connector
+    c = Connector("lan", "ztc-lan", 51821, "priv", "pub")
+    with store.change(0, "connector add") as tx:
+        tx.add_connector(c)
+    with store.change(0, "route add") as tx:
+        tx.add_route(ipaddress.ip_network("10.20.0.0/16"), "lan")
+        tx.add_route(ipaddress.ip_network("fd20::/64"), "lan")
+    (got,) = store.connectors()
+    assert got.name == "lan" and got.listen_port == 51821 and got.routes == (
+        ipaddress.ip_network("10.20.0.0/16"), ipaddress.ip_network("fd20::/64"))
+    with pytest.raises(InputError, match="store refused"):
+        with store.change(0, "route add") as tx:
+            tx.add_route(ipaddress.ip_network("10.30.0.0/16"), "no-such-connector")
+    with pytest.raises(InputError, match="store refused"):
+        with store.change(0, "connector add") as tx:
+            tx.add_connector(Connector("dup", "ztc-dup", 51821, "p", "q"))      # the port is taken
+    assert store.generation() == 2
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    """A database written before connectors existed opens with its data and gains the tables."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    from control.store import SCHEMA
+    db.executescript(SCHEMA[:SCHEMA.index("CREATE TABLE connectors")])
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", 1), ("generation", 7), ("default_action", "block")])
+    db.execute("INSERT INTO users VALUES ('ann@example.com', 0)")
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert s.generation() == 7 and [u.email for u in s.identities().users] == ["ann@example.com"]
+    assert s.connectors() == [] and s._meta("schema") == 2
+    s.close()
