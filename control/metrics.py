@@ -54,7 +54,7 @@ class GatewayCollector:
             p, b = reasons.get(reason, (0, 0))
             by_reason.add_metric([reason.label], p)
             by_reason_bytes.add_metric([reason.label], b)
-            if reason not in (Reason.RULE, Reason.DEFAULT, Reason.NOT_IP):
+            if reason not in (Reason.RULE, Reason.DEFAULT, Reason.NOT_IP, Reason.REPLY):
                 drops.add_metric([reason.label], p)
         yield by_reason
         yield by_reason_bytes
@@ -83,6 +83,18 @@ class GatewayCollector:
         enrolled.add_metric(["enabled"], sum(d.enabled for d in devices))
         enrolled.add_metric(["disabled"], sum(not d.enabled for d in devices))
         yield enrolled
+
+        connectors = gw.connector_list()
+        up = GaugeMetricFamily("ztgate_connector_online", f"1 if the connector's last handshake is younger than "
+                               f"{ONLINE_SECONDS} s", labels=["connector"])
+        traffic = CounterMetricFamily("ztgate_connector_bytes", "Bytes through each connector's tunnel",
+                                      labels=["connector", "direction"])
+        for c in connectors:
+            up.add_metric([c["name"]], int(c["online"]))
+            traffic.add_metric([c["name"], "in"], c["rx_bytes"])
+            traffic.add_metric([c["name"], "out"], c["tx_bytes"])
+        yield up
+        yield traffic
 
 
 def serve_metrics(address: tuple[str, int], gateway, flowlog=None):

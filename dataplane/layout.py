@@ -46,6 +46,7 @@ class Layout:
     ethernet: bool = False       # frames start at the Ethernet header (else at the IP header)
     ct_tcp_seconds: int = 3600   # replies of a flow pass this long after its last packet
     ct_udp_seconds: int = 120
+    ct_icmp_seconds: int = 30    # echo requests and their replies
 
     def defines(self) -> list[str]:
         out = []

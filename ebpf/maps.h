@@ -165,6 +165,9 @@ struct zt_last {
 #ifndef ZT_CT_UDP_SECONDS
 #define ZT_CT_UDP_SECONDS 120
 #endif
+#ifndef ZT_CT_ICMP_SECONDS
+#define ZT_CT_ICMP_SECONDS 30
+#endif
 #define ZT_EVENT_INTERVAL_NS (1000000000ULL / ZT_EVENT_RATE)
 #define ZT_EVENT_BURST_NS ((ZT_EVENT_BURST - 1) * ZT_EVENT_INTERVAL_NS)
 #define ZT_REASON_SLOTS 32
@@ -206,7 +209,8 @@ struct zt_cpu {
 	__u64 ev_full;    /* events not written: the ring buffer was full */
 };
 
-/* An allowed flow, by its 5-tuple as the device sent it (src: the device). */
+/* An allowed flow, by its 5-tuple as the device sent it (src: the device; an ICMP echo's id
+ * in sport). */
 struct zt_ct_key {
 	__u8 src[16];
 	__u8 dst[16];

@@ -33,8 +33,13 @@ struct zt_pkt {
 	__u8 family; /* 4 or 6 */
 	__u8 proto;
 	__u8 tcp_flags; /* flags byte of the TCP header; 0 unless TCP */
-	__u8 pad;
+	__u8 icmp_echo; /* ZT_ICMP_ECHO_REQUEST or _REPLY (ICMP or ICMPv6), with its id; else 0 */
+	__u16 icmp_id;  /* host order */
+	__u16 pad;
 };
+
+#define ZT_ICMP_ECHO_REQUEST 1
+#define ZT_ICMP_ECHO_REPLY 2
 
 /* TCP/UDP header checks and ports. l4 is where the transport header starts; present is how
  * many bytes of it the IP length covers (never more than data_end allows). */
@@ -57,6 +62,17 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 			return ZT_REASON_UDP_SHORT;
 		p->sport = bpf_ntohs(uh->source);
 		p->dport = bpf_ntohs(uh->dest);
+	} else if (p->proto == IPPROTO_ICMP || p->proto == ZT_PROTO_ICMPV6) {
+		/* Only conntrack reads this (an echo's id pairs a reply with its request); the
+		 * policy decides ICMP by protocol alone, so a short ICMP header is no error. */
+		__u8 *ic = l4;
+		if (present >= 8 && (void *)(ic + 8) <= data_end) {
+			__u8 request = p->proto == IPPROTO_ICMP ? 8 : 128, reply = p->proto == IPPROTO_ICMP ? 0 : 129;
+			if (ic[0] == request || ic[0] == reply) {
+				p->icmp_echo = ic[0] == request ? ZT_ICMP_ECHO_REQUEST : ZT_ICMP_ECHO_REPLY;
+				p->icmp_id = ((__u16)ic[4] << 8) | ic[5];
+			}
+		}
 	}
 	return ZT_PARSED;
 }

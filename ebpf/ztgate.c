@@ -253,7 +253,7 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	struct zt_ct_key key = {};
 	__builtin_memcpy(key.src, p->src, 16);
 	__builtin_memcpy(key.dst, p->dst, 16);
-	key.sport = p->sport;
+	key.sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport;   /* an echo: its id */
 	key.dport = p->dport;
 	key.family = p->family;
 	key.proto = p->proto;
@@ -349,7 +349,8 @@ int xdp_ztgate(struct xdp_md *ctx)
 }
 
 /* The connector side: packets from a private network towards devices. Only replies of flows
- * the ingress program allowed (TCP and UDP, by zt_ct, within the protocol's timeout) pass;
+ * the ingress program allowed (TCP, UDP and ICMP echo, by zt_ct, within the protocol's
+ * timeout) pass;
  * everything else is dropped, counted and reported, with the device it was sent to. */
 int xdp_ztgate_reply(struct xdp_md *ctx)
 {
@@ -374,16 +375,19 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 	} else {
 		d.verdict = ZT_VERDICT_BLOCK;
 		d.reason = ZT_REASON_NOT_REPLY;
-		if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
+		if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP || p.icmp_echo == ZT_ICMP_ECHO_REPLY) {
 			struct zt_ct_key key = {};
 			__builtin_memcpy(key.src, p.dst, 16);
 			__builtin_memcpy(key.dst, p.src, 16);
-			key.sport = p.dport;
+			key.sport = p.icmp_echo ? p.icmp_id : p.dport;
 			key.dport = p.sport;
 			key.family = p.family;
 			key.proto = p.proto;
 			struct zt_ct *ct = zt_ct.lookup(&key);
-			__u64 timeout = (p.proto == IPPROTO_TCP ? ZT_CT_TCP_SECONDS : ZT_CT_UDP_SECONDS) * 1000000000ULL;
+			__u64 timeout = (p.proto == IPPROTO_TCP   ? ZT_CT_TCP_SECONDS
+					 : p.proto == IPPROTO_UDP ? ZT_CT_UDP_SECONDS
+								  : ZT_CT_ICMP_SECONDS) *
+					1000000000ULL;
 			/* Replies do not move seen_ns on: a flow lives by its device's packets, which
 			 * the policy decides, so a revoked flow's replies end with it. */
 			if (ct && now < ct->seen_ns + timeout) {

@@ -1,5 +1,5 @@
 """The connector side (xdp_ztgate_reply, BPF_PROG_TEST_RUN): from a private network towards
-devices, only replies of TCP/UDP flows the ingress program allowed pass, by zt_ct.
+devices, only replies of TCP/UDP flows and ICMP echoes the ingress program allowed pass, by zt_ct.
 
 Every forward packet is decided by the reference too: its reply must pass exactly when the
 reference allowed it."""
@@ -119,13 +119,33 @@ def test_only_the_exact_reverse_tuple_passes(loaded):
         IP(src=APP4, dst=BOB4) / TCP(sport=22, dport=40000, flags="A"),     # another device
         IP(src=APP4, dst=ANN4) / UDP(sport=22, dport=40000),                # another protocol
         IP(src=APP4, dst=ANN4) / TCP(sport=40000, dport=22, flags="S"),     # the forward tuple itself
-        IP(src=APP4, dst=ANN4) / ICMP(),                                    # ICMP is not tracked yet
+        IP(src=APP4, dst=ANN4) / ICMP(),                                    # an echo request, not a reply
         IP(src=APP4, dst=ANN4, frag=5) / (b"\0" * 16),                      # a non-first fragment
     ]
     for pkt in strangers:
         got = reply(loaded, pkt)
         assert got.retval == XDP_DROP, pkt.summary()
     assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+
+
+def test_an_allowed_echo_request_lets_its_echo_reply_back(loaded):
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest
+    cases = [(IP(src=ANN4, dst=APP4) / ICMP(type=8, id=77, seq=1),
+              IP(src=APP4, dst=ANN4) / ICMP(type=0, id=77, seq=1), IP(src=APP4, dst=ANN4) / ICMP(type=0, id=78)),
+             (IPv6(src=ANN6, dst=APP6) / ICMPv6EchoRequest(id=77),
+              IPv6(src=APP6, dst=ANN6) / ICMPv6EchoReply(id=77), IPv6(src=APP6, dst=ANN6) / ICMPv6EchoReply(id=78))]
+    for request, answer, other_id in cases:
+        assert reply(loaded, answer).reason == Reason.NOT_REPLY       # nobody asked yet
+        want = decide(POLICY, IDS, parse_raw(bytes(request)))
+        assert want.verdict == "allow" and ingress(loaded, request).verdict == Verdict.ALLOW
+        assert (reply(loaded, answer).retval, reply(loaded, answer).reason) == (XDP_PASS, Reason.REPLY)
+        assert reply(loaded, other_id).reason == Reason.NOT_REPLY
+        # an error or another type from the same host is no echo reply
+        assert reply(loaded, IP(src=APP4, dst=ANN4) / ICMP(type=3, code=1)).retval == XDP_DROP
+    # an echo request that was not allowed (an unknown source) lets nothing back
+    blocked = IP(src="100.96.0.77", dst=APP4) / ICMP(type=8, id=5)
+    assert ingress(loaded, blocked).verdict == Verdict.UNKNOWN
+    assert reply(loaded, IP(src=APP4, dst="100.96.0.77") / ICMP(type=0, id=5)).retval == XDP_DROP
 
 
 def test_a_drop_towards_a_device_names_the_device(loaded):
