@@ -255,7 +255,7 @@ class Gateway:
             decision, misses = trace(self.policy, self.identities, pkt)
             build = self.kernel.build
             with build.program.on_one_cpu() as cpu:
-                r = build.program.run(build_raw(pkt), cpu=cpu)
+                r = build.program.run(build_raw(pkt), cpu=cpu, dry=True)   # no counter, event or flow
             who = identify(self.policy, self.identities, pkt.src)
             return {
                 "packet": {"src": str(pkt.src), "dst": str(pkt.dst), "proto": pkt.protocol_name,

@@ -31,6 +31,7 @@ POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
 SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct")
 MAPS = POLICY_MAPS + SHARED_MAPS
+DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 MIN_TEST_RUN_BYTES = 14   # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 BPF_FS_MAGIC = 0xCAFE4A11
 AT_FDCWD = -100
@@ -49,6 +50,14 @@ class _TestRunOpts(ctypes.Structure):
                 ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
                 ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+class _XdpMd(ctypes.Structure):
+    """struct xdp_md, as a test run's context: data is where the packet starts after metadata."""
+
+    _fields_ = [("data", ctypes.c_uint32), ("data_end", ctypes.c_uint32), ("data_meta", ctypes.c_uint32),
+                ("ingress_ifindex", ctypes.c_uint32), ("rx_queue_index", ctypes.c_uint32),
+                ("egress_ifindex", ctypes.c_uint32)]
 
 
 class _BatchOpts(ctypes.Structure):
@@ -516,19 +525,28 @@ class Program:
             os.sched_setaffinity(0, saved)
 
     def run(self, data: bytes, repeat: int = 1, cpu: Optional[int] = None, raw_frame: bool = False,
-            reply: bool = False) -> RunResult:
+            reply: bool = False, dry: bool = False) -> RunResult:
         """Run one IP packet (on an Ethernet build, framed first; raw_frame: `data` is the whole
-        frame). Call inside on_one_cpu()."""
+        frame) through the ingress entry, or with reply the connector-side one. dry: decide
+        only, as `ztgate trace` does: no counter, event or conntrack entry (the program sees
+        DRY_RUN_MAGIC as metadata). Call inside on_one_cpu()."""
         if self.layout.ethernet and not raw_frame:
             data = ethernet_frame(data)
         if len(data) < MIN_TEST_RUN_BYTES:
             # Zero padding keeps the verdict: every IP packet this short is already unreadable.
             data = data + bytes(MIN_TEST_RUN_BYTES - len(data))
+        ctx = None
+        if dry:
+            data = struct.pack("<I", DRY_RUN_MAGIC) + data
+            ctx = _XdpMd(data=4, data_end=len(data))   # the first 4 bytes are metadata
         buf = ctypes.create_string_buffer(data, len(data))
         out = ctypes.create_string_buffer(len(data) + 256)
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(buf, ctypes.c_void_p),
                             data_size_in=len(data), data_out=ctypes.cast(out, ctypes.c_void_p),
                             data_size_out=len(out), repeat=max(1, repeat))
+        if ctx is not None:
+            opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+            opts.ctx_size_in = ctypes.sizeof(ctx)
         fn = self.reply_fn if reply else self.fn
         if _test_run_fn()(fn.fd, ctypes.byref(opts)) != 0:
             raise KernelError(f"BPF_PROG_TEST_RUN failed: {os.strerror(ctypes.get_errno())}")

@@ -139,6 +139,8 @@ struct zt_last {
  * reasons appended later (ZT_REASON_SLOTS). dataplane/program.py refuses a pinned map whose
  * shape differs from what a build expects. */
 
+#define ZT_DRY_RUN_MAGIC 0x5a544452U /* "ZTDR" as metadata of a test run: see dry_run() */
+
 #ifndef ZT_BUILD
 #define ZT_BUILD 0 /* the policy build: events carry it, so rule and device ids can be named */
 #endif

@@ -1,6 +1,7 @@
 """A small client for the lab's services, run inside a device namespace (the hosts have no nc):
 
-    python -m lab.client tcp HOST PORT       connect, print the greeting and an echo, or that it is blocked
+    python -m lab.client tcp HOST PORT       connect to an echo service, print its greeting and an echo,
+                                             or that it is blocked
     python -m lab.client udp HOST PORT       one datagram, print the echo, or that none came back
     python -m lab.client hold HOST PORT      one TCP connection kept open: an echo every --every
                                              seconds for --seconds, each answered or not, with the time
@@ -16,17 +17,24 @@ import time
 
 
 def tcp(host: str, port: int, timeout: float) -> int:
+    """For the echo services, which greet first."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        s = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        print(f"tcp {host}:{port} blocked: no connection within {timeout:g} s ({e.__class__.__name__})")
+        return 1
+    with s:
+        try:
             s.settimeout(timeout)
             greeting = s.recv(4096).decode(errors="replace").strip()
             s.sendall(b"hello\n")
             echo = s.recv(4096).decode(errors="replace").strip()
-            print(f"tcp {host}:{port} answers: {greeting!r}, echo {echo!r}")
-            return 0
-    except OSError as e:
-        print(f"tcp {host}:{port} blocked: no connection within {timeout:g} s ({e.__class__.__name__})")
-        return 1
+        except OSError as e:
+            print(f"tcp {host}:{port} connected, but no greeting and echo within {timeout:g} s "
+                  f"({e.__class__.__name__})")
+            return 1
+        print(f"tcp {host}:{port} answers: {greeting!r}, echo {echo!r}")
+        return 0
 
 
 def udp(host: str, port: int, timeout: float) -> int:

@@ -477,3 +477,25 @@ def test_unpin_all_refuses_what_is_not_on_bpffs(tmp_path):
     with pytest.raises(KernelError):
         unpin_all(tmp_path)
     assert (tmp_path / "keep").exists()
+
+
+def test_a_dry_run_decides_but_leaves_no_trace(loaded):
+    """`ztgate trace` runs packets through the live program: the verdict comes back, but no
+    counter moves, no event is written and no conntrack entry opens a way back."""
+    program, _, reader = loaded
+    cases = [IP(src=ANN4, dst=D4) / UDP(sport=41000, dport=5000),              # allow: would track
+             IP(src=BOB4, dst=D4) / TCP(sport=41001, dport=22, flags="S"),     # default block
+             IP(src="100.96.0.99", dst=D4) / UDP(sport=41002, dport=5000)]     # unknown source
+    before = (program.rule_counters(), program.reason_counters(), program.event_counters())
+    with program.on_one_cpu() as cpu:
+        for pkt in cases:
+            dry = program.run(bytes(pkt), cpu=cpu, dry=True)
+            want = decide(POLICY, IDS, parse_raw(bytes(pkt)))
+            assert dry.verdict.label == want.verdict
+            assert (program.rule_counters(), program.reason_counters(), program.event_counters()) == before
+            assert program.run(bytes(pkt), cpu=cpu, dry=True, reply=True).verdict == Verdict.BLOCK
+    assert drain(reader) == [] and len(list(program.bpf["zt_ct"].keys())) == 0
+    # the same packets for real: counted, reported, tracked
+    assert run_all(program, cases) == [XDP_PASS, XDP_DROP, XDP_DROP]
+    assert len(drain(reader)) == 3 and len(list(program.bpf["zt_ct"].keys())) == 1
+    assert program.rule_counters() != before[0]
