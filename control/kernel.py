@@ -33,6 +33,7 @@ from .model import Device, Identities, Policy
 log = logging.getLogger("ztgate.kernel")
 DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
 KEEP_BUILDS = 4          # names of recent builds, for events that were in flight across a swap
+EPOCH_SETTLE = 0.002     # seconds between a kernel change and the epoch moving on (see _next_epoch)
 
 
 def base_layout(config: Config) -> Layout:
@@ -90,8 +91,8 @@ class Kernel:
     def _switch(self, new: Build) -> None:
         attach(new.program, self.config.interface, self.config.xdp_mode)
         for ifname in self.reply_interfaces:
-            # (each interface in one step; the reply entry reads no policy table, only zt_ct)
             attach(new.program, ifname, self.config.xdp_mode, reply=True)
+        self._next_epoch(new.program)
         new.program.pin(self.config.bpf_pin_dir)
         old, self.build = self.build, new
         self.names[new.number] = new
@@ -125,7 +126,17 @@ class Kernel:
             if rows:   # the new classes first: no source points at a class not yet written
                 build.program.set_idents(known + 1, rows)
             build.program.set_sources(entries)
+            self._next_epoch(build.program)
         return Staged(apply, lambda: None)
+
+    @staticmethod
+    def _next_epoch(program: Program) -> None:
+        """Conntrack's flows were allowed by the policy before this change: move the epoch on,
+        and the connector side decides each flow again at its next reply. First a moment for
+        packets already inside the old program (softirq, microseconds) to finish: one that read
+        the new epoch while deciding by the old tables would stamp its flow as decided anew."""
+        time.sleep(EPOCH_SETTLE)
+        program.next_epoch()
 
     def attach_reply(self, ifname: str) -> None:
         """Put the build's connector-side entry on IFNAME (kept on it across builds)."""

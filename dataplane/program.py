@@ -25,11 +25,12 @@ from .reasons import Reason, Verdict
 EBPF_DIR = Path(os.environ.get("ZTGATE_EBPF_DIR", Path(__file__).resolve().parent.parent / "ebpf"))
 ENTRY = "xdp_ztgate"
 REPLY_ENTRY = "xdp_ztgate_reply"   # for connector interfaces: replies of tracked flows only
+REDECIDE_ENTRY = "xdp_ztgate_redecide"
 # The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
 POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
-SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct")
+SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_epoch")
 MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 MIN_TEST_RUN_BYTES = 14   # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
@@ -234,6 +235,9 @@ class Program:
                 self._check_shared()
             self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
             self.reply_fn = self.bpf.load_func(REPLY_ENTRY, BPF.XDP)
+            # the reply entry's tail call, when a flow must be decided again (ebpf/ztgate.c)
+            slow = self.bpf["zt_reply_slow"]
+            slow[ctypes.c_int(0)] = ctypes.c_int(self.bpf.load_func(REDECIDE_ENTRY, BPF.XDP).fd)
         except BaseException:
             self.bpf.cleanup()
             raise
@@ -333,6 +337,7 @@ class Program:
             # the event limiter and conntrack carry on across builds.
             self.bpf["zt_cpu_state"].clear()
             self.bpf["zt_ct"].items_delete_batch()     # clear() deletes key by key: seconds when full
+            self.bpf["zt_epoch"].clear()
 
     # -----------------------------------------------------------------------------------------
     # changes in place: a live gateway, no reload
@@ -453,6 +458,18 @@ class Program:
         the counts run on across builds (the state is shared)."""
         cpus = self._cpu_state()
         return {r: (sum(c.reason[r].packets for c in cpus), sum(c.reason[r].bytes for c in cpus)) for r in Reason}
+
+    @property
+    def epoch(self) -> int:
+        """The policy epoch conntrack compares with (shared by the builds of one pin dir)."""
+        return self.bpf["zt_epoch"][0].value
+
+    def next_epoch(self) -> int:
+        """Move the epoch on, after a change to the policy or identities the kernel holds: the
+        connector side decides each flow again at its next reply."""
+        table = self.bpf["zt_epoch"]
+        table[0] = table.Leaf(table[0].value + 1)
+        return table[0].value
 
     def event_counters(self) -> dict[str, int]:
         """Flow events over all CPUs: sent, and not sent (over the rate; ring buffer full)."""

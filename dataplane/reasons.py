@@ -41,6 +41,7 @@ class Reason(IntEnum):
     ETH_VLAN_DEPTH = 22
     REPLY = 23
     NOT_REPLY = 24
+    REVOKED = 25
 
     @property
     def label(self) -> str:

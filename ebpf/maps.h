@@ -224,10 +224,11 @@ struct zt_ct_key {
 };
 
 struct zt_ct {
-	__u64 seen_ns;  /* its last packet, either way (coarse clock): replies pass until it is old */
+	__u64 seen_ns;  /* its device's last packet (coarse clock): replies pass until it is old */
 	__u64 event_ns; /* when its last event was emitted */
 	__u32 build;    /* and by which build and rule: a new decision is reported at once */
 	__u32 rule;
+	__u64 epoch;    /* zt_epoch when the policy last allowed it: replies re-decide it when moved */
 };
 
 /* A ring buffer whose map is pinned at _path: BPF_RINGBUF_OUTPUT of bcc's helpers.h with the
@@ -273,5 +274,9 @@ ZT_SHARED_TABLE("percpu_array", __u32, struct zt_cpu, zt_cpu_state, 1);
 /* 6. flow events, and the allowed flows (whose replies the connector side lets back) */
 ZT_SHARED_RINGBUF(zt_events, ZT_EVENT_RING_BYTES);
 ZT_SHARED_TABLE("lru_hash", struct zt_ct_key, struct zt_ct, zt_ct, ZT_CT_ENTRIES);
+/* The policy epoch: userspace moves it on after every change it makes to the kernel's policy
+ * or identities (a new build attached, a device written), so conntrack knows which flows were
+ * allowed before the change and must be decided again. */
+ZT_SHARED_TABLE("array", __u32, __u64, zt_epoch, 1);
 
 #endif

@@ -39,7 +39,8 @@ enum zt_reason {
 	ZT_REASON_INTERNAL = 21,          /* the tables are inconsistent: fail closed */
 	ZT_REASON_ETH_VLAN_DEPTH = 22,    /* more VLAN tags than the parser walks */
 	ZT_REASON_REPLY = 23,             /* from a connector: a reply of a tracked flow */
-	ZT_REASON_NOT_REPLY = 24,         /* from a connector: no reply of a tracked TCP/UDP flow */
+	ZT_REASON_NOT_REPLY = 24,         /* from a connector: no reply of a tracked flow */
+	ZT_REASON_REVOKED = 25,           /* from a connector: a reply of a flow the policy no longer allows */
 	ZT_REASON__MAX
 };
 

@@ -153,17 +153,43 @@ def test_a_drop_towards_a_device_names_the_device(loaded):
     assert got.verdict == Verdict.BLOCK and got.device == 2   # bob-phone, the second device
 
 
-def test_a_blocked_packet_ends_its_flow_return_path(loaded):
-    fwd = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
-    assert ingress(loaded, fwd).retval == XDP_PASS
-    assert reply(loaded, reverse(fwd)).retval == XDP_PASS
-    # The policy changes: ssh is no longer allowed (zt_ct is pinned: it outlives the tables,
-    # as on a gateway). Until the device's next packet the reply still passes; that packet is
-    # blocked, and the flow's replies with it.
+def test_a_policy_change_revokes_open_flows_at_their_next_reply(loaded):
+    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    web = IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A")
+    for fwd in (ssh, web):
+        assert ingress(loaded, fwd).retval == XDP_PASS
+        assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+    # ssh is no longer allowed; the new tables are in (zt_ct is pinned: it outlives them, as on
+    # a gateway) and the epoch moves on, as the gateway's kernel does after every change.
     revoked = Policy("block", tuple(r for r in POLICY.rules if r.name != "ssh-dev"))
     loaded.load(compile_policy(revoked, IDS, loaded.layout))
-    assert ingress(loaded, fwd).verdict == Verdict.BLOCK
-    assert reply(loaded, reverse(fwd)).reason == Reason.NOT_REPLY
+    loaded.next_epoch()
+    # No packet from the device needed: the next reply decides its flow again.
+    got = reply(loaded, reverse(ssh))
+    assert (got.retval, got.verdict, got.reason, got.device) == (XDP_DROP, Verdict.BLOCK, Reason.REVOKED, 1)
+    assert reply(loaded, reverse(ssh)).reason == Reason.NOT_REPLY      # and its entry is gone
+    assert ingress(loaded, ssh).verdict == Verdict.BLOCK
+    # a flow the new policy still allows goes on, decided once more and stamped
+    assert (reply(loaded, reverse(web)).reason, reply(loaded, reverse(web)).reason) == (Reason.REPLY, Reason.REPLY)
+
+
+def test_a_disabled_device_loses_its_replies(loaded):
+    fwd = IP(src=ANN4, dst=APP4) / UDP(sport=40004, dport=5353)
+    assert ingress(loaded, fwd).retval == XDP_PASS
+    # ann-laptop's sources cleared in place (what `device disable` writes), then the epoch
+    loaded.set_sources([(ipaddress.ip_address(ANN4), 0, 0), (ipaddress.ip_address(ANN6), 0, 0)])
+    loaded.next_epoch()
+    assert reply(loaded, reverse(fwd)).reason == Reason.REVOKED
+
+
+def test_a_dry_run_of_a_reply_changes_nothing(loaded):
+    fwd = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    assert ingress(loaded, fwd).retval == XDP_PASS
+    loaded.load(compile_policy(Policy("block", ()), IDS, loaded.layout))
+    loaded.next_epoch()
+    with loaded.on_one_cpu() as cpu:
+        assert loaded.run(bytes(reverse(fwd)), cpu=cpu, reply=True, dry=True).reason == Reason.REVOKED
+    assert len(list(loaded.bpf["zt_ct"].keys())) == 1        # a dry run deletes nothing
 
 
 def test_an_expired_flow_is_not_honoured_before_it_is_evicted(loaded):
