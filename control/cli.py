@@ -245,17 +245,17 @@ def _parser() -> argparse.ArgumentParser:
     gw(cr, reads=False, run=cmd_connector_remove)
     crun = verb(co, "run", "run a connector inside a private network (foreground)",
         "Bring up the connector's tunnel from the file `ztgate connector add` printed: it dials out "
-        "to the gateway (nothing listens here), routes the device pools into the tunnel and forwards "
-        "between the tunnel and the LAN interfaces, and only between them. Runs until stopped; "
-        "stopping removes the tunnel.",
+        "to the gateway (no inbound port to open), routes the device pools into the tunnel and forwards "
+        "between the tunnel and the LAN interfaces, and only between them (what comes in from the LAN "
+        "may go to devices and nowhere else). Runs until stopped; stopping removes the tunnel.",
         """
             ztgate connector run lan-connector.yaml
             ztgate connector run lan-connector.yaml --lan eth1
         """)
     crun.add_argument("config", metavar="FILE")
     crun.add_argument("--lan", action="append", metavar="IFACE",
-                      help="the interface to the private network (repeat; default: every interface but "
-                           "the tunnel, loopback and the one that reaches the gateway)")
+                      help="the interface to the private network (repeat; default: the one interface that "
+                           "is not loopback, the tunnel or the uplink that reaches the gateway)")
     crun.set_defaults(run=cmd_connector_run)
 
     ro = nouns.add_parser("route", help="private prefixes routed to connectors").add_subparsers(
@@ -281,8 +281,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("up", "build the lab (idempotent): namespaces, gateway, devices, connector, services"),
                         ("status", "what of the lab is there, and whether it works"),
                         ("down", "remove the lab and everything it made (idempotent)")):
-        verb(lab, name, help_, help_[0].upper() + help_[1:] + ".", f"ztgate lab {name}").set_defaults(
-            run=cmd_lab)
+        sp = verb(lab, name, help_, help_[0].upper() + help_[1:] + ".", f"ztgate lab {name}")
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(run=cmd_lab)
 
     lg = verb(nouns, "logs", "flow events: who, what, verdict, rule, reason",
         "Flow events of the running gateway: every drop and every new allowed flow, with the "

@@ -282,14 +282,14 @@ def _log_row(e: dict) -> dict:
 
 
 def _duration(text: str) -> float:
-    """30s, 5m, 2h (or plain seconds) -> seconds."""
+    """30s, 5m, 2h, 1d (or plain seconds, at most ten years) -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
     try:
         value = float(number) * unit
     except ValueError:
         value = -1
-    if not value > 0:
+    if not 0 < value <= 10 * 365 * 86400:
         raise InputError(f"--since {text!r}: a duration such as 30s, 5m or 2h")
     return value
 
@@ -302,18 +302,22 @@ def cmd_logs(args) -> int:
         since = datetime.fromtimestamp(time.time() - _duration(args.since), timezone.utc)
         since = since.isoformat(timespec="microseconds").replace("+00:00", "Z")
     with Client(args.socket) as client:
+        # with --since, the last --limit events of that span (the log's tail is searched, not
+        # only its last --limit lines)
+        first_limit = 100000 if since else args.limit
         ask = lambda cursor: client.call("logs", cursor=cursor, user=args.user, verdict=args.verdict,
-                                         device=args.device, limit=args.limit if cursor is None else 1000)
+                                         device=args.device, limit=first_limit if cursor is None else 1000)
         result = ask(None)
         first = True
         while True:
             events = [e for e in result["events"] if since is None or e["time"] >= since]
+            if since and first:
+                events = events[-args.limit:]
             if args.json:
                 for e in events:
                     print(json.dumps(e), flush=True)
             elif first:
                 table([_log_row(e) for e in events], LOG_COLUMNS)   # the header even when empty
-                first = False
             else:
                 for e in events:
                     row = _log_row(e)
@@ -321,6 +325,7 @@ def cmd_logs(args) -> int:
                           flush=True)
             if not args.follow:
                 return 0
+            first = False
             time.sleep(0.5)
             result = ask(result["cursor"])
 
@@ -471,4 +476,6 @@ def cmd_route_remove(args) -> int:
 def cmd_lab(args) -> int:
     from lab import lab
 
-    return {"up": lab.up, "down": lab.down, "status": lab.status}[args.verb]()
+    if args.verb == "status":
+        return lab.status(as_json=args.json)
+    return {"up": lab.up, "down": lab.down}[args.verb]()

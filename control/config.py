@@ -139,7 +139,7 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     integer("flow_log_max_bytes", 4096, 1 << 40)
     integer("flow_log_backups", 0, 1000)
     integer("route_table", 1, (1 << 32) - 1)
-    integer("route_priority", 1, 32765)     # before the main table's rule (32766)
+    integer("route_priority", 2, 32765)     # before the main table's rule (32766); one less is used too
     if values.get("route_table") in (253, 254, 255):
         raise bad("route_table", f"{values['route_table']} is the kernel's own (default, main, local): pick "
                                  "another number, such as 51820")

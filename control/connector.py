@@ -7,7 +7,9 @@ What it sets up, all in the network namespace it runs in:
     replies go);
   - routes of the device pools into the tunnel (replies from the LAN go back through it);
   - forwarding on the tunnel and on the LAN interfaces only: the connector never forwards
-    from its uplink, so nothing reaches the private network around the gateway.
+    from its uplink, so nothing reaches the private network around the gateway; and what
+    comes in from the LAN is routed by a table of its own (the device pools, then
+    unreachable), so the LAN cannot use the connector to reach the uplink's networks either.
 Stopping it (SIGTERM, SIGINT) removes the interface and its routes.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .config import IFNAME
 from .errors import InputError, KernelError
 
 HANDSHAKE_WAIT = 10.0      # seconds to wait for the first handshake before saying so
+LAN_TABLE, LAN_PRIORITY = 51821, 1000   # the connector host's own table for packets from the LAN
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ def parse_connector_config(doc: Any, source: str) -> ConnectorConfig:
         networks = tuple(ipaddress.ip_network(str(n), strict=True) for n in nets)
     except ValueError as e:
         raise bad("device_networks", f"{e}") from None
+    for n in networks:
+        if n.prefixlen == 0:
+            raise bad("device_networks", f"{n} would take this host's default route: list the device pools")
     k = doc["keepalive"]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 65535:
         raise bad("keepalive", f"must be seconds from 1 to 65535, got {k!r} (a connector always keeps its tunnel up)")
@@ -103,12 +109,17 @@ def resolve_endpoint(endpoint: str) -> str:
     return f"[{addr[0]}]:{port}" if family == socket.AF_INET6 else f"{addr[0]}:{port}"
 
 
-def lan_interfaces(tunnel: str, gateway_ip: str) -> list[str]:
-    """Every interface but loopback, the tunnel and the uplink (the one that reaches the gateway)."""
+def lan_interface(tunnel: str, gateway_ip: str) -> str:
+    """The one interface that is not loopback, the tunnel or the uplink (the one that reaches
+    the gateway); with more than one candidate the operator names it."""
     with IPRoute() as ipr:
         uplink = ipr.route("get", dst=gateway_ip)[0].get_attr("RTA_OIF")
-        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
-                if link["index"] != uplink and link.get_attr("IFLA_IFNAME") not in ("lo", tunnel)]
+        found = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                 if link["index"] != uplink and link.get_attr("IFLA_IFNAME") not in ("lo", tunnel)]
+    if len(found) != 1:
+        raise InputError(f"name the LAN interface with --lan (candidates: {', '.join(found) or 'none'}; the "
+                         "uplink towards the gateway is never one)")
+    return found[0]
 
 
 def _say(text: str) -> None:
@@ -124,9 +135,9 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
                 if not ipr.link_lookup(ifname=name):
                     raise InputError(f"--lan {name}: no such interface here")
     else:
-        lans = lan_interfaces(cfg.interface, gateway_ip)
-        if not lans:
-            raise InputError("no LAN interface found (every interface here is the uplink): name it with --lan")
+        lans = [lan_interface(cfg.interface, gateway_ip)]
+    if wireguard.exists(cfg.interface):
+        raise InputError(f"{cfg.interface} exists already: is this connector running? (stop it first)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -137,6 +148,12 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
                                                            cfg.keepalive)], replace=True)
         for net in cfg.device_networks:
             routes.set_route(routes.MAIN_TABLE, net, cfg.interface)
+            routes.set_route(LAN_TABLE, net, cfg.interface)
+        # What comes in on a LAN interface may go to devices and nowhere else (not out of the
+        # uplink): the same own-table-and-rule as the gateway's, for each LAN interface.
+        for name in lans:
+            routes.install_rules(LAN_TABLE, LAN_PRIORITY, name,
+                                 ipv6=any(n.version == 6 for n in cfg.device_networks))
         for name in [cfg.interface] + lans:
             routes.enable_forwarding(name)
         _say(f"device networks {', '.join(map(str, cfg.device_networks))} routed into {cfg.interface}; "
@@ -156,6 +173,8 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
         _say("stopping")
     finally:
         wireguard.delete_interface(cfg.interface)
-        _say(f"{cfg.interface} removed")
+        for name in lans:
+            routes.remove_rules(LAN_TABLE, LAN_PRIORITY, name)
+        _say(f"{cfg.interface} removed, with its routes and rules")
     return 0
 

@@ -65,7 +65,6 @@ class Daemon:
 def teardown(config: Config) -> list[str]:
     """Remove what the gateway put on the host, keeping the store: the program from the
     interface, the interface, the pins and the socket. Says what it removed."""
-    from dataplane.attach import attached, detach
     from dataplane.program import unpin_all
 
     from . import wireguard
@@ -83,14 +82,13 @@ def teardown(config: Config) -> list[str]:
         if wireguard.exists(ifname):
             wireguard.delete_interface(ifname)     # (its XDP program goes with it)
             done.append(f"deleted connector interface {ifname}")
+    # The interface goes before its routing rules, and with its program: no moment in which
+    # a device's packet is forwarded undecided, or by the host's main table.
+    if wireguard.exists(config.interface):
+        wireguard.delete_interface(config.interface)
+        done.append(f"deleted interface {config.interface} (and its XDP program)")
     if routes.remove_rules(config.route_table, config.route_priority, config.interface):
         done.append(f"removed routing table {config.route_table} and its rules")
-    if wireguard.exists(config.interface):
-        if attached(config.interface):
-            detach(config.interface)
-            done.append(f"detached the XDP program from {config.interface}")
-        wireguard.delete_interface(config.interface)
-        done.append(f"deleted interface {config.interface}")
     if os.path.exists(config.bpf_pin_dir):
         unpin_all(config.bpf_pin_dir)
         shutil.rmtree(config.bpf_pin_dir, ignore_errors=True)

@@ -73,13 +73,17 @@ class Gateway:
                 wireguard.ensure_interface(c.interface, c.private_key, c.listen_port, [])
             self.kernel.reply_interfaces = [c.interface for c in self.connectors]
             self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
+            # routing before peers and forwarding: no device packet meets the main table first
+            routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes,
+                                 ipv6=cfg.pool_ipv6 is not None)
+            routes.sync(cfg.route_table, self._routes_wanted())
             wireguard.set_peers(cfg.interface, self._peers(self.identities), replace=True)
             routes.enable_forwarding(cfg.interface)
             for c in self.connectors:
                 wireguard.set_peers(c.interface, [wireguard.Peer(c.public_key, c.routes)], replace=True)
                 routes.enable_forwarding(c.interface, connector=True)
-            routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes)
-            routes.sync(cfg.route_table, self._routes_wanted())
+            for warning in routes.host_warnings():
+                log.warning("%s", warning)
             self._note_owners()
             log.info("gateway up on %s (%s WireGuard), %d connectors, generation %d", cfg.interface, self.wg_kind,
                      len(self.connectors), self.store.generation())
@@ -142,6 +146,9 @@ class Gateway:
                 log.exception("applying generation %d (%s)", self.store.generation(), what)
                 failed.append(str(e))
         if failed:
+            # the store holds the change: so does the controller's view of it from here on
+            self.identities, self.policy = self.store.identities(), self.store.policy()
+            self.connectors = self.store.connectors()
             raise KernelError(f"generation {self.store.generation()} ({what}) is stored, but the data plane "
                               f"could not follow: {'; '.join(failed)}. Restart the gateway to make it equal "
                               "to the store.")
@@ -176,8 +183,8 @@ class Gateway:
                 "users": len(self.identities.users), "groups": len(self.store.groups()),
                 "devices": len(self.identities.devices),
                 "connectors": [{"name": c.name, "interface": c.interface, "routes": [str(r) for r in c.routes],
-                                "reply_program": (attached(c.interface) or (None,))[0]}
-                               for c in self.connectors],
+                                "reply_program": _program_on(c.interface)} for c in self.connectors],
+                "warnings": routes.host_warnings(),
                 "devices_enabled": sum(d.enabled for d in self.identities.devices),
                 "devices_online": online, "rules": len(self.policy.rules),
                 "rules_enabled": len(self.policy.ordered_rules),
@@ -672,8 +679,11 @@ class Gateway:
             except ValueError:
                 raise InputError(f"{prefix!r} is not a prefix like 10.20.0.0/16 (with the host bits zero)") from None
             c = self._connector(connector)
+            _check_private_prefix(net, self.config.endpoint)
             for other in self.connectors:
                 for p in other.routes:
+                    if p == net:
+                        raise InputError(f"{net} is routed to connector {other.name!r} already")
                     if p.version == net.version and net.overlaps(p):
                         raise InputError(f"{net} overlaps {p}, routed to connector {other.name!r}: remove that "
                                          "route first (ztgate route remove), or route a prefix that does not overlap")
@@ -729,8 +739,36 @@ def connector_config(name: str, private_key: str, gateway_public_key: str, endpo
            "device_networks": device_networks, "keepalive": KEEPALIVE}
     return (f"# ztgate connector {name!r}: run it inside the private network with\n"
             f"#   ztgate connector run THIS-FILE [--lan IFACE]\n"
-            "# It dials out to the gateway (nothing listens here). The private key is printed once\n"
+            "# It dials out to the gateway (no inbound port to open). The private key is printed once\n"
             "# and not kept by the gateway: keep this file like a password.\n" + yaml.safe_dump(doc, sort_keys=False))
+
+
+def _check_private_prefix(net, endpoint: Optional[str]) -> None:
+    """What no connector can serve: addresses that are not unicast to somewhere else, and the
+    gateway's own endpoint (devices would send their tunnel into the tunnel)."""
+    if net.prefixlen == 0:
+        raise InputError(f"{net}: a default route cannot go to a connector (route the private prefixes)")
+    for what, flag in (("loopback", net.is_loopback), ("multicast", net.is_multicast),
+                       ("link-local", net.is_link_local), ("unspecified", net.network_address.is_unspecified)):
+        if flag:
+            raise InputError(f"{net} is {what}: only unicast private prefixes can be routed to a connector")
+    host = (endpoint or "").rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return          # a name: the operator knows what it resolves to
+    if ip.version == net.version and ip in net:
+        raise InputError(f"{net} holds the gateway's endpoint {ip}: devices would route their tunnel into "
+                         "itself; route a prefix without it")
+
+
+def _program_on(ifname: str) -> Optional[int]:
+    """The id of the XDP program on IFNAME; None if there is none, or no such interface."""
+    try:
+        found = attached(ifname)
+    except ZtError:
+        return None
+    return found[0] if found else None
 
 
 def _own_prefixes(d: Device) -> list[str]:

@@ -10,8 +10,8 @@ two ways it changes.
 
 Both are staged before the store commits (compiling and sizing, which can fail, happen
 there) and applied after it, so a crash leaves the kernel at the last committed state or
-behind it, never ahead; start() catches up. The maps that outlive builds (ring buffer, per-CPU state, flow cache) are pinned
-and shared; see ebpf/README.md.
+behind it, never ahead; start() catches up. The maps that outlive builds (ring buffer,
+per-CPU state, conntrack, the epoch) are pinned and shared; see ebpf/README.md.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional
 
 from dataplane.attach import attach, attached, detach
@@ -64,6 +65,8 @@ class Build:
 class Kernel:
     def __init__(self, config: Config):
         self.config = config
+        # the event cache that conntrack (zt_ct) replaced, pinned by gateways before it
+        (Path(config.bpf_pin_dir) / "zt_flows").unlink(missing_ok=True)
         self.base = base_layout(config)
         self.build: Optional[Build] = None
         self.carried: dict[str, list[int]] = {}     # rule name -> [packets, bytes] of builds gone
@@ -89,25 +92,46 @@ class Kernel:
         return Staged(lambda: self._switch(new), program.close)
 
     def _switch(self, new: Build) -> None:
-        attach(new.program, self.config.interface, self.config.xdp_mode)
-        for ifname in self.reply_interfaces:
-            attach(new.program, ifname, self.config.xdp_mode, reply=True)
-        self._next_epoch(new.program)
-        new.program.pin(self.config.bpf_pin_dir)
+        """Attach NEW in place of the build in force. Once it is on the ingress interface it is
+        the build in force, whatever fails after (a connector's interface gone, a pin): later
+        changes must write into the tables that decide, and the epoch must move."""
+        try:
+            attach(new.program, self.config.interface, self.config.xdp_mode)
+        except BaseException:
+            new.program.close()
+            raise
         old, self.build = self.build, new
         self.names[new.number] = new
         for n in sorted(self.names)[:-KEEP_BUILDS]:
             del self.names[n]
+        failed = []
+        for ifname in self.reply_interfaces:
+            try:
+                attach(new.program, ifname, self.config.xdp_mode, reply=True)
+            except KernelError as e:
+                # its program stays the old build's, which decides by the old tables: said loudly
+                log.error("connector interface %s keeps the previous build's program: %s", ifname, e)
+                failed.append(str(e))
+        self._next_epoch(new.program)
+        try:
+            new.program.pin(self.config.bpf_pin_dir)
+        except (KernelError, OSError) as e:
+            log.error("build %d is attached but not pinned: %s", new.number, e)
+            failed.append(f"pin: {e}")
         log.info("build %d attached to %s: compile %.2f s, load %.2f s", new.number, self.config.interface,
                  new.compile_seconds, new.load_seconds)
         if old is not None:
             # Counters of the build going away join the running totals; its tables are freed
             # (events it emitted keep their names: self.names holds the tables, not the maps).
+            # A connector interface that could not take the new build keeps the old program
+            # alive (the attachment holds it) until it is replaced or removed.
             for name, (packets, nbytes) in _named(old).items():
                 total = self.carried.setdefault(name, [0, 0])
                 total[0] += packets
                 total[1] += nbytes
             old.program.close()
+        if failed:
+            raise KernelError(f"build {new.number} is in force on {self.config.interface}, but: {'; '.join(failed)}")
 
     def stage_devices(self, identities: Identities, policy: Policy, devices: list[Device]) -> Staged:
         """Only these devices' source entries (as `identities` has them now), written into the
@@ -126,15 +150,18 @@ class Kernel:
             if rows:   # the new classes first: no source points at a class not yet written
                 build.program.set_idents(known + 1, rows)
             build.program.set_sources(entries)
+            # a device's address may go to another device: its flows go with it
+            build.program.forget_flows(addr for addr, ident, _ in entries if not ident)
             self._next_epoch(build.program)
         return Staged(apply, lambda: None)
 
     @staticmethod
     def _next_epoch(program: Program) -> None:
         """Conntrack's flows were allowed by the policy before this change: move the epoch on,
-        and the connector side decides each flow again at its next reply. First a moment for
-        packets already inside the old program (softirq, microseconds) to finish: one that read
-        the new epoch while deciding by the old tables would stamp its flow as decided anew."""
+        and the connector side decides each flow again at its next reply. The program reads the
+        epoch before any table, so a packet decided by the old tables carries the old epoch;
+        the moment's wait covers one that entered the old program just before the change and
+        had not yet read it (softirq: microseconds)."""
         time.sleep(EPOCH_SETTLE)
         program.next_epoch()
 

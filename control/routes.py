@@ -47,25 +47,36 @@ def _family(net: Network) -> int:
     return socket.AF_INET if net.version == 4 else socket.AF_INET6
 
 
-def install_rules(table: int, priority: int, ingress: str, host_routes: tuple = ()) -> None:
-    """`iif INGRESS lookup TABLE` for IPv4 and IPv6, the table's unreachable defaults, and, one
-    step earlier, `iif INGRESS to PREFIX lookup main` for each of HOST_ROUTES (networks the
-    gateway host reaches by its own routing: the config's `routes`)."""
-    wanted = [(f, table, priority, None) for f, _ in FAMILIES]
-    wanted += [(_family(p), MAIN_TABLE, priority - 1, p) for p in host_routes]
+def install_rules(table: int, priority: int, ingress: str, host_routes: tuple = (), ipv6: bool = True) -> None:
+    """`iif INGRESS lookup TABLE` (for IPv4, and IPv6 unless ipv6 is False), the table's
+    unreachable defaults, and, one step earlier, `iif INGRESS to PREFIX lookup main` for each
+    of HOST_ROUTES (networks the gateway host reaches by its own routing: the config's
+    `routes`). Other rules for INGRESS at these two priorities (left by an older
+    configuration) are removed: a stale one would send devices around the connectors."""
+    families = FAMILIES if ipv6 else FAMILIES[:1]
+    wanted = {(f, table, priority, None) for f, _ in families}
+    wanted |= {(_family(p), MAIN_TABLE, priority - 1, p) for p in host_routes
+               if ipv6 or p.version == 4}
     with IPRoute() as ipr:
-        have = {(r["family"], r.get_attr("FRA_TABLE"), r.get_attr("FRA_PRIORITY"),
-                 _rule_dst(r)) for f, _ in FAMILIES for r in ipr.get_rules(family=f)
-                if r.get_attr("FRA_IIFNAME") == ingress}
-        for family, tab, prio, dst in wanted:
-            if (family, tab, prio, dst) in have:
-                continue
+        have = {}
+        for f, _ in FAMILIES:
+            for r in ipr.get_rules(family=f):
+                if r.get_attr("FRA_IIFNAME") == ingress and r.get_attr("FRA_PRIORITY") in (priority, priority - 1):
+                    have[(r["family"], r.get_attr("FRA_TABLE"), r.get_attr("FRA_PRIORITY"), _rule_dst(r))] = r
+        for key, rule in have.items():
+            if key not in wanted:
+                family, tab, prio, dst = key
+                extra = {"dst": str(dst.network_address), "dst_len": dst.prefixlen} if dst else {}
+                ipr.rule("del", family=family, table=tab, priority=prio, iifname=ingress, **extra)
+                log.info("removed a stale rule: iif %s%s lookup %s (priority %d)", ingress,
+                         f" to {dst}" if dst else "", tab, prio)
+        for family, tab, prio, dst in wanted - set(have):
             extra = {"dst": str(dst.network_address), "dst_len": dst.prefixlen} if dst else {}
             try:
                 ipr.rule("add", family=family, table=tab, priority=prio, iifname=ingress, **extra)
             except NetlinkError as e:
                 raise KernelError(f"cannot add the policy-routing rule for {ingress} (table {tab}): {e}") from None
-        for family, default in FAMILIES:
+        for family, default in families:
             try:
                 ipr.route("replace", family=family, dst=default, table=table, type="unreachable")
             except NetlinkError as e:
@@ -157,9 +168,11 @@ def sync(table: int, wanted: dict[Network, str]) -> None:
 def enable_forwarding(ifname: str, connector: bool = False) -> None:
     """Forward packets that arrive on IFNAME (only there: IPv4's forwarding switch is per input
     interface; IPv6 has force_forwarding per interface since Linux 6.17). On connector
-    interfaces reverse-path filtering is off: WireGuard's allowed IPs already admit only the
-    connector's prefixes as sources, and the replies' sources are routed in ztgate's table,
-    which the kernel's reverse-path check does not consult."""
+    interfaces reverse-path filtering is off for the interface: the replies' sources are
+    routed in ztgate's table, which the kernel's reverse-path check does not consult, and
+    WireGuard's allowed IPs already admit only the connector's prefixes as sources. (The
+    kernel uses the larger of the interface's and `all`'s rp_filter: host_warnings() says
+    when `all` overrides this.)"""
     settings = [(PROC / "ipv4/conf" / ifname / "forwarding", "1")]
     v6 = PROC / "ipv6/conf" / ifname / "force_forwarding"
     if v6.exists():
@@ -175,3 +188,22 @@ def enable_forwarding(ifname: str, connector: bool = False) -> None:
         except OSError as e:
             raise KernelError(f"cannot set {path} to {value}: {e.strerror}") from None
 
+
+def host_warnings() -> list[str]:
+    """Settings of this network namespace that weaken what ztgate promises."""
+    out = []
+
+    def read(path: str) -> str:
+        try:
+            return (PROC / path).read_text().strip()
+        except OSError:
+            return ""
+    if read("ipv4/conf/all/forwarding") == "1" or read("ipv6/conf/all/forwarding") == "1":
+        out.append("forwarding is on for every interface (net.ipv4.ip_forward or net.ipv6.conf.all.forwarding "
+                   "is 1): packets arriving on other interfaces than the connectors' can reach devices without "
+                   "the connector-side check. ztgate turns forwarding on where it needs it; set these to 0 unless "
+                   "the config's `routes` need them")
+    if read("ipv4/conf/all/rp_filter") in ("1", "2"):
+        out.append("net.ipv4.conf.all.rp_filter is on: replies from connectors whose sources the main table "
+                   "does not route back through them are dropped; set it to 0 (WireGuard checks sources)")
+    return out

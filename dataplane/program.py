@@ -471,6 +471,21 @@ class Program:
         table[0] = table.Leaf(table[0].value + 1)
         return table[0].value
 
+    def forget_flows(self, addresses: Iterable[Address]) -> int:
+        """Remove the conntrack entries of flows these tunnel addresses opened (a device that is
+        removed or disabled: its address may go to another device, which must not inherit a
+        way back). Returns how many."""
+        wanted = {(a.version, a.packed) for a in addresses}
+        if not wanted:
+            return 0
+        table = self.bpf["zt_ct"]
+        gone = [k for k, _ in table.items_lookup_batch()
+                if (k.family, bytes(k.src)[:4 if k.family == 4 else 16]) in wanted]
+        if gone:
+            keys = (table.Key * len(gone))(*gone)
+            table.items_delete_batch(keys)
+        return len(gone)
+
     def event_counters(self) -> dict[str, int]:
         """Flow events over all CPUs: sent, and not sent (over the rate; ring buffer full)."""
         cpus = self._cpu_state()

@@ -15,6 +15,7 @@ _Static_assert(ZT_REASON__MAX <= ZT_REASON_SLOTS, "zt_cpu.reason has no room: ra
 					       "(which changes the pinned zt_cpu_state)");
 
 struct zt_decision {
+	__u64 epoch; /* zt_epoch as the packet arrived, read before any table */
 	__u32 rule;
 	__u32 device;
 	__u32 ident;
@@ -270,14 +271,13 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	key.dport = p->dport;
 	key.family = p->family;
 	key.proto = p->proto;
-	__u64 epoch = epoch_now();
 	struct zt_ct *ct = zt_ct.lookup(&key);
 	if (ct) {
-		/* once a tick at most: no cache line written on every packet */
+		/* once a tick, or a change, at most: no cache line written on every packet */
 		if (ct->seen_ns != now)
 			ct->seen_ns = now;
-		if (ct->epoch != epoch)
-			ct->epoch = epoch;
+		if (ct->epoch != d->epoch)
+			ct->epoch = d->epoch;
 	}
 	int new_flow;
 	if (p->proto == IPPROTO_TCP)
@@ -300,7 +300,7 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 				     .event_ns = sent ? now : 0,
 				     .build = ZT_BUILD,
 				     .rule = d->rule,
-				     .epoch = epoch};
+				     .epoch = d->epoch};
 		zt_ct.update(&key, &flow);
 	}
 }
@@ -357,7 +357,9 @@ int xdp_ztgate(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct zt_decision d = {};
+	/* The epoch first: a packet decided by the tables of before a change must not carry the
+	 * epoch of after it into conntrack (see Kernel._next_epoch). */
+	struct zt_decision d = {.epoch = epoch_now()};
 	struct zt_pkt p = {};
 
 #if ZT_ETHERNET
@@ -466,7 +468,8 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 	struct zt_ct_key key = {};
 	if (parsed != ZT_PARSED) {
 		d.reason = parsed;
-		d.verdict = verdict_of_reason(parsed);
+		/* (not IP: the Ethernet build passes ARP on ingress; nothing unparsed passes here) */
+		d.verdict = parsed == ZT_REASON_NOT_IP ? ZT_VERDICT_BLOCK : verdict_of_reason(parsed);
 	} else if (reply_key(&key, &p)) {
 		struct zt_ct *ct = zt_ct.lookup(&key);
 		if (ct && reply_fresh(ct, &p, now)) {

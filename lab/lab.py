@@ -35,17 +35,18 @@ DEVICES = (("alice-laptop", "alice@example.com", NS_ALICE, "ztlab-alice"),   # e
            ("bob-laptop", "bob@example.com", NS_BOB, "ztlab-bob"))           # 100.96.0.2, 100.96.0.3
 WG_IFACES = (GW_IF, f"ztc-{CONNECTOR}", f"ztr-{CONNECTOR}") + tuple(d[3] for d in DEVICES)
 PROCESSES = (("gateway", NS_GW), ("connector", NS_CONN), ("services", NS_APP))
-GATEWAY_CONFIG = f"""\
+GATEWAY_CONFIG = """\
 # the lab's gateway (spec/LAB.md); every setting: control/config.py
-interface: {GW_IF}
+socket: {socket}
+interface: {gw_if}
 listen_port: 51820
-endpoint: {UNDERLAY[NS_GW]}:51820
+endpoint: {endpoint}:51820
 pool_ipv4: 100.96.0.0/12
 pool_ipv6: fd00:5a::/64
-state_dir: {RUN}/state
-flow_log: {RUN}/flows.log
+state_dir: {run}/state
+flow_log: {run}/flows.log
 metrics: 127.0.0.1:9469
-bpf_pin_dir: {PIN_DIR}
+bpf_pin_dir: {pin_dir}
 xdp_mode: generic
 """
 WG_QUICK_ENV = {"WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}   # no kernel WireGuard here
@@ -162,8 +163,9 @@ def up() -> int:
         return status()
     status_now = gateway_status()
     if status_now and status_now.get("interface") != GW_IF:
-        print(f"ztgate lab up: a gateway that is not the lab's answers on {socket_path()}; stop it, or set "
-              "ZTGATE_SOCKET to another path for the lab", file=sys.stderr)
+        print(f"ztgate lab up: a gateway that is not the lab's answers on {socket_path()}; stop it, or give "
+              "the lab another socket: ZTGATE_SOCKET=/run/ztgate-lab.sock ztgate lab up (and the same "
+              "ZTGATE_SOCKET for the other verbs)", file=sys.stderr)
         return 2
     if set(NAMESPACES) & namespaces() or RUN.exists():
         print("a lab is partly there: removing it first")
@@ -191,6 +193,10 @@ def _build() -> None:
     for ns in NAMESPACES:
         ip("netns", "add", ns)
         ip("-n", ns, "link", "set", "lo", "up")
+        # A new namespace may copy the host's IPv4 settings: forwarding stays off everywhere but
+        # where ztgate turns it on (the gateway's tunnels, the connector's tunnel and LAN).
+        sh(["sysctl", "-qw", "net.ipv4.conf.all.forwarding=0", "net.ipv4.conf.default.forwarding=0",
+            "net.ipv6.conf.all.forwarding=0", "net.ipv6.conf.default.forwarding=0"], ns=ns)
     ip("-n", NS_NET, "link", "add", "br0", "type", "bridge")
     ip("-n", NS_NET, "link", "set", "br0", "up")
     for ns, addr in UNDERLAY.items():
@@ -209,7 +215,8 @@ def _build() -> None:
 
     _step(2, total, f"the gateway daemon in {NS_GW} (ztgate gateway run: WireGuard {GW_IF} on "
                     f"{UNDERLAY[NS_GW]}:51820, XDP, store, socket {socket_path()})")
-    (RUN / "gateway.yaml").write_text(GATEWAY_CONFIG)
+    (RUN / "gateway.yaml").write_text(GATEWAY_CONFIG.format(socket=socket_path(), gw_if=GW_IF, endpoint=UNDERLAY[NS_GW],
+                                                            run=RUN, pin_dir=PIN_DIR))
     start("gateway", NS_GW, ztgate() + ["gateway", "run", "--config", str(RUN / "gateway.yaml")])
     wait_for("the gateway answering on its socket", gateway_status, log="gateway")
 
@@ -275,26 +282,44 @@ def http_get(ns: str, host: str, port: int, timeout: float = 3.0) -> Optional[st
 # ---------------------------------------------------------------------------------------------
 # status
 
-def status() -> int:
+def status(as_json: bool = False) -> int:
     present = namespaces()
-    print("namespaces: " + "  ".join(f"{ns} {'yes' if ns in present else 'NO'}" for ns in NAMESPACES))
-    print("processes:  " + "  ".join(f"{name} ({ns}) {'running' if alive(name) else 'NOT RUNNING'}"
-                                     for name, ns in PROCESSES))
+    report = {"namespaces": {ns: ns in present for ns in NAMESPACES},
+              "processes": {name: alive(name) for name, _ in PROCESSES}}
     st = gateway_status()
-    if not st or st.get("interface") != GW_IF:
+    lab_gateway = bool(st and st.get("interface") == GW_IF)
+    if lab_gateway:
+        report["gateway"] = {k: st.get(k) for k in ("interface", "attach_mode", "program_id", "generation",
+                                                     "devices", "devices_online", "warnings")}
+        for noun in ("connector", "device"):
+            report[noun + "s"] = {row["name"]: row.get("last_handshake")
+                                  for row in json.loads(zt(noun, "list", "--json").stdout)}
+        page = http_get(NS_ALICE, "10.20.0.10", 8080)
+        report["check"] = {"alice_http_8080": page.strip() if page else None}
+    healthy_now = lab_gateway and bool(report["check"]["alice_http_8080"]) and all(report["processes"].values())
+    report["healthy"] = healthy_now
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0 if healthy_now else 1
+    print("namespaces: " + "  ".join(f"{ns} {'yes' if ok else 'NO'}" for ns, ok in report["namespaces"].items()))
+    print("processes:  " + "  ".join(f"{name} ({ns}) {'running' if report['processes'][name] else 'NOT RUNNING'}"
+                                     for name, ns in PROCESSES))
+    if not lab_gateway:
         print(f"gateway:    not answering on {socket_path()}" if not st else
               f"gateway:    the one on {socket_path()} is not the lab's ({st.get('interface')})")
         return 1
-    print(f"gateway:    {GW_IF} ({st.get('attach_mode')} XDP, program {st.get('program_id')}), generation {st['generation']}, "
-          f"{st['devices_online']}/{st['devices']} devices online")
+    g = report["gateway"]
+    print(f"gateway:    {GW_IF} ({g['attach_mode']} XDP, program {g['program_id']}), generation {g['generation']}, "
+          f"{g['devices_online']}/{g['devices']} devices online")
+    for warning in g.get("warnings") or []:
+        print(f"warning:    {warning}")
     for noun in ("connector", "device"):
-        for row in json.loads(zt(noun, "list", "--json").stdout):
-            hs = row.get("last_handshake")
+        for name, hs in report[noun + "s"].items():
             seen = f"handshake {int(time.time() - hs)}s ago" if hs else "no handshake"
-            print(f"{noun + ':':<11} {row['name']:<13} {seen}")
-    page = http_get(NS_ALICE, "10.20.0.10", 8080)
-    print(f"check:      alice -> http://10.20.0.10:8080/ {'answers: ' + page.strip() if page else 'does NOT answer'}")
-    return 0 if page and all(alive(n) for n, _ in PROCESSES) else 1
+            print(f"{noun + ':':<11} {name:<13} {seen}")
+    page = report["check"]["alice_http_8080"]
+    print(f"check:      alice -> http://10.20.0.10:8080/ {'answers: ' + page if page else 'does NOT answer'}")
+    return 0 if healthy_now else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +336,11 @@ def down() -> int:
             killed += _kill_all(ns)
     print(f"stopped {killed} lab processes")
     config = RUN / "gateway.yaml"
+    other = gateway_status()
+    if other and other.get("interface") != GW_IF:
+        # a gateway that is not the lab's answers on the socket: its socket is not ours to remove
+        print(f"  {socket_path()} belongs to another gateway ({other.get('interface')}): left alone")
+        config = Path("/nonexistent")
     if config.exists():
         r = zt("gateway", "teardown", "--config", str(config), ns=NS_GW if NS_GW in present else None, check=False)
         for line in r.stdout.splitlines():
@@ -323,7 +353,7 @@ def down() -> int:
     if present & set(NAMESPACES):
         print(f"removed namespaces {', '.join(ns for ns in NAMESPACES if ns in present)}")
     for name in WG_IFACES:     # wireguard-go's sockets, if one died without removing its own
-        Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
+        _remove_stale_socket(Path(f"/var/run/wireguard/{name}.sock"))
     if Path(PIN_DIR).exists():
         from dataplane.program import unpin_all
         unpin_all(PIN_DIR)
@@ -333,6 +363,20 @@ def down() -> int:
         print(f"removed {RUN}")
     print("the lab is down")
     return 0
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a Unix socket nothing answers on (a live one is someone else's)."""
+    import socket as sk
+    if not path.exists():
+        return
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+            return
+        except OSError:
+            pass
+    path.unlink(missing_ok=True)
 
 
 def _kill_all(ns: str) -> int:

@@ -120,7 +120,7 @@ def test_only_the_exact_reverse_tuple_passes(loaded):
         IP(src=APP4, dst=ANN4) / UDP(sport=22, dport=40000),                # another protocol
         IP(src=APP4, dst=ANN4) / TCP(sport=40000, dport=22, flags="S"),     # the forward tuple itself
         IP(src=APP4, dst=ANN4) / ICMP(),                                    # an echo request, not a reply
-        IP(src=APP4, dst=ANN4, frag=5) / (b"\0" * 16),                      # a non-first fragment
+        IP(src=APP4, dst=ANN4, frag=5, proto=6) / (b"\0" * 16),             # a non-first fragment of TCP
     ]
     for pkt in strangers:
         got = reply(loaded, pkt)
@@ -180,6 +180,20 @@ def test_a_disabled_device_loses_its_replies(loaded):
     loaded.set_sources([(ipaddress.ip_address(ANN4), 0, 0), (ipaddress.ip_address(ANN6), 0, 0)])
     loaded.next_epoch()
     assert reply(loaded, reverse(fwd)).reason == Reason.REVOKED
+
+
+def test_a_removed_device_s_flows_are_forgotten(loaded):
+    """Its address may go to another device, which must not inherit a way back: the gateway
+    removes the flows of a removed or disabled device's addresses (Program.forget_flows)."""
+    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    dns6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353)
+    web = IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A")
+    for fwd in (ssh, dns6, web):
+        assert ingress(loaded, fwd).retval == XDP_PASS
+    assert loaded.forget_flows([ipaddress.ip_address(ANN4), ipaddress.ip_address(ANN6)]) == 2
+    assert reply(loaded, reverse(ssh)).reason == Reason.NOT_REPLY
+    assert reply(loaded, reverse(dns6)).reason == Reason.NOT_REPLY
+    assert reply(loaded, reverse(web)).reason == Reason.REPLY          # bob's flow stays
 
 
 def test_a_dry_run_of_a_reply_changes_nothing(loaded):

@@ -432,6 +432,20 @@ def test_connectors_and_routes_are_managed_and_checked(site, alice):
     assert f"iif {site.iface} lookup 51820" in rules and f"to 10.20.0.0/16 iif {site.iface} lookup main" in rules
     (peer,) = site.json("connector", "list")
     assert peer["routes"] == ["10.30.0.0/16", "fd30::/64"]
+    allowed = site.ns.run("gw", "wg", "show", ifname, "allowed-ips").stdout
+    assert "10.30.0.0/16" in allowed and "fd30::/64" in allowed
+
+    # A restarted controller puts it all back from the store: table, rules, peer, program.
+    site.ns.run("gw", "ip", "route", "flush", "table", "51820")
+    site.ns.run("gw", "ip", "rule", "del", "iif", site.iface, "lookup", "51820")
+    site.kill()
+    site.start()
+    table = site.ns.run("gw", "ip", "route", "show", "table", "51820").stdout
+    assert f"10.30.0.0/16 dev {ifname}" in table and "unreachable default" in table
+    assert f"iif {site.iface} lookup 51820" in site.ns.run("gw", "ip", "rule").stdout
+    assert "10.30.0.0/16" in site.ns.run("gw", "wg", "show", ifname, "allowed-ips").stdout
+    (conn,) = site.json("status")["connectors"]
+    assert conn["reply_program"]        # the new build's, attached again at start
     # a device enrolled now gets the connector's routes in its configuration
     conf = site.ztgate("device", "add", f"late-{name}", "--user", "alice@example.com").stdout
     assert "10.30.0.0/16" in conf and "fd30::/64" in conf and "10.20.0.0/16" in conf

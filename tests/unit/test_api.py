@@ -92,7 +92,7 @@ def test_config_defaults_and_addresses():
     ({"metrics": "9469"}, "not ADDRESS:PORT"),
     ({"route_table": 254}, "the kernel's own"),
     ({"route_table": 0}, "route_table: must be an integer from 1"),
-    ({"route_priority": 32766}, "route_priority: must be an integer from 1 to 32765"),
+    ({"route_priority": 32766}, "route_priority: must be an integer from 2 to 32765"),
 ])
 def test_bad_config_is_refused(doc, what):
     with pytest.raises(InputError, match=what):
