@@ -33,6 +33,7 @@ POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "
 SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_epoch")
 MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
+CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # ebpf/maps.h enum zt_ct_state
 MIN_TEST_RUN_BYTES = 14   # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 BPF_FS_MAGIC = 0xCAFE4A11
 AT_FDCWD = -100
@@ -471,6 +472,33 @@ class Program:
         table[0] = table.Leaf(table[0].value + 1)
         return table[0].value
 
+    def flows(self) -> list[dict]:
+        """Conntrack's entries: the 5-tuple as the device sent it and what ebpf/maps.h struct
+        zt_ct holds (times on the coarse CLOCK_MONOTONIC)."""
+        out = []
+        for k, v in self.bpf["zt_ct"].items_lookup_batch():
+            n = 4 if k.family == 4 else 16
+            out.append({"family": k.family, "proto": k.proto, "src": ipaddress.ip_address(bytes(k.src)[:n]),
+                        "dst": ipaddress.ip_address(bytes(k.dst)[:n]), "sport": k.sport, "dport": k.dport,
+                        **{f: getattr(v, f) for f, _ in v._fields_ if f != "pad"}})
+        return out
+
+    def kill_flow(self, family: int, proto: int, src: Address, dst: Address, sport: int, dport: int) -> bool:
+        """End one flow (as flows() names it): its packets drop both ways, as `killed`, until it
+        times out or its device opens the tuple again with a SYN. False if there is no such flow."""
+        table = self.bpf["zt_ct"]
+        key = table.Key()
+        ctypes.memmove(key.src, src.packed, len(src.packed))
+        ctypes.memmove(key.dst, dst.packed, len(dst.packed))
+        key.sport, key.dport, key.family, key.proto = sport, dport, family, proto
+        try:
+            value = table[key]
+        except KeyError:
+            return False
+        value.state = CT_KILLED
+        table[key] = value
+        return True
+
     def forget_flows(self, addresses: Iterable[Address]) -> int:
         """Remove the conntrack entries of flows these tunnel addresses opened (a device that is
         removed or disabled: its address may go to another device, which must not inherit a
@@ -491,6 +519,10 @@ class Program:
         cpus = self._cpu_state()
         return {"sent": sum(c.ev_sent for c in cpus), "rate_limited": sum(c.ev_limited for c in cpus),
                 "ring_full": sum(c.ev_full for c in cpus)}
+
+    def conntrack_hits(self) -> int:
+        """Packets the established path allowed (conntrack, no policy walk), over all CPUs."""
+        return sum(c.ct_hits for c in self._cpu_state())
 
     def events_lost(self) -> int:
         """Events the kernel did not emit (rate limit or ring buffer full), over all CPUs."""

@@ -42,6 +42,7 @@ class Reason(IntEnum):
     REPLY = 23
     NOT_REPLY = 24
     REVOKED = 25
+    KILLED = 26
 
     @property
     def label(self) -> str:

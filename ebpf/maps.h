@@ -170,6 +170,9 @@ struct zt_last {
 #ifndef ZT_CT_ICMP_SECONDS
 #define ZT_CT_ICMP_SECONDS 30
 #endif
+#ifndef ZT_CT_TCP_CLOSING_SECONDS
+#define ZT_CT_TCP_CLOSING_SECONDS 10
+#endif
 #define ZT_EVENT_INTERVAL_NS (1000000000ULL / ZT_EVENT_RATE)
 #define ZT_EVENT_BURST_NS ((ZT_EVENT_BURST - 1) * ZT_EVENT_INTERVAL_NS)
 #define ZT_REASON_SLOTS 32
@@ -209,6 +212,7 @@ struct zt_cpu {
 	__u64 ev_sent;    /* events written to zt_events */
 	__u64 ev_limited; /* events not written: over the rate */
 	__u64 ev_full;    /* events not written: the ring buffer was full */
+	__u64 ct_hits;    /* packets allowed by conntrack (an established flow), without the policy walk */
 };
 
 /* An allowed flow, by its 5-tuple as the device sent it (src: the device; an ICMP echo's id
@@ -223,12 +227,27 @@ struct zt_ct_key {
 	__u16 pad;
 };
 
+enum zt_ct_state {
+	ZT_CT_OPEN = 0,
+	ZT_CT_CLOSING = 1, /* a FIN or RST went by: ZT_CT_TCP_CLOSING_SECONDS left */
+	ZT_CT_KILLED = 2,  /* ended by `ztgate flows kill`: its packets drop until it times out */
+};
+
 struct zt_ct {
-	__u64 seen_ns;  /* its device's last packet (coarse clock): replies pass until it is old */
-	__u64 event_ns; /* when its last event was emitted */
-	__u32 build;    /* and by which build and rule: a new decision is reported at once */
+	__u64 seen_ns;    /* its last packet, either way (coarse clock): it lives until this is old */
+	__u64 event_ns;   /* when its last event was emitted (0: report it at its next packet) */
+	__u64 created_ns;
+	__u64 epoch;      /* zt_epoch when the policy last allowed it: decided again when it moved */
+	__u64 packets;    /* from the device (counted without atomics: near enough under races) */
+	__u64 bytes;
+	__u64 reply_packets;
+	__u64 reply_bytes;
+	__u32 build;      /* the build and rule that last allowed it (rule ids belong to a build) */
 	__u32 rule;
-	__u64 epoch;    /* zt_epoch when the policy last allowed it: replies re-decide it when moved */
+	__u32 device;     /* and whose flow it is, in that build's numbering */
+	__u32 ident;
+	__u8 state;       /* enum zt_ct_state */
+	__u8 pad[7];
 };
 
 /* A ring buffer whose map is pinned at _path: BPF_RINGBUF_OUTPUT of bcc's helpers.h with the

@@ -41,6 +41,7 @@ enum zt_reason {
 	ZT_REASON_REPLY = 23,             /* from a connector: a reply of a tracked flow */
 	ZT_REASON_NOT_REPLY = 24,         /* from a connector: no reply of a tracked flow */
 	ZT_REASON_REVOKED = 25,           /* from a connector: a reply of a flow the policy no longer allows */
+	ZT_REASON_KILLED = 26,            /* a packet of a flow ended by `ztgate flows kill` */
 	ZT_REASON__MAX
 };
 

@@ -16,6 +16,7 @@ _Static_assert(ZT_REASON__MAX <= ZT_REASON_SLOTS, "zt_cpu.reason has no room: ra
 
 struct zt_decision {
 	__u64 epoch; /* zt_epoch as the packet arrived, read before any table */
+	__u8 fast;   /* decided by the established path (conntrack), not by the policy */
 	__u32 rule;
 	__u32 device;
 	__u32 ident;
@@ -246,63 +247,153 @@ static __always_inline __u64 epoch_now(void)
 	return e ? *e : 0;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Conntrack (zt_ct): every allowed packet's flow, by its 5-tuple as the device sent it (an
+ * ICMP echo's id stands in the source port). It lets the flow's replies back through the
+ * connector side, and it lets the flow's later packets through here with one lookup while
+ * nothing has changed (the epoch and the build are the ones that allowed it). */
+
+#define ZT_TCP_FIN 0x01
+#define ZT_TCP_RST 0x04
+
+static __always_inline void ct_key_of(struct zt_ct_key *key, const struct zt_pkt *p)
+{
+	__builtin_memcpy(key->src, p->src, 16);
+	__builtin_memcpy(key->dst, p->dst, 16);
+	key->sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport;
+	key->dport = p->dport;
+	key->family = p->family;
+	key->proto = p->proto;
+}
+
+/* Is the flow still alive at `now`? An expired entry is not honoured even before eviction. */
+static __always_inline int ct_alive(const struct zt_ct *ct, __u8 proto, __u64 now)
+{
+	__u64 s = ct->state == ZT_CT_CLOSING ? ZT_CT_TCP_CLOSING_SECONDS
+		  : proto == IPPROTO_TCP     ? ZT_CT_TCP_SECONDS
+		  : proto == IPPROTO_UDP     ? ZT_CT_UDP_SECONDS
+					     : ZT_CT_ICMP_SECONDS;
+	/* (Another CPU's clock reading may be a tick ahead of this one's: no subtraction.) */
+	return now < ct->seen_ns + s * 1000000000ULL;
+}
+
+/* A packet of the flow went by (either way): it lives on; a FIN or RST starts its close. */
+static __always_inline void ct_touch(struct zt_ct *ct, const struct zt_pkt *p, __u64 now)
+{
+	if (ct->seen_ns != now) /* once a tick at most: no cache line written on every packet */
+		ct->seen_ns = now;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && ct->state == ZT_CT_OPEN)
+		ct->state = ZT_CT_CLOSING;
+}
+
+/* The established path. A TCP segment without SYN, a UDP datagram or an ICMP echo request of a
+ * live flow that this build allowed in this epoch is allowed again by that decision, and a
+ * killed flow's packet is dropped: one lookup, no policy walk. A SYN (a new connection) and
+ * everything else is decided by the policy. Returns 1 when it decided. */
+static __always_inline int established(struct zt_decision *d, const struct zt_pkt *p, struct zt_cpu *cpu,
+				       __u64 bytes, int dry)
+{
+	if (p->proto == IPPROTO_TCP) {
+		if (p->tcp_flags & ZT_TCP_SYN)
+			return 0;
+	} else if (p->proto != IPPROTO_UDP && p->icmp_echo != ZT_ICMP_ECHO_REQUEST) {
+		return 0;
+	}
+	struct zt_ct_key key = {};
+	ct_key_of(&key, p);
+	struct zt_ct *ct = zt_ct.lookup(&key);
+	if (!ct)
+		return 0;
+	__u64 now = coarse_now(cpu);
+	if (!ct_alive(ct, p->proto, now))
+		return 0;
+	if (ct->state == ZT_CT_KILLED) {
+		d->device = ct->device;
+		d->ident = ct->ident;
+		d->verdict = ZT_VERDICT_BLOCK;
+		d->reason = ZT_REASON_KILLED;
+		return 1;
+	}
+	/* another epoch or build: decided again; a non-TCP flow due to be reported: reported */
+	if (ct->epoch != d->epoch || ct->build != ZT_BUILD ||
+	    (p->proto != IPPROTO_TCP && now >= ct->event_ns + ZT_FLOW_EVENT_NS))
+		return 0;
+	d->verdict = ZT_VERDICT_ALLOW;
+	d->rule = ct->rule;
+	d->reason = ct->rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
+	d->device = ct->device;
+	d->ident = ct->ident;
+	d->fast = 1;
+	if (!dry) {
+		ct_touch(ct, p, now);
+		ct->packets++;
+		ct->bytes += bytes;
+		cpu->ct_hits++;
+	}
+	return 1;
+}
+
 /* Events: every drop, and each new allowed flow. A TCP flow is new at its SYN (without ACK);
  * other protocols by conntrack: a flow is reported when it is not there, when its last report
  * is older than ZT_FLOW_EVENT_NS, or when another build or rule decided it.
- * Conntrack: every allowed packet writes its flow's zt_ct entry (created, or its seen_ns and
- * epoch moved on), which is what lets the flow's replies back through the connector side. A
- * drop writes nothing: the way back of a flow the policy no longer allows closes on the
- * connector side, which decides it again when the epoch has moved (xdp_ztgate_reply). */
+ * Conntrack: a packet the policy allowed writes its flow's entry (created, or brought up to
+ * this decision). A drop writes nothing: the way back of a flow the policy no longer allows
+ * closes on the connector side, which decides it again when the epoch has moved. */
 static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
-				   void *data, void *data_end)
+				   __u64 bytes)
 {
 	if (d->verdict == ZT_VERDICT_PASS)
 		return;
 	__u64 now = coarse_now(cpu);
 	if (d->verdict != ZT_VERDICT_ALLOW) {
 		if (event_allowed(cpu, now))
-			emit(cpu, d, p, data_end - data);
+			emit(cpu, d, p, bytes);
 		return;
 	}
 	struct zt_ct_key key = {};
-	__builtin_memcpy(key.src, p->src, 16);
-	__builtin_memcpy(key.dst, p->dst, 16);
-	key.sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport;   /* an echo: its id */
-	key.dport = p->dport;
-	key.family = p->family;
-	key.proto = p->proto;
+	ct_key_of(&key, p);
 	struct zt_ct *ct = zt_ct.lookup(&key);
-	if (ct) {
-		/* once a tick, or a change, at most: no cache line written on every packet */
-		if (ct->seen_ns != now)
-			ct->seen_ns = now;
-		if (ct->epoch != d->epoch)
-			ct->epoch = d->epoch;
+	/* an entry that timed out, or a killed flow's tuple opened again (a SYN), starts anew */
+	if (ct && (!ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED)) {
+		zt_ct.delete(&key);
+		ct = NULL;
 	}
 	int new_flow;
 	if (p->proto == IPPROTO_TCP)
 		new_flow = (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
 	else
-		/* (Another CPU's clock reading may be a tick ahead of this one's: no subtraction.) */
 		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != ZT_BUILD ||
 			   ct->rule != d->rule;
-	/* A non-TCP flow whose event was not emitted stays unreported: its next packet tries again. */
-	int sent = new_flow && event_allowed(cpu, now) && emit(cpu, d, p, data_end - data);
-	if (ct) {
-		if (sent && p->proto != IPPROTO_TCP) {
-			/* Two CPUs may both report a flow's first packets: a duplicate event, no harm. */
-			ct->event_ns = now;
-			ct->build = ZT_BUILD;
-			ct->rule = d->rule;
-		}
-	} else {
+	int sent = new_flow && event_allowed(cpu, now) && emit(cpu, d, p, bytes);
+	if (!ct) {
 		struct zt_ct flow = {.seen_ns = now,
-				     .event_ns = sent ? now : 0,
+				     .created_ns = now,
+				     .epoch = d->epoch,
+				     .packets = 1,
+				     .bytes = bytes,
 				     .build = ZT_BUILD,
 				     .rule = d->rule,
-				     .epoch = d->epoch};
+				     .device = d->device,
+				     .ident = d->ident};
+		/* A non-TCP flow whose event was not emitted stays unreported: event_ns 0 sends its
+		 * next packet here again. */
+		flow.event_ns = sent || p->proto == IPPROTO_TCP ? now : 0;
+		ct_touch(&flow, p, now);
 		zt_ct.update(&key, &flow);
+		return;
 	}
+	ct_touch(ct, p, now);
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & ZT_TCP_SYN))
+		ct->state = ZT_CT_OPEN;   /* the tuple's new connection */
+	ct->packets++;
+	ct->bytes += bytes;
+	if (p->proto != IPPROTO_TCP && new_flow)
+		ct->event_ns = sent ? now : 0;   /* (two CPUs may both report a flow: no harm) */
+	ct->epoch = d->epoch;
+	ct->build = ZT_BUILD;
+	ct->rule = d->rule;
+	ct->device = d->device;
+	ct->ident = d->ident;
 }
 
 /* A dry run (`ztgate trace`: BPF_PROG_TEST_RUN with ZT_DRY_RUN_MAGIC as 4 bytes of metadata)
@@ -317,30 +408,23 @@ static __always_inline int dry_run(struct xdp_md *ctx)
 	return *(__u32 *)meta == ZT_DRY_RUN_MAGIC;
 }
 
-/* The one exit: count the decision, remember it for test-run callers, report it, and act
- * on it. */
-static __always_inline int record(const struct zt_decision *d, const struct zt_pkt *p, void *data,
-				  void *data_end, int dry)
+/* The one exit: count the decision, remember it for test-run callers, report it (conntrack
+ * and events, unless the established path decided), and act on it. */
+static __always_inline int record(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
+				  __u64 bytes, int dry)
 {
-	__u64 bytes = data_end - data;
-	__u32 zero = 0;
-	struct zt_cpu *cpu = zt_cpu_state.lookup(&zero);
-	if (cpu && dry) {
-		cpu->last.rule = d->rule;
-		cpu->last.device = d->device;
-		cpu->last.verdict = d->verdict;
-		cpu->last.reason = d->reason;
-		cpu = NULL;
-	} else if (cpu) {
-		__u32 r = d->reason < ZT_REASON__MAX ? d->reason : ZT_REASON_INTERNAL;
-		cpu->reason[r].packets++;
-		cpu->reason[r].bytes += bytes;
-		cpu->last.rule = d->rule;
-		cpu->last.device = d->device;
-		cpu->last.verdict = d->verdict;
-		cpu->last.reason = d->reason;
-	}
-	if (!dry && (d->verdict == ZT_VERDICT_ALLOW || d->verdict == ZT_VERDICT_BLOCK)) {
+	if (!cpu)
+		return XDP_DROP;
+	cpu->last.rule = d->rule;
+	cpu->last.device = d->device;
+	cpu->last.verdict = d->verdict;
+	cpu->last.reason = d->reason;
+	if (dry)
+		return d->verdict == ZT_VERDICT_ALLOW || d->verdict == ZT_VERDICT_PASS ? XDP_PASS : XDP_DROP;
+	__u32 r = d->reason < ZT_REASON__MAX ? d->reason : ZT_REASON_INTERNAL;
+	cpu->reason[r].packets++;
+	cpu->reason[r].bytes += bytes;
+	if (d->reason == ZT_REASON_RULE || d->reason == ZT_REASON_DEFAULT) {
 		__u32 rule = d->rule;
 		struct zt_counter *c = zt_rule_stats.lookup(&rule);
 		if (c) {
@@ -348,8 +432,8 @@ static __always_inline int record(const struct zt_decision *d, const struct zt_p
 			c->bytes += bytes;
 		}
 	}
-	if (cpu)
-		report(cpu, d, p, data, data_end);
+	if (!d->fast)
+		report(cpu, d, p, bytes);
 	return d->verdict == ZT_VERDICT_ALLOW || d->verdict == ZT_VERDICT_PASS ? XDP_PASS : XDP_DROP;
 }
 
@@ -361,6 +445,10 @@ int xdp_ztgate(struct xdp_md *ctx)
 	 * epoch of after it into conntrack (see Kernel._next_epoch). */
 	struct zt_decision d = {.epoch = epoch_now()};
 	struct zt_pkt p = {};
+	__u64 bytes = data_end - data;
+	int dry = dry_run(ctx);
+	__u32 zero = 0;
+	struct zt_cpu *cpu = zt_cpu_state.lookup(&zero);
 
 #if ZT_ETHERNET
 	int parsed = parse_eth(&p, data, data_end);
@@ -370,7 +458,7 @@ int xdp_ztgate(struct xdp_md *ctx)
 	if (parsed != ZT_PARSED) {
 		d.reason = parsed;
 		d.verdict = verdict_of_reason(parsed);
-	} else {
+	} else if (!cpu || !established(&d, &p, cpu, bytes, dry)) {
 		decide(&d, &p);
 	}
 	/* One copy of record() for every path: without this barrier clang specialises it (and
@@ -378,7 +466,7 @@ int xdp_ztgate(struct xdp_md *ctx)
 	 * every packet ~70 ns slower (instruction cache). bcc 0.26 cannot load BPF-to-BPF calls,
 	 * so noinline is no way out. */
 	asm volatile("" : : "r"(&d), "r"(&p) : "memory");
-	return record(&d, &p, data, data_end, dry_run(ctx));
+	return record(cpu, &d, &p, bytes, dry);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -416,14 +504,14 @@ static __always_inline int reply_key(struct zt_ct_key *key, const struct zt_pkt 
 	return 1;
 }
 
-static __always_inline int reply_fresh(const struct zt_ct *ct, const struct zt_pkt *p, __u64 now)
+/* A reply of a live flow that passes: the flow lives on, and counts it. */
+static __always_inline void reply_passes(struct zt_ct *ct, const struct zt_pkt *p, __u64 now, __u64 bytes, int dry)
 {
-	/* Replies do not move seen_ns on: a flow lives by its device's packets. */
-	__u64 timeout = (p->proto == IPPROTO_TCP   ? ZT_CT_TCP_SECONDS
-			 : p->proto == IPPROTO_UDP ? ZT_CT_UDP_SECONDS
-						   : ZT_CT_ICMP_SECONDS) *
-			1000000000ULL;
-	return now < ct->seen_ns + timeout;
+	if (dry)
+		return;
+	ct_touch(ct, p, now);
+	ct->reply_packets++;
+	ct->reply_bytes += bytes;
 }
 
 /* Count, remember for test-run callers, report drops (with the device they were sent to). */
@@ -472,10 +560,13 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 		d.verdict = parsed == ZT_REASON_NOT_IP ? ZT_VERDICT_BLOCK : verdict_of_reason(parsed);
 	} else if (reply_key(&key, &p)) {
 		struct zt_ct *ct = zt_ct.lookup(&key);
-		if (ct && reply_fresh(ct, &p, now)) {
-			if (ct->epoch == epoch_now()) {
+		if (ct && ct_alive(ct, p.proto, now)) {
+			if (ct->state == ZT_CT_KILLED) {
+				d.reason = ZT_REASON_KILLED;
+			} else if (ct->epoch == epoch_now()) {
 				d.verdict = ZT_VERDICT_ALLOW;
 				d.reason = ZT_REASON_REPLY;
+				reply_passes(ct, &p, now, ctx->data_end - ctx->data, dry_run(ctx));
 			} else {
 				zt_reply_slow.call(ctx, 0);
 				d.reason = ZT_REASON_INTERNAL;   /* the tail call failed: fail closed */
@@ -502,7 +593,7 @@ int xdp_ztgate_redecide(struct xdp_md *ctx)
 	if (reply_parse(&p, data, data_end) != ZT_PARSED || !reply_key(&key, &p))
 		return XDP_DROP;   /* (xdp_ztgate_reply parsed it fine: unreachable) */
 	struct zt_ct *ct = zt_ct.lookup(&key);
-	if (ct && reply_fresh(ct, &p, now)) {
+	if (ct && ct_alive(ct, p.proto, now) && ct->state != ZT_CT_KILLED) {
 		struct zt_pkt fwd = {.family = p.family, .proto = p.proto};
 		__builtin_memcpy(fwd.src, p.dst, 16);
 		__builtin_memcpy(fwd.dst, p.src, 16);
@@ -514,10 +605,14 @@ int xdp_ztgate_redecide(struct xdp_md *ctx)
 		__u64 epoch = epoch_now();   /* read before deciding: a change after it is seen next time */
 		decide(&again, &fwd);
 		if (again.verdict == ZT_VERDICT_ALLOW) {
-			if (!dry)
+			if (!dry) {
+				/* (the build is left alone: the device's next packet brings it and the
+				 * rule up to date, on the policy path) */
 				ct->epoch = epoch;
+			}
 			d.verdict = ZT_VERDICT_ALLOW;
 			d.reason = ZT_REASON_REPLY;
+			reply_passes(ct, &p, now, ctx->data_end - ctx->data, dry);
 		} else {
 			if (!dry)
 				zt_ct.delete(&key);

@@ -1,0 +1,132 @@
+"""Conntrack on the ingress program (BPF_PROG_TEST_RUN): the established path decides a tracked
+flow's later packets with one lookup, exactly as the policy would; a change (the epoch moves)
+sends them back to the policy; TCP closes on FIN/RST; a killed flow drops both ways."""
+import ipaddress
+import secrets
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+from control.compiler import compile_policy
+from control.packets import parse_raw
+from control.reference import decide
+from dataplane.program import CT_CLOSING, CT_KILLED
+from dataplane.reasons import Reason, Verdict
+
+from .conftest import TEST_LAYOUT
+from .test_return_path import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, XDP_DROP, XDP_PASS, reverse
+
+CLOSING = 1    # seconds after a FIN or RST: short, so that a test can watch it
+
+
+@pytest.fixture(scope="module")
+def program():
+    from dataplane.program import Program, unpin_all
+
+    pin_dir = Path("/sys/fs/bpf") / f"zt-test-ct-{secrets.token_hex(4)}"
+    try:
+        with Program(replace(TEST_LAYOUT, ct_tcp_closing_seconds=CLOSING), pin_dir=pin_dir) as prog:
+            yield prog
+    finally:
+        unpin_all(pin_dir)
+
+
+@pytest.fixture
+def loaded(program):
+    program.load(compile_policy(POLICY, IDS, program.layout))
+    program.bpf["zt_ct"].items_delete_batch()
+    return program
+
+
+def run(program, pkt, reply=False):
+    with program.on_one_cpu() as cpu:
+        return program.run(bytes(pkt), cpu=cpu, reply=reply)
+
+
+FLOWS = [
+    IP(src=ANN4, dst=APP4) / TCP(sport=41000, dport=22, flags="A"),      # ssh-dev
+    IP(src=BOB4, dst=APP4) / TCP(sport=41001, dport=8080, flags="PA"),   # web
+    IP(src=ANN4, dst=APP4) / UDP(sport=41002, dport=5353),               # dns
+    IPv6(src=ANN6, dst=APP6) / UDP(sport=41003, dport=5353),             # dns, IPv6
+    IP(src=ANN4, dst=APP4) / ICMP(type=8, id=9),                         # icmp (an echo)
+    IPv6(src=ANN6, dst=APP6) / ICMPv6EchoRequest(id=9),
+    IP(src="100.96.0.3", dst=APP4) / TCP(sport=41004, dport=22, flags="A"),   # bob: blocked
+]
+
+
+@pytest.mark.parametrize("pkt", FLOWS, ids=lambda p: p.summary())
+def test_the_established_path_decides_as_the_policy_does(loaded, pkt):
+    want = decide(POLICY, IDS, parse_raw(bytes(pkt)))
+    hits = loaded.conntrack_hits()
+    first, second, third = (run(loaded, pkt) for _ in range(3))
+    tables_rule = dict(enumerate(compile_policy(POLICY, IDS, loaded.layout).rule_names, start=1))
+    for got in (first, second, third):
+        assert (got.verdict.label, got.reason.label, tables_rule.get(got.rule)) == (want.verdict, want.reason,
+                                                                                    want.rule)
+    taken = loaded.conntrack_hits() - hits
+    # the first packet is decided by the policy; an allowed flow's next ones by conntrack
+    assert taken == (2 if want.verdict == "allow" else 0)
+
+
+def test_a_change_sends_established_flows_back_to_the_policy(loaded):
+    ssh = FLOWS[0]
+    assert run(loaded, ssh).retval == XDP_PASS and run(loaded, ssh).retval == XDP_PASS
+    hits = loaded.conntrack_hits()
+    revoked = type(POLICY)("block", tuple(r for r in POLICY.rules if r.name != "ssh-dev"))
+    loaded.load(compile_policy(revoked, IDS, loaded.layout))
+    loaded.next_epoch()
+    got = run(loaded, ssh)                   # the open flow's next packet: decided again, dropped
+    assert (got.verdict, got.reason) == (Verdict.BLOCK, Reason.DEFAULT)
+    assert loaded.conntrack_hits() == hits
+    assert run(loaded, reverse(ssh), reply=True).reason == Reason.REVOKED
+
+
+def test_a_fin_or_rst_closes_a_tcp_flow_soon(loaded):
+    for flags in ("FA", "R"):
+        sport = 42000 + len(flags)
+        data = IP(src=ANN4, dst=APP4) / TCP(sport=sport, dport=22, flags="A")
+        end = IP(src=ANN4, dst=APP4) / TCP(sport=sport, dport=22, flags=flags)
+        assert run(loaded, data).retval == XDP_PASS and run(loaded, end).retval == XDP_PASS
+        (flow,) = [f for f in loaded.flows() if f["sport"] == sport]
+        assert flow["state"] == CT_CLOSING
+        assert run(loaded, reverse(data), reply=True).reason == Reason.REPLY   # the last ACKs pass
+    time.sleep(CLOSING + 0.2)
+    for flags in ("FA", "R"):
+        data = IP(src=ANN4, dst=APP4) / TCP(sport=42000 + len(flags), dport=22, flags="A")
+        assert run(loaded, reverse(data), reply=True).reason == Reason.NOT_REPLY
+    # a SYN on the tuple opens a new connection
+    syn = IP(src=ANN4, dst=APP4) / TCP(sport=42002, dport=22, flags="S")
+    assert run(loaded, syn).retval == XDP_PASS
+    assert [f["state"] for f in loaded.flows() if f["sport"] == 42002] == [0]
+
+
+def test_a_killed_flow_drops_both_ways_until_a_new_connection(loaded):
+    ssh = FLOWS[0]
+    assert run(loaded, ssh).retval == XDP_PASS
+    assert loaded.kill_flow(4, 6, ipaddress.ip_address(ANN4), ipaddress.ip_address(APP4), 41000, 22)
+    assert not loaded.kill_flow(4, 6, ipaddress.ip_address(ANN4), ipaddress.ip_address(APP4), 41000, 23)
+    got = run(loaded, ssh)
+    assert (got.retval, got.reason, got.device) == (XDP_DROP, Reason.KILLED, 1)
+    assert run(loaded, reverse(ssh), reply=True).reason == Reason.KILLED
+    syn = IP(src=ANN4, dst=APP4) / TCP(sport=41000, dport=22, flags="S")
+    assert run(loaded, syn).retval == XDP_PASS                  # the policy allows a new one
+    assert run(loaded, ssh).retval == XDP_PASS
+    (flow,) = [f for f in loaded.flows() if f["sport"] == 41000]
+    assert flow["state"] != CT_KILLED
+
+
+def test_flows_count_packets_and_bytes_both_ways(loaded):
+    dns = FLOWS[2]
+    for _ in range(3):
+        assert run(loaded, dns).retval == XDP_PASS
+    for _ in range(2):
+        assert run(loaded, reverse(dns), reply=True).retval == XDP_PASS
+    (flow,) = loaded.flows()
+    assert (flow["packets"], flow["bytes"]) == (3, 3 * len(bytes(dns)))
+    assert (flow["reply_packets"], flow["reply_bytes"]) == (2, 2 * len(bytes(reverse(dns))))
+    assert flow["device"] == 1 and flow["src"] == ipaddress.ip_address(ANN4) and flow["dport"] == 5353
+    assert flow["created_ns"] <= flow["seen_ns"]
