@@ -220,6 +220,30 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("name", metavar="NAME")
         gw(sp, reads=False, run=run)
 
+    fl = verb(nouns, "flows", "tracked flows: who, what, rule, age, traffic; `flows kill` ends one",
+        "The flows conntrack holds (newest first): each allowed flow's user, device, 5-tuple, the rule "
+        "that allowed it, state, age, idle time, and packets and bytes both ways. An ICMP echo shows "
+        "its id as the source port.",
+        """
+            ztgate flows
+            ztgate flows --user bob@example.com --json
+            ztgate flows kill tcp 100.96.0.3:40522 10.20.0.10:22
+        """)
+    fl.add_argument("--user", metavar="EMAIL")
+    fl.add_argument("--device", metavar="NAME")
+    fl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    gw(fl, reads=True, run=cmd_flows)
+    fk_parent = fl.add_subparsers(dest="verb", metavar="VERB")
+    fk = verb(fk_parent, "kill", "end one flow at once, both ways",
+        "End a tracked flow: its packets are dropped both ways (reason `killed`) until it times out "
+        "or its device opens a new connection on the same ports (decided by the policy). Give it as "
+        "`ztgate flows` prints it.",
+        "ztgate flows kill tcp 100.96.0.3:40522 10.20.0.10:22\nztgate flows kill udp [fd00:5a::3]:5000 [fd20::10]:53")
+    fk.add_argument("proto", choices=("tcp", "udp", "icmp"))
+    fk.add_argument("source", metavar="SRC:PORT")
+    fk.add_argument("destination", metavar="DST:PORT")
+    gw(fk, reads=True, run=cmd_flows_kill)
+
     co = nouns.add_parser("connector", help="connectors: the way into private networks").add_subparsers(
         dest="verb", metavar="VERB", required=True)
     gw(verb(co, "list", "connectors, their routes and tunnel state",

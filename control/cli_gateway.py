@@ -479,3 +479,47 @@ def cmd_lab(args) -> int:
     if args.verb == "status":
         return lab.status(as_json=args.json)
     return {"up": lab.up, "down": lab.down}[args.verb]()
+
+
+# ---------------------------------------------------------------------------------------------
+# conntrack
+
+def cmd_flows(args) -> int:
+    if not 1 <= args.limit <= 100000:
+        raise InputError("--limit must be from 1 to 100000")
+    rows = _call(args, "flows", user=args.user, device=args.device, limit=args.limit)
+    if args.json:
+        _json(rows)
+        return 0
+    for r in rows:
+        r["from"] = _endpoint(r["src"], r["sport"])
+        r["to"] = _endpoint(r["dst"], r["dport"])
+        r["out"] = f"{r['packets']} / {_bytes(r['bytes'])}"
+        r["back"] = f"{r['reply_packets']} / {_bytes(r['reply_bytes'])}"
+    table(rows, [("user", "user"), ("device", "device"), ("proto", "proto"), ("from", "source"),
+                 ("to", "destination"), ("rule", "rule"), ("state", "state"), ("age_s", "age s"),
+                 ("idle_s", "idle s"), ("out", "out pkts/bytes"), ("back", "back pkts/bytes")])
+    return 0
+
+
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _split_endpoint(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InputError(f"{what} {text!r}: ADDRESS:PORT, an IPv6 address in brackets ([fd00:5a::3]:5000), "
+                         "as `ztgate flows` prints it")
+    return host.strip("[]"), int(port)
+
+
+def cmd_flows_kill(args) -> int:
+    src, sport = _split_endpoint(args.source, "source")
+    dst, dport = _split_endpoint(args.destination, "destination")
+    result = _call(args, "flows.kill", proto=args.proto, src=src, sport=sport, dst=dst, dport=dport)
+    if args.json:
+        _json(result)
+    else:
+        print(f"flow {args.proto} {args.source} -> {args.destination} killed: its packets drop both ways")
+    return 0

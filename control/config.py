@@ -18,6 +18,11 @@
     xdp_mode: auto                 # auto (native where the driver has it, else generic), native, generic
     route_table: 51820             # ztgate's own routing table (private prefixes -> connectors)
     route_priority: 1000           # of the rule "iif INTERFACE lookup route_table"
+    conntrack:                     # seconds a flow lives after its last packet, either way
+      tcp: 3600                    # TCP, open
+      tcp_closing: 10              # TCP, after a FIN or RST
+      udp: 120
+      icmp: 30                     # ICMP echo
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ class Config:
     xdp_mode: str = "auto"
     route_table: int = 51820
     route_priority: int = 1000
+    conntrack: tuple = (("tcp", 3600), ("tcp_closing", 10), ("udp", 120), ("icmp", 30))
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -187,6 +193,17 @@ def parse_config(doc: Any, source: str = "config") -> Config:
         if net.prefixlen > longest:
             raise bad(key, f"/{net.prefixlen} is too small for devices (at most /{longest})")
         values[key] = net
+    if "conntrack" in doc:
+        ct = doc["conntrack"]
+        defaults = dict(Config.conntrack)
+        if not isinstance(ct, dict):
+            raise bad("conntrack", f"must be a mapping of {', '.join(defaults)} to seconds")
+        for k, v in ct.items():
+            if k not in defaults:
+                raise bad("conntrack", f"unknown timeout {k!r} (known: {', '.join(defaults)})")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 7 * 86400:
+                raise bad(f"conntrack.{k}", f"must be seconds from 1 to 604800, got {v!r}")
+        values["conntrack"] = tuple({**defaults, **ct}.items())
     cfg = Config(**values)
     if cfg.pool_ipv4.prefixlen < 32 - POOL_BITS:
         raise bad("pool_ipv4", f"at most 2^{POOL_BITS} addresses (/{32 - POOL_BITS} or longer): "

@@ -29,7 +29,7 @@ from .config import Config
 from .errors import InputError, KernelError, ZtError
 from .files import (DEVICE_NAME, dump_yaml, identities_doc, parse_identities, parse_policy, parse_rule,
                     policy_doc, rule_doc)
-from .kernel import Kernel, Staged
+from .kernel import DEFAULT_RULE, Kernel, Staged
 from .model import Connector, Device, Identities, Policy, User
 from .packets import build_raw, packet_from_fields
 from .reference import identify, trace
@@ -40,6 +40,8 @@ ONLINE_SECONDS = 180          # a device with a handshake this recent counts as 
 GROUP_NAME_MAX = 128
 CONNECTOR_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,10}\Z")   # its interface is ztc-NAME (15 at most)
 KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+CT_STATES = {0: "open", 1: "closing", 2: "killed"}
 
 
 class Gateway:
@@ -570,6 +572,62 @@ class Gateway:
                 self._cut_devices(later, ids, [device])
             self.identities = ids
             return {"generation": self.store.generation()}
+
+    # -----------------------------------------------------------------------------------------
+    # conntrack
+
+    def flows(self, user: Optional[str], device: Optional[str], limit: int) -> list[dict]:
+        """Live tracked flows, newest first: who, what, which rule, age, traffic both ways."""
+        with self.lock:
+            build = self.kernel.build
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            timeouts = dict(self.config.conntrack)
+            owner = {a: d for d in self.identities.devices for a in d.addresses}
+            rows = []
+            for f in build.program.flows():
+                proto = PROTO_NAMES.get(f["proto"], str(f["proto"]))
+                state = CT_STATES.get(f["state"], "?")
+                timeout = timeouts["tcp_closing" if state == "closing" else proto if proto in timeouts else "icmp"]
+                if now >= f["seen_ns"] + timeout * 10**9:
+                    continue                  # expired: no longer honoured, not yet evicted
+                d = owner.get(f["src"])
+                if (user and (d is None or d.user != user.lower())) or (device and (d is None or d.name != device)):
+                    continue
+                rows.append({
+                    "proto": proto, "src": str(f["src"]), "dst": str(f["dst"]),
+                    "sport": f["sport"], "dport": f["dport"],   # an ICMP echo: its id in sport
+                    "user": d.user if d else None, "device": d.name if d else None,
+                    "rule": (self.kernel.rule_name(f["build"], f["rule"]) if f["rule"] else DEFAULT_RULE),
+                    "state": state, "age_s": round(max(0, now - f["created_ns"]) / 1e9, 1),
+                    "idle_s": round(max(0, now - f["seen_ns"]) / 1e9, 1),
+                    "packets": f["packets"], "bytes": f["bytes"],
+                    "reply_packets": f["reply_packets"], "reply_bytes": f["reply_bytes"]})
+            rows.sort(key=lambda r: r["age_s"])
+            return rows[:limit]
+
+    def flows_kill(self, uid: int, proto: str, src: str, sport: int, dst: str, dport: int) -> dict:
+        """End one flow: its packets drop both ways until it times out or its device opens the
+        tuple again with a SYN (a new connection, decided by the policy)."""
+        with self.lock:
+            number = {v: k for k, v in PROTO_NAMES.items()}.get(proto)
+            try:
+                s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+            except ValueError:
+                raise InputError(f"flows kill: {src!r} and {dst!r} must be addresses, as `ztgate flows` prints "
+                                 "them") from None
+            if number is None or s.version != d.version:
+                raise InputError(f"flows kill: protocol {proto!r} (tcp, udp or icmp) and two addresses of one "
+                                 "IP version")
+            if number == 1 and s.version == 6:
+                number = 58
+            for port in (sport, dport):
+                if not 0 <= port <= 65535:
+                    raise InputError(f"flows kill: port {port} is outside 0-65535")
+            if not self.kernel.build.program.kill_flow(s.version, number, s, d, sport, dport):
+                raise InputError(f"no tracked {proto} flow {src}:{sport} -> {dst}:{dport} (see `ztgate flows`)")
+            self.store.note(uid, "flow kill", {"proto": proto, "src": f"{src}:{sport}", "dst": f"{dst}:{dport}"})
+            log.info("flow killed by uid %d: %s %s:%d -> %s:%d", uid, proto, src, sport, dst, dport)
+            return {"generation": self.store.generation(), "killed": True}
 
     # -----------------------------------------------------------------------------------------
     # connectors and routes

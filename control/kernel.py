@@ -38,8 +38,12 @@ EPOCH_SETTLE = 0.002     # seconds between a kernel change and the epoch moving 
 
 
 def base_layout(config: Config) -> Layout:
-    """The pools the kernel indexes by array: the 2^20-address blocks holding the config's pools."""
-    lay = replace(Layout(), pool4_base=int(config.pool_ipv4.network_address) >> POOL_BITS << POOL_BITS)
+    """The pools the kernel indexes by array (the 2^20-address blocks holding the config's
+    pools) and the conntrack timeouts."""
+    ct = dict(config.conntrack)
+    lay = replace(Layout(), pool4_base=int(config.pool_ipv4.network_address) >> POOL_BITS << POOL_BITS,
+                  ct_tcp_seconds=ct["tcp"], ct_tcp_closing_seconds=ct["tcp_closing"], ct_udp_seconds=ct["udp"],
+                  ct_icmp_seconds=ct["icmp"])
     if config.pool_ipv6 is not None:
         lay = replace(lay, pool6_base=int(config.pool_ipv6.network_address) >> POOL_BITS << POOL_BITS)
     return lay

@@ -153,6 +153,13 @@ class Store:
         return [{"generation": g, "time": t, "uid": uid, "what": what, "detail": json.loads(detail)}
                 for g, t, uid, what, detail in reversed(rows)]
 
+    def note(self, uid: int, what: str, detail: Optional[dict] = None) -> None:
+        """An audit row for an action that changes no configuration (ending a flow): at the
+        generation in force, which does not move."""
+        with self._tx():
+            self.db.execute("INSERT INTO audit (generation, time, uid, what, detail) VALUES (?, ?, ?, ?, ?)",
+                            (self.generation(), time.time(), uid, what, json.dumps(detail or {}, default=str)))
+
     # -----------------------------------------------------------------------------------------
     # changing
 

@@ -235,7 +235,7 @@ enum zt_ct_state {
 
 struct zt_ct {
 	__u64 seen_ns;    /* its last packet, either way (coarse clock): it lives until this is old */
-	__u64 event_ns;   /* when its last event was emitted (0: report it at its next packet) */
+	__u64 event_ns;   /* when its last event was due (emitted, or held back by the limiter) */
 	__u64 created_ns;
 	__u64 epoch;      /* zt_epoch when the policy last allowed it: decided again when it moved */
 	__u64 packets;    /* from the device (counted without atomics: near enough under races) */

@@ -364,7 +364,8 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	else
 		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != ZT_BUILD ||
 			   ct->rule != d->rule;
-	int sent = new_flow && event_allowed(cpu, now) && emit(cpu, d, p, bytes);
+	if (new_flow && event_allowed(cpu, now))
+		emit(cpu, d, p, bytes);
 	if (!ct) {
 		struct zt_ct flow = {.seen_ns = now,
 				     .created_ns = now,
@@ -375,9 +376,10 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 				     .rule = d->rule,
 				     .device = d->device,
 				     .ident = d->ident};
-		/* A non-TCP flow whose event was not emitted stays unreported: event_ns 0 sends its
-		 * next packet here again. */
-		flow.event_ns = sent || p->proto == IPPROTO_TCP ? now : 0;
+		/* (An event the limiter held back is counted as lost, and the flow's next report is
+		 * a window later: under a flood, unreported flows must not keep their packets off
+		 * the established path.) */
+		flow.event_ns = now;
 		ct_touch(&flow, p, now);
 		zt_ct.update(&key, &flow);
 		return;
@@ -388,7 +390,7 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	ct->packets++;
 	ct->bytes += bytes;
 	if (p->proto != IPPROTO_TCP && new_flow)
-		ct->event_ns = sent ? now : 0;   /* (two CPUs may both report a flow: no harm) */
+		ct->event_ns = now;   /* (two CPUs may both report a flow: no harm) */
 	ct->epoch = d->epoch;
 	ct->build = ZT_BUILD;
 	ct->rule = d->rule;

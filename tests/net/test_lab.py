@@ -406,6 +406,37 @@ def test_a_block_rule_cuts_an_open_connection(up):
         assert echo(again)
 
 
+def test_flows_lists_an_open_connection_and_kill_ends_it(up):
+    alice = up.address["alice-laptop"]
+    conn = open_echo(NS_ALICE, APP, 22, alice)
+    assert conn is not None and echo(conn)
+    try:
+        sport = conn.getsockname()[1]
+        mine = [f for f in cli_json("flows", "--user", "alice@example.com") if f["sport"] == sport]
+        assert len(mine) == 1, mine
+        f = mine[0]
+        assert (f["proto"], f["src"], f["dst"], f["dport"], f["device"], f["rule"], f["state"]) == (
+            "tcp", alice, APP, 22, "alice-laptop", Reference().decide("alice-laptop", "tcp", APP, 22).rule, "open")
+        assert f["packets"] >= 3 and f["reply_packets"] >= 3 and f["bytes"] > 0 and f["reply_bytes"] > 0
+        assert all(x["user"] == "alice@example.com" for x in cli_json("flows", "--user", "alice@example.com"))
+
+        bad = cli("flows", "kill", "tcp", f"{alice}:{sport}", f"{APP}:23", check=False)
+        assert bad.returncode == 2 and "no tracked tcp flow" in bad.stderr
+        cli("flows", "kill", "tcp", f"{alice}:{sport}", f"{APP}:22")
+        assert not echo(conn), "a killed flow still echoes"
+        (killed,) = [x for x in cli_json("flows") if x["sport"] == sport]
+        assert killed["state"] == "killed"
+        events = [e for e in flow_events("--user", "alice@example.com") if e.get("sport") == sport]
+        assert any(e["reason"] == "killed" and e["verdict"] == "block" for e in events), events
+        assert cli_json("audit", "--limit", "1")[0]["what"] == "flow kill"
+    finally:
+        conn.close()
+    again = open_echo(NS_ALICE, APP, 22, alice)      # a new connection is decided by the policy
+    assert again is not None
+    with again:
+        assert echo(again)
+
+
 def test_a_disabled_device_is_cut_at_once_and_comes_back_when_enabled(up):
     bob, alice = up.address["bob-laptop"], up.address["alice-laptop"]
     web = ns_socket(NS_BOB)
