@@ -74,6 +74,8 @@ def test_config_defaults_and_addresses():
     assert [str(a) for a in c.gateway_addresses] == ["100.96.0.1/12", "fd00:5a::1/64"]
     assert c.pool_size == 1 << 20 and c == Config(endpoint="198.18.0.1:51820", routes=c.routes)
     assert parse_config({"pool_ipv6": None}).gateway_addresses[-1].version == 4
+    ct = dict(parse_config({"conntrack": {"udp": 30}}).conntrack)
+    assert ct == {"tcp": 3600, "tcp_closing": 10, "udp": 30, "icmp": 30}
 
 
 @pytest.mark.parametrize("doc, what", [
@@ -91,6 +93,9 @@ def test_config_defaults_and_addresses():
     ({"xdp_mode": "fast"}, "use auto, native or generic"),
     ({"metrics": "9469"}, "not ADDRESS:PORT"),
     ({"route_table": 254}, "the kernel's own"),
+    ({"conntrack": [1]}, "conntrack: must be a mapping"),
+    ({"conntrack": {"tcp_open": 5}}, "unknown timeout 'tcp_open'"),
+    ({"conntrack": {"udp": 0}}, "conntrack.udp: must be seconds from 1"),
     ({"route_table": 0}, "route_table: must be an integer from 1"),
     ({"route_priority": 32766}, "route_priority: must be an integer from 2 to 32765"),
 ])
