@@ -259,3 +259,84 @@ def test_an_attachment_outlives_the_process_that_made_it(ns, pin_dir):
             assert attached(name) is None
     finally:
         os.close(fd)
+
+
+def test_hundreds_of_swaps_under_traffic_decide_every_packet_by_one_policy(ns, pin_dir):
+    """Two builds of different policies are swapped on the interface 400 times while the peer
+    sends from many flows and other threads test-run both builds. Every event says which build
+    decided: its verdict and rule must be what the reference says under that build's policy.
+    A packet decided half by one build's tables and half by the other's would show here."""
+    from control.reference import decide
+    from control.packets import parse_raw
+
+    port_b = BLOCKED
+    policies = {
+        1: POLICY,
+        2: Policy("block", (Rule("filler", 1, "block", protocols=frozenset({"udp"}), dst_ports=((5003, 5003),)),
+                            Rule("b-only", 2, "allow", protocols=frozenset({"udp"}), dst_ports=((port_b, port_b),)))),
+    }
+    gw_if, _ = veth_pair(ns)
+    receivers(ns, "gw")
+    eth = replace(TEST_LAYOUT, ethernet=True)
+    programs = {}
+    for number, policy in policies.items():
+        programs[number] = Program(eth, build=number, pin_dir=pin_dir)
+        programs[number].load(compile_policy(policy, IDS, programs[number].layout))
+    names = {n: compile_policy(p, IDS, eth).rule_names for n, p in policies.items()}
+    expected = {(n, port): decide(p, IDS, parse_raw(udp_to_gw(port))) for n, p in policies.items()
+                for port in (ALLOWED, port_b)}
+    stop = threading.Event()
+    wrong_runs = []
+    events = []
+    try:
+        with EventReader.pinned(pin_dir) as reader:
+            senders = []
+            for i in range(16):                       # 32 flows: 16 source ports x 2 services
+                s = ns.socket("peer")
+                s.bind((PEER, 4100 + i))
+                senders.append(s)
+
+            def send():
+                while not stop.is_set():
+                    for s in senders:
+                        for port in (ALLOWED, port_b):
+                            s.sendto(b"x", (GW, port))
+                    time.sleep(0.002)
+
+            def test_runs(number):
+                program = programs[number]
+                while not stop.is_set():
+                    for port in (ALLOWED, port_b):
+                        r = program.run(udp_to_gw(port), cpu=None)
+                        want = 2 if expected[(number, port)].verdict == "allow" else 1
+                        if r.retval != want:
+                            wrong_runs.append((number, port, r.retval))
+                    time.sleep(0.001)     # (the GIL: the swapping thread must get its turns)
+
+            threads = [threading.Thread(target=send)] + [threading.Thread(target=test_runs, args=(n,)) for n in (1, 2)]
+            for t in threads:
+                t.start()
+            with ns.inside("gw"):
+                for flip in range(400):
+                    attach(programs[1 + flip % 2], gw_if)
+                    events.extend(reader.poll(0))
+                    time.sleep(0.002)
+            stop.set()
+            for t in threads:
+                t.join()
+            deadline = time.monotonic() + 1
+            while time.monotonic() < deadline:
+                events.extend(reader.poll(50))
+    finally:
+        stop.set()
+        for p in programs.values():
+            p.close()
+    assert not wrong_runs, wrong_runs[:5]
+    ours = [e for e in events if e.dport in (ALLOWED, port_b) and e.build in policies]
+    mixed = [(e.build, e.dport, e.verdict.label, names[e.build][e.rule - 1] if e.rule else None)
+             for e in ours
+             if (e.verdict.label, names[e.build][e.rule - 1] if e.rule else None)
+             != (expected[(e.build, e.dport)].verdict, expected[(e.build, e.dport)].rule)]
+    assert mixed == [], mixed[:5]
+    by_build = {n: sum(1 for e in ours if e.build == n) for n in policies}
+    assert min(by_build.values()) > 200, by_build      # both builds decided many packets

@@ -60,7 +60,7 @@ def test_every_truncation_of_a_valid_packet(loaded, pkt):
         check(loaded, data[:n])
 
 
-FAST = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FAST
