@@ -18,8 +18,9 @@
     xdp_mode: auto                 # auto (native where the driver has it, else generic), native, generic
     route_table: 51820             # ztgate's own routing table (private prefixes -> connectors)
     route_priority: 1000           # of the rule "iif INTERFACE lookup route_table"
-    conntrack:                     # seconds a flow lives after its last packet, either way
-      tcp: 3600                    # TCP, open
+    conntrack:
+      entries: 65536               # flows tracked; the least recently used goes when it is full
+      tcp: 3600                    # seconds a flow lives after its last packet, either way: TCP, open
       tcp_closing: 10              # TCP, after a FIN or RST
       udp: 120
       icmp: 30                     # ICMP echo
@@ -67,7 +68,7 @@ class Config:
     xdp_mode: str = "auto"
     route_table: int = 51820
     route_priority: int = 1000
-    conntrack: tuple = (("tcp", 3600), ("tcp_closing", 10), ("udp", 120), ("icmp", 30))
+    conntrack: tuple = (("entries", 65536), ("tcp", 3600), ("tcp_closing", 10), ("udp", 120), ("icmp", 30))
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -197,12 +198,13 @@ def parse_config(doc: Any, source: str = "config") -> Config:
         ct = doc["conntrack"]
         defaults = dict(Config.conntrack)
         if not isinstance(ct, dict):
-            raise bad("conntrack", f"must be a mapping of {', '.join(defaults)} to seconds")
+            raise bad("conntrack", f"must be a mapping of {', '.join(defaults)} to numbers")
         for k, v in ct.items():
             if k not in defaults:
                 raise bad("conntrack", f"unknown timeout {k!r} (known: {', '.join(defaults)})")
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 7 * 86400:
-                raise bad(f"conntrack.{k}", f"must be seconds from 1 to 604800, got {v!r}")
+            lo, hi, unit = (1024, 1 << 24, "flows") if k == "entries" else (1, 7 * 86400, "seconds")
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise bad(f"conntrack.{k}", f"must be {unit} from {lo} to {hi}, got {v!r}")
         values["conntrack"] = tuple({**defaults, **ct}.items())
     cfg = Config(**values)
     if cfg.pool_ipv4.prefixlen < 32 - POOL_BITS:

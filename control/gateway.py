@@ -74,7 +74,12 @@ class Gateway:
             for c in self.connectors:
                 wireguard.ensure_interface(c.interface, c.private_key, c.listen_port, [])
             self.kernel.reply_interfaces = [c.interface for c in self.connectors]
-            self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
+            try:
+                _fault("load")
+                self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
+            except BaseException as e:
+                self._fail_closed(e)
+                raise
             # routing before peers and forwarding: no device packet meets the main table first
             routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes,
                                  ipv6=cfg.pool_ipv6 is not None)
@@ -89,6 +94,20 @@ class Gateway:
             self._note_owners()
             log.info("gateway up on %s (%s WireGuard), %d connectors, generation %d", cfg.interface, self.wg_kind,
                      len(self.connectors), self.store.generation())
+
+    def _fail_closed(self, error: BaseException) -> None:
+        """The build could not be made or attached at start. A program left attached by the
+        last controller goes on enforcing the last policy; an interface with no program is
+        taken down, so that no packet is forwarded undecided. Then the daemon does not serve."""
+        if self.kernel.attachment() is not None:
+            log.error("cannot attach a new build (%s): the previous one stays attached and enforcing", error)
+            return
+        routes.set_link(self.config.interface, up=False)
+        for c in self.connectors:
+            if wireguard.exists(c.interface) and _program_on(c.interface) is None:
+                routes.set_link(c.interface, up=False)
+        log.error("cannot attach a build (%s) and none is attached: %s is down until a gateway starts",
+                  error, self.config.interface)
 
     def _gateway_key(self) -> str:
         """The gateway's own WireGuard key: made once, kept in the state directory (0600)."""
@@ -885,6 +904,12 @@ def _identities_diff(old: Identities, new: Identities) -> list[str]:
     out += [f"~ device {k}" for k in nd if k in od and nd[k] != od[k]]
     out += [f"- device {k}" for k in od if k not in nd]
     return out
+
+
+def _fault(stage: str) -> None:
+    """Fault injection for the fail-closed tests: ZTGATE_FAULT=STAGE fails the controller here."""
+    if os.environ.get("ZTGATE_FAULT") == stage:
+        raise KernelError(f"injected fault at {stage} (ZTGATE_FAULT)")
 
 
 def _pause(stage: str) -> None:

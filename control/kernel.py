@@ -42,7 +42,7 @@ def base_layout(config: Config) -> Layout:
     pools) and the conntrack timeouts."""
     ct = dict(config.conntrack)
     lay = replace(Layout(), pool4_base=int(config.pool_ipv4.network_address) >> POOL_BITS << POOL_BITS,
-                  ct_tcp_seconds=ct["tcp"], ct_tcp_closing_seconds=ct["tcp_closing"], ct_udp_seconds=ct["udp"],
+                  ct_entries=ct["entries"], ct_tcp_seconds=ct["tcp"], ct_tcp_closing_seconds=ct["tcp_closing"], ct_udp_seconds=ct["udp"],
                   ct_icmp_seconds=ct["icmp"])
     if config.pool_ipv6 is not None:
         lay = replace(lay, pool6_base=int(config.pool_ipv6.network_address) >> POOL_BITS << POOL_BITS)

@@ -189,6 +189,14 @@ def enable_forwarding(ifname: str, connector: bool = False) -> None:
             raise KernelError(f"cannot set {path} to {value}: {e.strerror}") from None
 
 
+def set_link(ifname: str, up: bool) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.link("set", index=_index(ipr, ifname), state="up" if up else "down")
+        except NetlinkError as e:
+            raise KernelError(f"cannot set {ifname} {'up' if up else 'down'}: {e}") from None
+
+
 def host_warnings() -> list[str]:
     """Settings of this network namespace that weaken what ztgate promises."""
     out = []

@@ -44,6 +44,7 @@ class Layout:
     pool4_base: int = 0x64600000  # 100.96.0.0/12
     pool6_base: int = 0xFD00005A << 96   # fd00:5a::/108
     ethernet: bool = False       # frames start at the Ethernet header (else at the IP header)
+    ct_entries: int = 65536      # conntrack's flows (LRU; shared by the builds of a gateway)
     ct_tcp_seconds: int = 3600   # a flow lives this long after its last packet
     ct_tcp_closing_seconds: int = 10   # after a FIN or RST
     ct_udp_seconds: int = 120

@@ -130,3 +130,24 @@ def test_flows_count_packets_and_bytes_both_ways(loaded):
     assert (flow["reply_packets"], flow["reply_bytes"]) == (2, 2 * len(bytes(reverse(dns))))
     assert flow["device"] == 1 and flow["src"] == ipaddress.ip_address(ANN4) and flow["dport"] == 5353
     assert flow["created_ns"] <= flow["seen_ns"]
+
+
+def test_a_full_table_never_lets_a_packet_through_undecided():
+    """Eight entries for 64 flows: every packet is still decided by the policy (as the
+    reference decides it); the flows evicted lose their way back, the rest keep it."""
+    from dataplane.program import Program
+
+    with Program(replace(TEST_LAYOUT, ct_entries=8)) as small:
+        tables = compile_policy(POLICY, IDS, small.layout)
+        small.load(tables)
+        flows = [IP(src=ANN4 if i % 2 else BOB4, dst=APP4) / TCP(sport=43000 + i, dport=22, flags="S")
+                 for i in range(64)]
+        for pkt in flows:
+            want = decide(POLICY, IDS, parse_raw(bytes(pkt)))
+            got = run(small, pkt)
+            assert (got.verdict.label, got.reason.label) == (want.verdict, want.reason)
+        assert len(small.flows()) <= 8
+        allowed = [p for p in flows if p[IP].src == ANN4]
+        back = [run(small, reverse(p), reply=True).reason for p in allowed]
+        assert back[0] == Reason.NOT_REPLY and back[-1] == Reason.REPLY
+        assert back.count(Reason.REPLY) <= 8

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dataplane.attach import detach
 from tests.netns import PYTHON, REPO, Namespaces, wait_until
 
 LAB = REPO / "examples" / "lab"
@@ -390,6 +392,66 @@ def test_kill_9_in_the_middle_of_a_change(site, alice, stage):
     assert (site.tcp(APP_WEB, 8080) is None) == blocked
     if blocked:
         site.ztgate("rule", "remove", "no-web")
+
+
+def test_an_open_flow_lives_through_kill_9_and_restart_and_nothing_blocked_passes(site, alice):
+    """The program and conntrack are pinned: killing the controller and starting it again
+    (a new build replaces the old one, the epoch moves on) never opens a gap for what the
+    policy blocks, and never cuts an allowed connection."""
+    conn = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="web before the crash")
+    stop = threading.Event()
+    echoes, leaks = [], []
+
+    def keep_echoing():
+        while not stop.is_set():
+            echoes.append(site.echo(conn))
+            time.sleep(0.02)
+
+    def knock():                    # the blocked service, over and over
+        while not stop.is_set():
+            s = site.tcp(APP_RDP, 3389, timeout=0.3)
+            if s is not None:
+                leaks.append(time.monotonic())
+                s.close()
+
+    threads = [threading.Thread(target=keep_echoing), threading.Thread(target=knock)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        site.kill()
+        time.sleep(0.5)
+        site.start()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        conn.close()
+    assert leaks == []
+    assert len(echoes) > 50 and all(echoes), f"{echoes.count(False)} of {len(echoes)} echoes went unanswered"
+
+
+def test_a_gateway_that_cannot_attach_does_not_serve_and_leaves_nothing_open(site, alice):
+    """Fail closed: with the program gone from the interface (detached by hand) and a build
+    that cannot be attached (ZTGATE_FAULT=load), the daemon exits saying why, and the
+    interface is down: no device packet is forwarded undecided."""
+    assert site.tcp(APP_WEB, 8080) is not None
+    site.kill()
+    with site.ns.inside("gw"):
+        detach(site.iface)
+    failing = site.ns.popen("gw", PYTHON, "-m", "control.cli", "gateway", "run", "--config", site.config,
+                            cwd=REPO, env=dict(os.environ, ZTGATE_FAULT="load"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = failing.communicate(timeout=60)
+    assert failing.returncode != 0 and "injected fault at load" in err
+    assert "is down until a gateway starts" in err
+    assert "state DOWN" in site.ns.run("gw", "ip", "link", "show", site.iface).stdout
+    assert site.tcp(APP_WEB, 8080, timeout=0.5) is None and site.tcp(APP_RDP, 3389, timeout=0.5) is None
+    assert not os.path.exists(site.sock) or site.ztgate("status", check=False).returncode != 0
+    site.start()                          # a gateway that can attach brings it all back
+    assert wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=30, what="web after the restart")
+    assert site.tcp(APP_RDP, 3389) is None
 
 
 def test_connectors_and_routes_are_managed_and_checked(site, alice):

@@ -75,7 +75,7 @@ def test_config_defaults_and_addresses():
     assert c.pool_size == 1 << 20 and c == Config(endpoint="198.18.0.1:51820", routes=c.routes)
     assert parse_config({"pool_ipv6": None}).gateway_addresses[-1].version == 4
     ct = dict(parse_config({"conntrack": {"udp": 30}}).conntrack)
-    assert ct == {"tcp": 3600, "tcp_closing": 10, "udp": 30, "icmp": 30}
+    assert ct == {"entries": 65536, "tcp": 3600, "tcp_closing": 10, "udp": 30, "icmp": 30}
 
 
 @pytest.mark.parametrize("doc, what", [
@@ -96,6 +96,7 @@ def test_config_defaults_and_addresses():
     ({"conntrack": [1]}, "conntrack: must be a mapping"),
     ({"conntrack": {"tcp_open": 5}}, "unknown timeout 'tcp_open'"),
     ({"conntrack": {"udp": 0}}, "conntrack.udp: must be seconds from 1"),
+    ({"conntrack": {"entries": 10}}, "conntrack.entries: must be flows from 1024"),
     ({"route_table": 0}, "route_table: must be an integer from 1"),
     ({"route_priority": 32766}, "route_priority: must be an integer from 2 to 32765"),
 ])
