@@ -1,0 +1,107 @@
+"""Revocation of open flows, timed on the lab with real traffic: alice keeps a UDP flow open
+(an echo every 0.5 ms, each stamped with when it was sent), a block rule for that flow is
+added through the CLI, and the time from the CLI returning to the first packet that gets no
+echo is measured, and from the CLI starting. Negative from the return: the kernel dropped
+before the CLI returned (the gateway applies a change before it answers, then frees the old
+build). Then the rule is removed and the flow must come back.
+
+Uses the lab (`ztgate lab up`); a lab that was not up is taken down again afterwards.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ZTGATE = str(REPO / ".venv" / "bin" / "ztgate")
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+# Runs in zt-alice: echoes over one socket (one flow) for `seconds`; prints one JSON line:
+# [[sent monotonic ns, answered], ...].
+SENDER = r"""
+import json, socket, sys, time
+seconds = float(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("10.20.0.10", 5353))
+s.setblocking(False)
+sent, answered = [], set()
+end = time.monotonic() + seconds
+seq = 0
+while time.monotonic() < end:
+    sent.append(time.monotonic_ns())
+    s.send(seq.to_bytes(4, "big"))
+    seq += 1
+    deadline = time.monotonic() + 0.0005
+    while time.monotonic() < deadline:
+        try:
+            answered.add(int.from_bytes(s.recv(64)[:4], "big"))
+        except BlockingIOError:
+            pass
+time.sleep(0.3)
+while True:
+    try:
+        answered.add(int.from_bytes(s.recv(64)[:4], "big"))
+    except BlockingIOError:
+        break
+print(json.dumps([[t, i in answered] for i, t in enumerate(sent)]))
+"""
+
+
+def _zt(*args: str) -> None:
+    subprocess.run([ZTGATE, *args], check=True, capture_output=True, text=True, timeout=120)
+
+
+def one(log) -> tuple[float, float]:
+    """Seconds from the CLI starting, and from it returning, to the first unanswered packet of
+    alice's open flow."""
+    sender = subprocess.Popen(["nsenter", "--net=/run/netns/zt-alice", PYTHON, "-c", SENDER, "6"],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    try:
+        started = time.monotonic_ns()
+        _zt("rule", "add", "bench-revoke", "--action", "block", "--principal", "user:alice@example.com",
+            "--proto", "udp", "--dst-cidr", "10.20.0.10/32", "--dst-port", "5353", "--precedence", "1")
+        returned = time.monotonic_ns()
+        out, _ = sender.communicate(timeout=30)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+        subprocess.run([ZTGATE, "rule", "remove", "bench-revoke"], capture_output=True, timeout=120)
+    packets = json.loads(out)
+    if not packets[0][1]:
+        raise RuntimeError("alice's flow was not answered before the revocation: is the lab healthy?")
+    last_ok = max(i for i, (_, ok) in enumerate(packets) if ok)
+    if last_ok == len(packets) - 1 or any(ok for _, ok in packets[last_ok + 1:]):
+        raise RuntimeError("alice's flow was not cut by the block rule")
+    first_dropped = packets[last_ok + 1][0]
+    return (first_dropped - started) / 1e9, (first_dropped - returned) / 1e9
+
+
+def run(repeats: int, log) -> dict:
+    was_up = subprocess.run([ZTGATE, "lab", "status"], capture_output=True).returncode == 0
+    if not was_up:
+        log("revocation: bringing the lab up")
+        subprocess.run([ZTGATE, "lab", "up"], check=True, capture_output=True, timeout=300)
+    try:
+        from_start, from_return = [], []
+        for i in range(repeats):
+            a, b = one(log)
+            from_start.append(a)
+            from_return.append(b)
+            log(f"revocation #{i + 1}: first dropped packet {a * 1000:.0f} ms after the CLI started, "
+                f"{b * 1000:+.0f} ms after it returned")
+            time.sleep(1.0)
+        return {"revocation_from_start_s": from_start, "revocation_from_return_s": from_return}
+    finally:
+        if not was_up:
+            subprocess.run([ZTGATE, "lab", "down"], capture_output=True, timeout=300)
+
+
+if __name__ == "__main__":
+    result = run(int(sys.argv[1]) if len(sys.argv) > 1 else 3, lambda m: print(m, file=sys.stderr))
+    for key, values in result.items():
+        print(f"{key}: median {statistics.median(values) * 1000:+.0f} ms of {len(values)}")
