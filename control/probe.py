@@ -21,7 +21,9 @@ def kernel_verdicts(program, tables: Tables, probes: list[Probe], repeat: int = 
     out = []
     with program.on_one_cpu() as cpu:
         for probe in probes:
-            r = program.run(probe_bytes(probe), repeat=max(1, repeat), cpu=cpu)
+            # A dry run: the probe decides each packet alone, as the first of its flow, with no
+            # state from earlier packets (spec/POLICY.md): no conntrack, no fragment tracking.
+            r = program.run(probe_bytes(probe), repeat=max(1, repeat), cpu=cpu, dry=not repeat)
             line = {"verdict": r.verdict.label,
                     "rule": tables.rule_names[r.rule - 1] if r.rule else None,
                     "reason": r.reason.label}

@@ -30,7 +30,7 @@ REDECIDE_ENTRY = "xdp_ztgate_redecide"
 POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
-SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_epoch")
+SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_epoch", "zt_frags")
 MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # ebpf/maps.h enum zt_ct_state
@@ -339,6 +339,7 @@ class Program:
             self.bpf["zt_cpu_state"].clear()
             self.bpf["zt_ct"].items_delete_batch()     # clear() deletes key by key: seconds when full
             self.bpf["zt_epoch"].clear()
+            self.bpf["zt_frags"].items_delete_batch()
 
     # -----------------------------------------------------------------------------------------
     # changes in place: a live gateway, no reload

@@ -43,6 +43,8 @@ class Reason(IntEnum):
     NOT_REPLY = 24
     REVOKED = 25
     KILLED = 26
+    FRAGMENT_FOLLOWS = 27
+    FRAGMENT_OVERLAP = 28
 
     @property
     def label(self) -> str:

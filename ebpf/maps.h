@@ -170,6 +170,12 @@ struct zt_last {
 #ifndef ZT_CT_ICMP_SECONDS
 #define ZT_CT_ICMP_SECONDS 30
 #endif
+#ifndef ZT_FRAG_ENTRIES
+#define ZT_FRAG_ENTRIES 16384 /* fragmented datagrams in flight (LRU) */
+#endif
+#ifndef ZT_FRAG_SECONDS
+#define ZT_FRAG_SECONDS 10 /* a datagram's later fragments follow its first this long */
+#endif
 #ifndef ZT_CT_TCP_CLOSING_SECONDS
 #define ZT_CT_TCP_CLOSING_SECONDS 10
 #endif
@@ -293,6 +299,26 @@ ZT_SHARED_TABLE("percpu_array", __u32, struct zt_cpu, zt_cpu_state, 1);
 /* 6. flow events, and the allowed flows (whose replies the connector side lets back) */
 ZT_SHARED_RINGBUF(zt_events, ZT_EVENT_RING_BYTES);
 ZT_SHARED_TABLE("lru_hash", struct zt_ct_key, struct zt_ct, zt_ct, ZT_CT_ENTRIES);
+/* A fragmented datagram whose first fragment was allowed (or, from a connector, passed as a
+ * reply): its later fragments, which carry no ports, follow that decision. */
+struct zt_frag_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u32 id; /* the identification, as on the wire (IPv4: 16 bits) */
+	__u8 family;
+	__u8 proto;
+	__u16 pad;
+};
+
+struct zt_frag {
+	__u64 seen_ns; /* its first fragment (coarse clock): later ones follow for ZT_FRAG_SECONDS */
+	__u64 epoch;   /* decided in this epoch: after a change, its later fragments drop */
+	__u8 l4_len;   /* the transport header the first fragment held: a later one may not overlap it */
+	__u8 pad[7];
+};
+
+ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRAG_ENTRIES);
+
 /* The policy epoch: userspace moves it on after every change it makes to the kernel's policy
  * or identities (a new build attached, a device written), so conntrack knows which flows were
  * allowed before the change and must be decided again. */

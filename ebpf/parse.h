@@ -35,8 +35,15 @@ struct zt_pkt {
 	__u8 tcp_flags; /* flags byte of the TCP header; 0 unless TCP */
 	__u8 icmp_echo; /* ZT_ICMP_ECHO_REQUEST or _REPLY (ICMP or ICMPv6), with its id; else 0 */
 	__u16 icmp_id;  /* host order */
+	__u8 l4_len;    /* bytes of the TCP/UDP/ICMP header read (a first fragment must hold it) */
+	__u8 frag;      /* ZT_FRAG_* bits: part of a fragmented datagram */
+	__u32 frag_id;  /* its identification (IPv4: 16 bits), as on the wire */
+	__u16 frag_offset; /* in 8-byte units */
 	__u16 pad;
 };
+
+#define ZT_FRAG_PART 1 /* a fragment: the first (offset 0, more to come) or a later one */
+#define ZT_FRAG_MORE 2 /* more fragments follow */
 
 #define ZT_ICMP_ECHO_REQUEST 1
 #define ZT_ICMP_ECHO_REPLY 2
@@ -56,17 +63,20 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->l4_len = th->doff * 4;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
 		if (present < sizeof(*uh) || (void *)(uh + 1) > data_end)
 			return ZT_REASON_UDP_SHORT;
 		p->sport = bpf_ntohs(uh->source);
 		p->dport = bpf_ntohs(uh->dest);
+		p->l4_len = sizeof(*uh);
 	} else if (p->proto == IPPROTO_ICMP || p->proto == ZT_PROTO_ICMPV6) {
 		/* Only conntrack reads this (an echo's id pairs a reply with its request); the
 		 * policy decides ICMP by protocol alone, so a short ICMP header is no error. */
 		__u8 *ic = l4;
 		if (present >= 8 && (void *)(ic + 8) <= data_end) {
+			p->l4_len = 8;
 			__u8 request = p->proto == IPPROTO_ICMP ? 8 : 128, reply = p->proto == IPPROTO_ICMP ? 0 : 129;
 			if (ic[0] == request || ic[0] == reply) {
 				p->icmp_echo = ic[0] == request ? ZT_ICMP_ECHO_REQUEST : ZT_ICMP_ECHO_REPLY;
@@ -92,12 +102,17 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 		return ZT_REASON_IPV4_BAD_LENGTH;
 	if (total > received)
 		return ZT_REASON_IPV4_TRUNCATED;
-	if (iph->frag_off & bpf_htons(0x1fff))
-		return ZT_REASON_IPV4_FRAGMENT;
 	p->family = 4;
 	p->proto = iph->protocol;
 	p->src[0] = iph->saddr;
 	p->dst[0] = iph->daddr;
+	if (iph->frag_off & bpf_htons(0x3fff)) { /* more fragments, or an offset */
+		p->frag = ZT_FRAG_PART | (iph->frag_off & bpf_htons(0x2000) ? ZT_FRAG_MORE : 0);
+		p->frag_id = iph->id;
+		p->frag_offset = bpf_ntohs(iph->frag_off) & 0x1fff;
+		if (p->frag_offset)
+			return ZT_REASON_IPV4_FRAGMENT;   /* no ports: conntrack may know its datagram */
+	}
 	/* ihl <= 60: options are skipped, never read */
 	return parse_l4(p, ip + (ihl & 0x3c), data_end, total - ihl);
 }
@@ -140,8 +155,17 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 		if (nh == ZT_NH_FRAGMENT) {
 			if ((void *)(h + 8) > data_end)
 				return ZT_REASON_IPV6_EXT_TRUNCATED;
-			if (*(__be16 *)(h + 2) & bpf_htons(0xfff8))
+			__u16 fo = bpf_ntohs(*(__be16 *)(h + 2));
+			p->frag = ZT_FRAG_PART | (fo & 1 ? ZT_FRAG_MORE : 0);
+			p->frag_id = *(__u32 *)(h + 4);
+			p->frag_offset = fo >> 3;
+			if (p->frag_offset) { /* no ports: conntrack may know its datagram */
+				p->family = 6;
+				p->proto = h[0];
+				__builtin_memcpy(p->src, &ip6->saddr, 16);
+				__builtin_memcpy(p->dst, &ip6->daddr, 16);
 				return ZT_REASON_IPV6_FRAGMENT;
+			}
 		}
 		nh = h[0];
 		off += size;

@@ -42,6 +42,8 @@ enum zt_reason {
 	ZT_REASON_NOT_REPLY = 24,         /* from a connector: no reply of a tracked flow */
 	ZT_REASON_REVOKED = 25,           /* from a connector: a reply of a flow the policy no longer allows */
 	ZT_REASON_KILLED = 26,            /* a packet of a flow ended by `ztgate flows kill` */
+	ZT_REASON_FRAGMENT_FOLLOWS = 27,  /* a later fragment of a datagram whose first was allowed */
+	ZT_REASON_FRAGMENT_OVERLAP = 28,  /* a later fragment that would overwrite the transport header */
 	ZT_REASON__MAX
 };
 

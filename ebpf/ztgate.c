@@ -286,6 +286,47 @@ static __always_inline void ct_touch(struct zt_ct *ct, const struct zt_pkt *p, _
 		ct->state = ZT_CT_CLOSING;
 }
 
+/* Fragments. The first fragment of a datagram (offset 0, more to come) is decided like any
+ * packet, from its ports; if it passes, zt_frags remembers the datagram, and its later
+ * fragments (which carry no ports) follow that decision for ZT_FRAG_SECONDS, in the same
+ * epoch. A later fragment whose first was never seen (or was dropped) stays dropped, and one
+ * that would overlap the transport header the first carried is dropped as an attack (RFC
+ * 1858: a fragment that rewrites the ports or the TCP flags after the decision). */
+static __always_inline void frag_key_of(struct zt_frag_key *key, const struct zt_pkt *p)
+{
+	__builtin_memcpy(key->src, p->src, 16);
+	__builtin_memcpy(key->dst, p->dst, 16);
+	key->id = p->frag_id;
+	key->family = p->family;
+	key->proto = p->proto;
+}
+
+/* A first fragment passed: remember its datagram. */
+static __always_inline void frag_track(const struct zt_pkt *p, __u64 epoch, __u64 now)
+{
+	if ((p->frag & ZT_FRAG_MORE) && !p->frag_offset) {
+		struct zt_frag_key key = {};
+		frag_key_of(&key, p);
+		struct zt_frag f = {.seen_ns = now, .epoch = epoch, .l4_len = p->l4_len};
+		zt_frags.update(&key, &f);
+	}
+}
+
+/* A later fragment: ZT_REASON_FRAGMENT_FOLLOWS if its datagram's first passed (in this
+ * epoch, recently), ZT_REASON_FRAGMENT_OVERLAP if it reaches into the header the first held,
+ * else 0 (it stays dropped as a fragment). */
+static __always_inline int frag_follows(const struct zt_pkt *p, __u64 epoch, __u64 now)
+{
+	struct zt_frag_key key = {};
+	frag_key_of(&key, p);
+	struct zt_frag *f = zt_frags.lookup(&key);
+	if (!f || f->epoch != epoch || now >= f->seen_ns + ZT_FRAG_SECONDS * 1000000000ULL)
+		return 0;
+	if ((__u32)p->frag_offset * 8 < f->l4_len)
+		return ZT_REASON_FRAGMENT_OVERLAP;
+	return ZT_REASON_FRAGMENT_FOLLOWS;
+}
+
 /* The established path. A TCP segment without SYN, a UDP datagram or an ICMP echo request of a
  * live flow that this build allowed in this epoch is allowed again by that decision, and a
  * killed flow's packet is dropped: one lookup, no policy walk. A SYN (a new connection) and
@@ -329,6 +370,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 		ct->packets++;
 		ct->bytes += bytes;
 		cpu->ct_hits++;
+		frag_track(p, d->epoch, now);
 	}
 	return 1;
 }
@@ -358,6 +400,7 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 		zt_ct.delete(&key);
 		ct = NULL;
 	}
+	frag_track(p, d->epoch, now);
 	int new_flow;
 	if (p->proto == IPPROTO_TCP)
 		new_flow = (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
@@ -460,6 +503,14 @@ int xdp_ztgate(struct xdp_md *ctx)
 	if (parsed != ZT_PARSED) {
 		d.reason = parsed;
 		d.verdict = verdict_of_reason(parsed);
+		if (p.frag_offset && cpu) {
+			int follows = frag_follows(&p, d.epoch, coarse_now(cpu));
+			if (follows) {
+				d.reason = follows;
+				d.verdict = follows == ZT_REASON_FRAGMENT_FOLLOWS ? ZT_VERDICT_ALLOW : ZT_VERDICT_FRAGMENT;
+				d.fast = follows == ZT_REASON_FRAGMENT_FOLLOWS;   /* its datagram was reported */
+			}
+		}
 	} else if (!cpu || !established(&d, &p, cpu, bytes, dry)) {
 		decide(&d, &p);
 	}
@@ -506,14 +557,17 @@ static __always_inline int reply_key(struct zt_ct_key *key, const struct zt_pkt 
 	return 1;
 }
 
-/* A reply of a live flow that passes: the flow lives on, and counts it. */
-static __always_inline void reply_passes(struct zt_ct *ct, const struct zt_pkt *p, __u64 now, __u64 bytes, int dry)
+/* A reply of a live flow that passes: the flow lives on and counts it; a first fragment's
+ * later fragments will follow it. */
+static __always_inline void reply_passes(struct zt_ct *ct, const struct zt_pkt *p, __u64 now, __u64 bytes,
+					 __u64 epoch, int dry)
 {
 	if (dry)
 		return;
 	ct_touch(ct, p, now);
 	ct->reply_packets++;
 	ct->reply_bytes += bytes;
+	frag_track(p, epoch, now);
 }
 
 /* Count, remember for test-run callers, report drops (with the device they were sent to). */
@@ -560,6 +614,13 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 		d.reason = parsed;
 		/* (not IP: the Ethernet build passes ARP on ingress; nothing unparsed passes here) */
 		d.verdict = parsed == ZT_REASON_NOT_IP ? ZT_VERDICT_BLOCK : verdict_of_reason(parsed);
+		if (p.frag_offset) {   /* a later fragment of a reply that passed follows it */
+			int follows = frag_follows(&p, epoch_now(), now);
+			if (follows) {
+				d.reason = follows;
+				d.verdict = follows == ZT_REASON_FRAGMENT_FOLLOWS ? ZT_VERDICT_ALLOW : ZT_VERDICT_FRAGMENT;
+			}
+		}
 	} else if (reply_key(&key, &p)) {
 		struct zt_ct *ct = zt_ct.lookup(&key);
 		if (ct && ct_alive(ct, p.proto, now)) {
@@ -568,7 +629,7 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 			} else if (ct->epoch == epoch_now()) {
 				d.verdict = ZT_VERDICT_ALLOW;
 				d.reason = ZT_REASON_REPLY;
-				reply_passes(ct, &p, now, ctx->data_end - ctx->data, dry_run(ctx));
+				reply_passes(ct, &p, now, ctx->data_end - ctx->data, ct->epoch, dry_run(ctx));
 			} else {
 				zt_reply_slow.call(ctx, 0);
 				d.reason = ZT_REASON_INTERNAL;   /* the tail call failed: fail closed */
@@ -614,7 +675,7 @@ int xdp_ztgate_redecide(struct xdp_md *ctx)
 			}
 			d.verdict = ZT_VERDICT_ALLOW;
 			d.reason = ZT_REASON_REPLY;
-			reply_passes(ct, &p, now, ctx->data_end - ctx->data, dry);
+			reply_passes(ct, &p, now, ctx->data_end - ctx->data, epoch, dry);
 		} else {
 			if (!dry)
 				zt_ct.delete(&key);

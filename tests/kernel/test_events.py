@@ -24,7 +24,7 @@ from control.packets import parse_raw
 from control.reference import decide
 from dataplane.errors import KernelError
 from dataplane.events import EventReader
-from dataplane.program import POLICY_MAPS, Program, map_info, obj_get, prog_id, unpin_all
+from dataplane.program import POLICY_MAPS, SHARED_MAPS, Program, map_info, obj_get, prog_id, unpin_all
 from dataplane.reasons import Reason, Verdict
 from tests.packet_cases import UNREADABLE
 
@@ -420,14 +420,14 @@ def test_builds_sharing_a_pin_dir_share_events_state_and_flows(pin_dir):
     flow = bytes(IP(src=ANN4, dst=D4) / UDP(sport=50001, dport=5000))
     with ExitStack() as stack:
         first = stack.enter_context(Program(TEST_LAYOUT, build=1, pin_dir=pin_dir))
-        assert sorted(os.listdir(pin_dir)) == ["zt_cpu_state", "zt_ct", "zt_epoch", "zt_events"]
+        assert sorted(os.listdir(pin_dir)) == sorted(SHARED_MAPS)
         first.load(compile_policy(POLICY, IDS, first.layout))
         assert run_all(first, [dns, flow, flow]) == [XDP_DROP, XDP_PASS, XDP_PASS]
 
         # The next build, as a policy swap makes it: the same maps, which its load() keeps.
         second = stack.enter_context(Program(TEST_LAYOUT, build=2, pin_dir=pin_dir))
         second.load(compile_policy(POLICY, IDS, second.layout))
-        for name in ("zt_cpu_state", "zt_events", "zt_ct", "zt_epoch"):
+        for name in SHARED_MAPS:
             assert map_info(second.bpf[name].get_fd()).id == _pinned_map_id(pin_dir / name)
         assert second.reason_counters()[Reason.RULE] == (3, len(dns) + 2 * len(flow))
         first.close()

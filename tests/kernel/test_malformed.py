@@ -84,7 +84,9 @@ def test_runs_are_counted_per_rule_and_reason(program):
     """The counters move with each decision: the same numbers flow logs and metrics will read."""
     tables = compile_policy(ALLOW_ALL, IDS, program.layout)
     program.load(tables)
-    kernel_verdicts(program, tables, [bytes(SYN_V4)] * 3 + [b"\x45"])
+    with program.on_one_cpu() as cpu:        # packets, not probes (which are dry runs): counted
+        for data in [bytes(SYN_V4)] * 3 + [b"\x45"]:
+            program.run(data, cpu=cpu)
     rule_packets = sum(c.packets for c in program.bpf["zt_rule_stats"][1])
     state = program.bpf["zt_cpu_state"][0]
     assert rule_packets == 3

@@ -1,0 +1,111 @@
+"""Fragments (BPF_PROG_TEST_RUN, both sides): a datagram's first fragment is decided by its
+ports; later fragments follow an allowed first, in order or not yet seen (dropped), and never
+one that would overwrite the transport header the first carried. IPv4 and IPv6."""
+import secrets
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+
+from control.compiler import compile_policy
+from control.packets import parse_raw
+from control.reference import decide
+from dataplane.reasons import Reason, Verdict
+
+from .conftest import TEST_LAYOUT
+from .test_return_path import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, XDP_DROP, XDP_PASS
+
+
+@pytest.fixture(scope="module")
+def program():
+    from dataplane.program import Program, unpin_all
+
+    pin_dir = Path("/sys/fs/bpf") / f"zt-test-frag-{secrets.token_hex(4)}"
+    try:
+        with Program(TEST_LAYOUT, pin_dir=pin_dir) as prog:
+            yield prog
+    finally:
+        unpin_all(pin_dir)
+
+
+@pytest.fixture
+def loaded(program):
+    program.load(compile_policy(POLICY, IDS, program.layout))
+    for name in ("zt_ct", "zt_frags"):
+        program.bpf[name].items_delete_batch()
+    return program
+
+
+def run(program, pkt, reply=False):
+    with program.on_one_cpu() as cpu:
+        return program.run(bytes(pkt), cpu=cpu, reply=reply)
+
+
+def v4_parts(src, dst, l4, ident, size=3000):
+    return fragment(IP(src=src, dst=dst, id=ident) / l4 / (b"x" * size), fragsize=1000)
+
+
+def v6_parts(src, dst, l4, ident, size=3000):
+    return fragment6(IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=ident) / l4 / (b"x" * size), 1280)
+
+
+PARTS = {"ipv4": lambda l4, ident, src=ANN4: v4_parts(src, APP4, l4, ident),
+         "ipv6": lambda l4, ident, src=ANN6: v6_parts(src, APP6, l4, ident)}
+
+
+@pytest.mark.parametrize("family", PARTS)
+def test_an_allowed_datagram_passes_whole(loaded, family):
+    parts = PARTS[family](UDP(sport=44000, dport=5353), 777)
+    assert len(parts) >= 3
+    first = run(loaded, parts[0])
+    assert first.verdict.label == decide(POLICY, IDS, parse_raw(bytes(parts[0]))).verdict == "allow"
+    for later in parts[1:]:
+        got = run(loaded, later)
+        assert (got.retval, got.reason) == (XDP_PASS, Reason.FRAGMENT_FOLLOWS)
+    # the same id from another source, or another id: no first was seen
+    other = PARTS[family](UDP(sport=44000, dport=5353), 778)
+    assert run(loaded, other[1]).verdict == Verdict.FRAGMENT
+
+
+@pytest.mark.parametrize("family", PARTS)
+def test_a_blocked_or_unseen_first_leaves_its_fragments_dropped(loaded, family):
+    parts = PARTS[family](UDP(sport=44001, dport=53), 901)             # udp 53: default block
+    assert run(loaded, parts[0]).verdict == Verdict.BLOCK
+    assert all(run(loaded, p).verdict == Verdict.FRAGMENT for p in parts[1:])
+    # out of order: the later fragments before the first are dropped; after it, they follow
+    parts = PARTS[family](UDP(sport=44002, dport=5353), 902)
+    assert run(loaded, parts[2]).verdict == Verdict.FRAGMENT
+    assert run(loaded, parts[0]).verdict == Verdict.ALLOW
+    assert run(loaded, parts[2]).reason == Reason.FRAGMENT_FOLLOWS
+
+
+def test_a_later_fragment_may_not_overwrite_the_header(loaded):
+    first = IP(src=ANN4, dst=APP4, id=55, flags="MF") / TCP(sport=44003, dport=22, flags="S") / (b"x" * 64)
+    assert run(loaded, first).verdict == Verdict.ALLOW
+    for offset, want in ((1, Reason.FRAGMENT_OVERLAP), (2, Reason.FRAGMENT_OVERLAP), (3, Reason.FRAGMENT_FOLLOWS)):
+        # offset 1 would rewrite bytes 8-15 (the TCP flags), 2 bytes 16-19; 3 starts after the header
+        later = IP(src=ANN4, dst=APP4, id=55, frag=offset, proto=6) / (b"\x00" * 32)
+        assert run(loaded, later).reason == want, offset
+
+
+def test_a_change_stops_the_rest_of_a_datagram(loaded):
+    parts = PARTS["ipv4"](UDP(sport=44004, dport=5353), 66)
+    assert run(loaded, parts[0]).verdict == Verdict.ALLOW
+    loaded.next_epoch()
+    assert run(loaded, parts[1]).verdict == Verdict.FRAGMENT
+
+
+@pytest.mark.parametrize("family", PARTS)
+def test_a_fragmented_reply_passes_whole_and_only_then(loaded, family):
+    src, dst = (ANN4, APP4) if family == "ipv4" else (ANN6, APP6)
+    make = v4_parts if family == "ipv4" else v6_parts
+    assert run(loaded, (IP if family == "ipv4" else IPv6)(src=src, dst=dst) / UDP(sport=44005, dport=5353)).retval \
+        == XDP_PASS
+    answer = make(dst, src, UDP(sport=5353, dport=44005), 4242)
+    stranger = make(dst, src, UDP(sport=5353, dport=44999), 4243)
+    assert run(loaded, stranger[0], reply=True).reason == Reason.NOT_REPLY
+    assert run(loaded, stranger[1], reply=True).verdict == Verdict.FRAGMENT
+    assert run(loaded, answer[0], reply=True).reason == Reason.REPLY
+    assert all(run(loaded, p, reply=True).reason == Reason.FRAGMENT_FOLLOWS for p in answer[1:])
