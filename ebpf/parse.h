@@ -39,7 +39,7 @@ struct zt_pkt {
 	__u8 frag;      /* ZT_FRAG_* bits: part of a fragmented datagram */
 	__u32 frag_id;  /* its identification (IPv4: 16 bits), as on the wire */
 	__u16 frag_offset; /* in 8-byte units */
-	__u16 pad;
+	__u16 l4_off;   /* where the transport header starts, from the start of the frame */
 };
 
 #define ZT_FRAG_PART 1 /* a fragment: the first (offset 0, more to come) or a later one */
@@ -114,6 +114,7 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 			return ZT_REASON_IPV4_FRAGMENT;   /* no ports: conntrack may know its datagram */
 	}
 	/* ihl <= 60: options are skipped, never read */
+	p->l4_off += ihl & 0x3c;
 	return parse_l4(p, ip + (ihl & 0x3c), data_end, total - ihl);
 }
 
@@ -177,6 +178,7 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 	p->proto = nh;
 	__builtin_memcpy(p->src, &ip6->saddr, 16);
 	__builtin_memcpy(p->dst, &ip6->daddr, 16);
+	p->l4_off += off & 0xffff;
 	return parse_l4(p, ip + (off & 0xffff), data_end, end - off);
 }
 
@@ -217,6 +219,7 @@ static __always_inline int parse_eth(struct zt_pkt *p, void *data, void *data_en
 	}
 	if (type == bpf_htons(ETH_P_8021Q) || type == bpf_htons(ETH_P_8021AD))
 		return ZT_REASON_ETH_VLAN_DEPTH;
+	p->l4_off = cur - data;   /* the IP header's offset; parse_ipv4/6 add theirs */
 	if (type == bpf_htons(ETH_P_IP))
 		return parse_ip(p, cur, data_end, 4);
 	if (type == bpf_htons(ETH_P_IPV6))

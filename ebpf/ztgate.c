@@ -570,6 +570,56 @@ static __always_inline void reply_passes(struct zt_ct *ct, const struct zt_pkt *
 	frag_track(p, epoch, now);
 }
 
+/* An ICMP error from the private side (ICMP: unreachable, fragmentation needed, time
+ * exceeded, parameter problem; ICMPv6: the same and packet too big) quotes the packet that
+ * caused it: the device's own, whose 5-tuple is its flow's conntrack key. 1 if it does, and
+ * the quoted packet came from the device the error goes to. */
+static __always_inline int icmp_error_key(struct zt_ct_key *key, const struct zt_pkt *p, void *data,
+					  void *data_end)
+{
+	__u8 *ic = data + (p->l4_off & 0x3ff);
+	__u8 *q = ic + 8;
+	if ((void *)(q + 20) > data_end)   /* the shortest quote: an IPv4 header */
+		return 0;
+	__u32 hdr;
+	if (p->family == 4) {
+		if (!(ic[0] == 3 || ic[0] == 11 || ic[0] == 12) || (q[0] >> 4) != 4)
+			return 0;
+		hdr = (q[0] & 0x0f) * 4;
+		key->proto = q[9];
+		__builtin_memcpy(key->src, q + 12, 4);
+		__builtin_memcpy(key->dst, q + 16, 4);
+	} else {
+		if (ic[0] < 1 || ic[0] > 4 || (q[0] >> 4) != 6 || (void *)(q + 40) > data_end)
+			return 0;
+		hdr = 40;
+		key->proto = q[6];
+		__builtin_memcpy(key->src, q + 8, 16);
+		__builtin_memcpy(key->dst, q + 24, 16);
+	}
+	if (hdr < 20 || hdr > 40)      /* (IPv4 options beyond 20 bytes: not followed) */
+		return 0;
+	__u8 *l4 = q + hdr;
+	if ((void *)(l4 + 8) > data_end)
+		return 0;
+	if (key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) {
+		key->sport = ((__u16)l4[0] << 8) | l4[1];
+		key->dport = ((__u16)l4[2] << 8) | l4[3];
+	} else if (key->proto == (p->family == 4 ? IPPROTO_ICMP : ZT_PROTO_ICMPV6) &&
+		   l4[0] == (p->family == 4 ? 8 : 128)) {
+		key->sport = ((__u16)l4[4] << 8) | l4[5];   /* a quoted echo request: its id */
+	} else {
+		return 0;
+	}
+	key->family = p->family;
+	/* the quoted packet is the device's: it must come from where the error is going */
+	__u32 quoted[4];
+	__builtin_memcpy(quoted, key->src, 16);
+	if (quoted[0] != p->dst[0])
+		return 0;
+	return p->family == 4 || (quoted[1] == p->dst[1] && quoted[2] == p->dst[2] && quoted[3] == p->dst[3]);
+}
+
 /* Count, remember for test-run callers, report drops (with the device they were sent to). */
 static __always_inline int reply_record(struct xdp_md *ctx, struct zt_cpu *cpu, struct zt_decision *d,
 					const struct zt_pkt *p, __u64 now, int dry)
@@ -619,6 +669,16 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 			if (follows) {
 				d.reason = follows;
 				d.verdict = follows == ZT_REASON_FRAGMENT_FOLLOWS ? ZT_VERDICT_ALLOW : ZT_VERDICT_FRAGMENT;
+			}
+		}
+	} else if ((p.proto == IPPROTO_ICMP || p.proto == ZT_PROTO_ICMPV6) && !p.icmp_echo) {
+		/* an error about a live flow of this epoch passes with it (path MTU discovery
+		 * needs "fragmentation needed" and "packet too big"); it does not keep it alive */
+		if (icmp_error_key(&key, &p, data, data_end)) {
+			struct zt_ct *ct = zt_ct.lookup(&key);
+			if (ct && ct_alive(ct, key.proto, now) && ct->state != ZT_CT_KILLED && ct->epoch == epoch_now()) {
+				d.verdict = ZT_VERDICT_ALLOW;
+				d.reason = ZT_REASON_REPLY;
 			}
 		}
 	} else if (reply_key(&key, &p)) {

@@ -148,6 +148,35 @@ def test_an_allowed_echo_request_lets_its_echo_reply_back(loaded):
     assert reply(loaded, IP(src=APP4, dst="100.96.0.77") / ICMP(type=0, id=5)).retval == XDP_DROP
 
 
+def test_icmp_errors_about_a_tracked_flow_pass_with_it(loaded):
+    """Path MTU discovery through a connector: "fragmentation needed" (and its ICMPv6 peer,
+    "packet too big") quoting the device's packet of a live flow pass; errors about anything
+    else, or quoting another device's packet, do not."""
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded
+    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A") / (b"x" * 100)
+    ssh6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353) / (b"x" * 100)
+    router4, router6 = "10.20.0.254", "fd20::fe"
+    too_big = IP(src=router4, dst=ANN4) / ICMP(type=3, code=4, nexthopmtu=1300) / bytes(ssh)
+    too_big6 = IPv6(src=router6, dst=ANN6) / ICMPv6PacketTooBig(mtu=1280) / bytes(ssh6)
+    for err in (too_big, too_big6):
+        assert reply(loaded, err).reason == Reason.NOT_REPLY          # no flow yet
+    assert ingress(loaded, ssh).retval == XDP_PASS and ingress(loaded, ssh6).retval == XDP_PASS
+    for err in (too_big, too_big6,
+                IP(src=router4, dst=ANN4) / ICMP(type=11) / bytes(ssh)[:28],     # the shortest quote
+                IPv6(src=router6, dst=ANN6) / ICMPv6TimeExceeded() / bytes(ssh6),
+                IPv6(src=APP6, dst=ANN6) / ICMPv6DestUnreach(code=4) / bytes(ssh6)):
+        got = reply(loaded, err)
+        assert (got.retval, got.reason) == (XDP_PASS, Reason.REPLY), err.summary()
+    other_port = IP(src=ANN4, dst=APP4) / TCP(sport=40001, dport=22, flags="A")
+    for err in (IP(src=router4, dst=ANN4) / ICMP(type=3, code=4) / bytes(other_port),     # no such flow
+                IP(src=router4, dst=BOB4) / ICMP(type=3, code=4) / bytes(ssh),            # not bob's packet
+                IP(src=router4, dst=ANN4) / ICMP(type=5) / bytes(ssh),                    # a redirect
+                IP(src=router4, dst=ANN4) / ICMP(type=3, code=4) / bytes(ssh)[:24]):      # quote too short
+        assert reply(loaded, err).retval == XDP_DROP, err.summary()
+    loaded.next_epoch()              # a change: errors do not re-decide, they wait for the flow
+    assert reply(loaded, too_big).retval == XDP_DROP
+
+
 def test_a_drop_towards_a_device_names_the_device(loaded):
     got = reply(loaded, IP(src=APP4, dst=BOB4) / UDP(sport=5353, dport=40000))
     assert got.verdict == Verdict.BLOCK and got.device == 2   # bob-phone, the second device

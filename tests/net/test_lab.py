@@ -437,6 +437,28 @@ def test_flows_lists_an_open_connection_and_kill_ends_it(up):
         assert echo(again)
 
 
+@pytest.mark.parametrize("device", [d[0] for d in DEVICES])
+def test_large_datagrams_pass_whole_when_allowed_and_not_at_all_when_not(up, device):
+    """4000 bytes of UDP: fragmented by the device (the tunnel's MTU is 1420) and, for the echo,
+    by the LAN and the connector. Its later fragments follow the first's verdict, both ways."""
+    ns = NS_OF[device]
+    s, sport = bound(ns, socket.SOCK_DGRAM)
+    want = Reference().decide(device, "udp", APP, 5353, sport=sport).verdict == "allow"
+    before = metric(metrics(), "ztgate_packets_total", reason="fragment-follows")
+    payload = secrets.token_bytes(4000)
+    try:
+        s.sendto(payload, (APP, 5353))
+        try:
+            got = s.recv(8192)
+        except socket.timeout:
+            got = None
+    finally:
+        s.close()
+    assert (got == payload) == want, f"{device}: a {len(payload)}-byte echo {'came' if got else 'did not come'} back"
+    grew = metric(metrics(), "ztgate_packets_total", reason="fragment-follows") - before
+    assert (grew >= 4) == want, grew      # at least 2 later fragments each way when allowed; none when not
+
+
 def test_a_disabled_device_is_cut_at_once_and_comes_back_when_enabled(up):
     bob, alice = up.address["bob-laptop"], up.address["alice-laptop"]
     web = ns_socket(NS_BOB)
