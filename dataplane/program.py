@@ -11,6 +11,7 @@ import secrets
 import shutil
 import struct
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ REDECIDE_ENTRY = "xdp_ztgate_redecide"
 POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
-SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_epoch", "zt_frags")
+SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags")
 MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # ebpf/maps.h enum zt_ct_state
@@ -339,6 +340,7 @@ class Program:
             self.bpf["zt_cpu_state"].clear()
             self.bpf["zt_ct"].items_delete_batch()     # clear() deletes key by key: seconds when full
             self.bpf["zt_epoch"].clear()
+            self.bpf["zt_fcache"].clear()              # (its slots were checked in epochs that start again)
             self.bpf["zt_frags"].items_delete_batch()
 
     # -----------------------------------------------------------------------------------------
@@ -475,13 +477,24 @@ class Program:
 
     def flows(self) -> list[dict]:
         """Conntrack's entries: the 5-tuple as the device sent it and what ebpf/maps.h struct
-        zt_ct holds (times on the coarse CLOCK_MONOTONIC)."""
+        zt_ct holds (times on the coarse CLOCK_MONOTONIC), with the packets the flow cache
+        counted since its last check added."""
+        pending = defaultdict(list)    # key -> [(checked_ns, packets, bytes)], as the kernel adds them
+        for _, per_cpu in self.bpf["zt_fcache"].items_lookup_batch():
+            for slot in per_cpu:
+                if slot.packets:
+                    pending[bytes(slot.key)].append((slot.checked_ns, slot.packets, slot.bytes))
         out = []
         for k, v in self.bpf["zt_ct"].items_lookup_batch():
             n = 4 if k.family == 4 else 16
-            out.append({"family": k.family, "proto": k.proto, "src": ipaddress.ip_address(bytes(k.src)[:n]),
-                        "dst": ipaddress.ip_address(bytes(k.dst)[:n]), "sport": k.sport, "dport": k.dport,
-                        **{f: getattr(v, f) for f, _ in v._fields_ if f != "pad"}})
+            flow = {"family": k.family, "proto": k.proto, "src": ipaddress.ip_address(bytes(k.src)[:n]),
+                    "dst": ipaddress.ip_address(bytes(k.dst)[:n]), "sport": k.sport, "dport": k.dport,
+                    **{f: getattr(v, f) for f, _ in v._fields_ if f != "pad"}}
+            for checked, packets, nbytes in pending.get(bytes(k), ()):
+                if v.created_ns <= checked:   # (else the slot's counts are of an earlier flow on the tuple)
+                    flow["packets"] += packets
+                    flow["bytes"] += nbytes
+            out.append(flow)
         return out
 
     def kill_flow(self, family: int, proto: int, src: Address, dst: Address, sport: int, dport: int) -> bool:
@@ -498,7 +511,15 @@ class Program:
             return False
         value.state = CT_KILLED
         table[key] = value
+        self.next_epoch()      # (the flow cache trusts no slot of an earlier epoch)
         return True
+
+    def clear_flows(self) -> None:
+        """Forget every flow and fragmented datagram (the epoch moves on, so no slot of the
+        flow cache holds one either): each flow's next packet is decided by the policy."""
+        for name in ("zt_ct", "zt_frags"):
+            self.bpf[name].items_delete_batch()     # clear() deletes key by key: seconds when full
+        self.next_epoch()
 
     def forget_flows(self, addresses: Iterable[Address]) -> int:
         """Remove the conntrack entries of flows these tunnel addresses opened (a device that is

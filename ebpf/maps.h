@@ -224,7 +224,7 @@ struct zt_cpu {
 /* An allowed flow, by its 5-tuple as the device sent it (src: the device; an ICMP echo's id
  * in sport). */
 struct zt_ct_key {
-	__u8 src[16];
+	__u8 src[16] __attribute__((aligned(8)));
 	__u8 dst[16];
 	__u16 sport;
 	__u16 dport;
@@ -299,6 +299,37 @@ ZT_SHARED_TABLE("percpu_array", __u32, struct zt_cpu, zt_cpu_state, 1);
 /* 6. flow events, and the allowed flows (whose replies the connector side lets back) */
 ZT_SHARED_RINGBUF(zt_events, ZT_EVENT_RING_BYTES);
 ZT_SHARED_TABLE("lru_hash", struct zt_ct_key, struct zt_ct, zt_ct, ZT_CT_ENTRIES);
+
+/* The flow cache: per CPU, direct-mapped by a hash of the 5-tuple, in front of zt_ct on the
+ * established path. A slot holds a flow that zt_ct showed alive and allowed in this epoch and
+ * build: for ZT_FCACHE_NS after that check, its packets are allowed by the slot alone (an array
+ * slot on this CPU: no hashing of a 40-byte key, no shared cache line), their counts kept in
+ * the slot until the next check adds them to zt_ct (Program.flows() adds what is still here).
+ * ZT_FCACHE_NS is at most a quarter of the shortest timeout, and each check refreshes the flow in
+ * zt_ct, so a slot never outlives its flow; anything that must end a flow sooner moves the
+ * epoch (a change, a device disabled, `flows kill`), which every slot was checked in. */
+#ifndef ZT_FCACHE_BITS
+#define ZT_FCACHE_BITS 12
+#endif
+#define ZT_MIN2(a, b) ((a) < (b) ? (a) : (b))
+#define ZT_CT_MIN_SECONDS                                                                      \
+	ZT_MIN2(ZT_MIN2(ZT_CT_TCP_SECONDS, ZT_CT_TCP_CLOSING_SECONDS), ZT_MIN2(ZT_CT_UDP_SECONDS, ZT_CT_ICMP_SECONDS))
+#define ZT_FCACHE_NS ZT_MIN2(500000000ULL, ZT_CT_MIN_SECONDS * 250000000ULL)
+
+struct zt_fslot {
+	struct zt_ct_key key;
+	__u64 epoch;      /* checked against zt_ct in this epoch and build */
+	__u64 checked_ns; /* when (coarse clock): its counts belong to a zt_ct entry created by then */
+	__u64 until_ns;   /* trusted until then */
+	__u32 build;
+	__u32 rule;
+	__u32 device;
+	__u32 ident;
+	__u64 packets;    /* this CPU's packets of the flow since the check: not in zt_ct yet */
+	__u64 bytes;
+};
+
+ZT_SHARED_TABLE("percpu_array", __u32, struct zt_fslot, zt_fcache, 1 << ZT_FCACHE_BITS);
 /* A fragmented datagram whose first fragment was allowed (or, from a connector, passed as a
  * reply): its later fragments, which carry no ports, follow that decision. */
 struct zt_frag_key {

@@ -26,7 +26,7 @@
 
 /* What the decision reads of a packet. Addresses in network order, IPv4 in [0]. */
 struct zt_pkt {
-	__u32 src[4];
+	__u32 src[4] __attribute__((aligned(8)));
 	__u32 dst[4];
 	__u16 sport; /* host order; 0 unless TCP or UDP */
 	__u16 dport;

@@ -327,10 +327,34 @@ static __always_inline int frag_follows(const struct zt_pkt *p, __u64 epoch, __u
 	return ZT_REASON_FRAGMENT_FOLLOWS;
 }
 
-/* The established path. A TCP segment without SYN, a UDP datagram or an ICMP echo request of a
+/* A flow's key (struct zt_ct_key) as words: the addresses, then ports, family and protocol. */
+static __always_inline __u64 ct_key_tail(const struct zt_pkt *p)
+{
+	__u16 sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport;
+	return (__u64)sport | (__u64)p->dport << 16 | (__u64)p->family << 32 | (__u64)p->proto << 40;
+}
+
+/* The flow cache's slot for a packet's flow: a cheap mix of its key's words (not a strong
+ * hash: a collision costs a zt_ct lookup, never a wrong decision, since the whole key is
+ * compared). Read from the packet, so that a hit builds no key. */
+static __always_inline __u32 fcache_index(const struct zt_pkt *p, __u64 tail)
+{
+	__u32 h = (p->src[0] ^ p->src[1] ^ p->src[2] ^ p->src[3]) * 0x9E3779B1U;
+	h ^= p->dst[0] ^ p->dst[1] ^ p->dst[2] ^ p->dst[3] ^ (__u32)tail ^ (__u32)(tail >> 40);
+	return (h * 0x85EBCA6BU) >> (32 - ZT_FCACHE_BITS);
+}
+
+static __always_inline int fcache_holds(const struct zt_fslot *slot, const struct zt_pkt *p, __u64 tail)
+{
+	const __u64 *k = (const __u64 *)&slot->key, *s = (const __u64 *)p->src, *t = (const __u64 *)p->dst;
+	return !((k[0] ^ s[0]) | (k[1] ^ s[1]) | (k[2] ^ t[0]) | (k[3] ^ t[1]) | (k[4] ^ tail));
+}
+
+/* The established path: a TCP segment without SYN, a UDP datagram or an ICMP echo request of a
  * live flow that this build allowed in this epoch is allowed again by that decision, and a
- * killed flow's packet is dropped: one lookup, no policy walk. A SYN (a new connection) and
- * everything else is decided by the policy. Returns 1 when it decided. */
+ * killed flow's packet is dropped. One lookup: the flow cache's slot on this CPU, or zt_ct
+ * when the slot holds another flow or is due for its check (which refills it). A SYN (a new
+ * connection) and everything else is decided by the policy. Returns 1 when it decided. */
 static __always_inline int established(struct zt_decision *d, const struct zt_pkt *p, struct zt_cpu *cpu,
 				       __u64 bytes, int dry)
 {
@@ -340,13 +364,33 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	} else if (p->proto != IPPROTO_UDP && p->icmp_echo != ZT_ICMP_ECHO_REQUEST) {
 		return 0;
 	}
+	__u64 now = coarse_now(cpu);
+	__u64 tail = ct_key_tail(p);
+	__u32 i = fcache_index(p, tail);
+	struct zt_fslot *slot = zt_fcache.lookup(&i);
+	if (!slot)
+		return 0;
+	/* (A FIN or RST, and a first fragment, take the zt_ct way: they change the flow's state.) */
+	int keep = !(p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && !(p->frag & ZT_FRAG_MORE);
+	int holds = fcache_holds(slot, p, tail);
+	if (keep && holds && slot->epoch == d->epoch && slot->build == ZT_BUILD && now < slot->until_ns) {
+		d->verdict = ZT_VERDICT_ALLOW;
+		d->rule = slot->rule;
+		d->reason = slot->rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
+		d->device = slot->device;
+		d->ident = slot->ident;
+		d->fast = 1;
+		if (!dry) {
+			slot->packets++;
+			slot->bytes += bytes;
+			cpu->ct_hits++;
+		}
+		return 1;
+	}
 	struct zt_ct_key key = {};
 	ct_key_of(&key, p);
 	struct zt_ct *ct = zt_ct.lookup(&key);
-	if (!ct)
-		return 0;
-	__u64 now = coarse_now(cpu);
-	if (!ct_alive(ct, p->proto, now))
+	if (!ct || !ct_alive(ct, p->proto, now))
 		return 0;
 	if (ct->state == ZT_CT_KILLED) {
 		d->device = ct->device;
@@ -356,8 +400,8 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 		return 1;
 	}
 	/* another epoch or build: decided again; a non-TCP flow due to be reported: reported */
-	if (ct->epoch != d->epoch || ct->build != ZT_BUILD ||
-	    (p->proto != IPPROTO_TCP && now >= ct->event_ns + ZT_FLOW_EVENT_NS))
+	__u64 report_ns = p->proto == IPPROTO_TCP ? ~0ULL : ct->event_ns + ZT_FLOW_EVENT_NS;
+	if (ct->epoch != d->epoch || ct->build != ZT_BUILD || now >= report_ns)
 		return 0;
 	d->verdict = ZT_VERDICT_ALLOW;
 	d->rule = ct->rule;
@@ -365,13 +409,34 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	d->device = ct->device;
 	d->ident = ct->ident;
 	d->fast = 1;
-	if (!dry) {
-		ct_touch(ct, p, now);
-		ct->packets++;
-		ct->bytes += bytes;
-		cpu->ct_hits++;
-		frag_track(p, d->epoch, now);
+	if (dry)
+		return 1;
+	ct_touch(ct, p, now);
+	ct->packets++;
+	ct->bytes += bytes;
+	cpu->ct_hits++;
+	frag_track(p, d->epoch, now);
+	/* The slot's counts go to their flow's entry (the flow it held may be another one, or
+	 * gone: an entry created since is another flow on the same tuple), and the slot takes this
+	 * flow until its next check. */
+	if (slot->packets) {
+		struct zt_ct *held = holds ? ct : zt_ct.lookup(&slot->key);
+		if (held && held->created_ns <= slot->checked_ns) {
+			held->packets += slot->packets;
+			held->bytes += slot->bytes;
+		}
 	}
+	__u64 until = now + ZT_FCACHE_NS;
+	slot->key = key;
+	slot->epoch = d->epoch;
+	slot->checked_ns = now;
+	slot->until_ns = until < report_ns ? until : report_ns;
+	slot->build = ZT_BUILD;
+	slot->rule = ct->rule;
+	slot->device = ct->device;
+	slot->ident = ct->ident;
+	slot->packets = 0;
+	slot->bytes = 0;
 	return 1;
 }
 

@@ -33,8 +33,7 @@ def program():
 @pytest.fixture
 def loaded(program):
     program.load(compile_policy(POLICY, IDS, program.layout))
-    for name in ("zt_ct", "zt_frags"):
-        program.bpf[name].items_delete_batch()
+    program.clear_flows()
     return program
 
 

@@ -54,7 +54,7 @@ def program():
 @pytest.fixture
 def loaded(program):
     program.load(compile_policy(POLICY, IDS, program.layout))
-    program.bpf["zt_ct"].items_delete_batch()
+    program.clear_flows()
     return program
 
 
