@@ -49,6 +49,7 @@ class Layout:
     ct_tcp_closing_seconds: int = 10   # after a FIN or RST
     ct_udp_seconds: int = 120
     ct_icmp_seconds: int = 30    # echo requests and their replies
+    ct_flow_cache: bool = True   # the per-CPU flow cache in front of conntrack (off: the bench's comparison)
 
     def defines(self) -> list[str]:
         out = []

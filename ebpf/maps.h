@@ -308,6 +308,9 @@ ZT_SHARED_TABLE("lru_hash", struct zt_ct_key, struct zt_ct, zt_ct, ZT_CT_ENTRIES
  * ZT_FCACHE_NS is at most a quarter of the shortest timeout, and each check refreshes the flow in
  * zt_ct, so a slot never outlives its flow; anything that must end a flow sooner moves the
  * epoch (a change, a device disabled, `flows kill`), which every slot was checked in. */
+#ifndef ZT_CT_FLOW_CACHE
+#define ZT_CT_FLOW_CACHE 1 /* 0: every packet misses it (scripts/bench's comparison) */
+#endif
 #ifndef ZT_FCACHE_BITS
 #define ZT_FCACHE_BITS 12
 #endif
