@@ -10,7 +10,8 @@ What it sets up, all in the network namespace it runs in:
     from its uplink, so nothing reaches the private network around the gateway; and what
     comes in from the LAN is routed by a table of its own (the device pools, then
     unreachable), so the LAN cannot use the connector to reach the uplink's networks either.
-Stopping it (SIGTERM, SIGINT) removes the interface and its routes.
+Stopping it (SIGTERM, SIGINT) removes the interface, its routes and rules, and puts the LAN
+interfaces' forwarding settings back as they were.
 """
 from __future__ import annotations
 
@@ -142,6 +143,7 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     kind = wireguard.ensure_interface(cfg.interface, cfg.private_key, 0, [])
+    changed: list = []       # the LAN interfaces' forwarding settings as they were
     try:
         _say(f"{cfg.interface} up ({kind} WireGuard), dialling the gateway at {endpoint}")
         wireguard.set_peers(cfg.interface, [wireguard.Peer(cfg.gateway_public_key, cfg.device_networks, endpoint,
@@ -154,8 +156,9 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
         for name in lans:
             routes.install_rules(LAN_TABLE, LAN_PRIORITY, name,
                                  ipv6=any(n.version == 6 for n in cfg.device_networks))
-        for name in [cfg.interface] + lans:
-            routes.enable_forwarding(name)
+        routes.enable_forwarding(cfg.interface)
+        for name in lans:
+            changed += routes.enable_forwarding(name)
         _say(f"device networks {', '.join(map(str, cfg.device_networks))} routed into {cfg.interface}; "
              f"forwarding between it and {', '.join(lans)}")
         deadline = time.time() + HANDSHAKE_WAIT
@@ -175,6 +178,7 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
         wireguard.delete_interface(cfg.interface)
         for name in lans:
             routes.remove_rules(LAN_TABLE, LAN_PRIORITY, name)
-        _say(f"{cfg.interface} removed, with its routes and rules")
+        routes.restore_settings(changed)
+        _say(f"{cfg.interface} removed, with its routes and rules; forwarding on {', '.join(lans)} as it was")
     return 0
 

@@ -165,14 +165,15 @@ def sync(table: int, wanted: dict[Network, str]) -> None:
         set_route(table, prefix, ifname)
 
 
-def enable_forwarding(ifname: str, connector: bool = False) -> None:
+def enable_forwarding(ifname: str, connector: bool = False) -> list[tuple[Path, str]]:
     """Forward packets that arrive on IFNAME (only there: IPv4's forwarding switch is per input
     interface; IPv6 has force_forwarding per interface since Linux 6.17). On connector
     interfaces reverse-path filtering is off for the interface: the replies' sources are
     routed in ztgate's table, which the kernel's reverse-path check does not consult, and
     WireGuard's allowed IPs already admit only the connector's prefixes as sources. (The
     kernel uses the larger of the interface's and `all`'s rp_filter: host_warnings() says
-    when `all` overrides this.)"""
+    when `all` overrides this.) Returns what it changed, each with the value it had:
+    restore_settings() puts them back (an interface ztgate did not make)."""
     settings = [(PROC / "ipv4/conf" / ifname / "forwarding", "1")]
     v6 = PROC / "ipv6/conf" / ifname / "force_forwarding"
     if v6.exists():
@@ -182,11 +183,26 @@ def enable_forwarding(ifname: str, connector: bool = False) -> None:
                     "forwarded unless net.ipv6.conf.all.forwarding is 1", ifname)
     if connector:
         settings.append((PROC / "ipv4/conf" / ifname / "rp_filter", "0"))
+    changed = []
     for path, value in settings:
         try:
-            path.write_text(value)
+            before = path.read_text().strip()
+            if before != value:
+                path.write_text(value)
+                changed.append((path, before))
         except OSError as e:
+            restore_settings(changed)
             raise KernelError(f"cannot set {path} to {value}: {e.strerror}") from None
+    return changed
+
+
+def restore_settings(changed: list[tuple[Path, str]]) -> None:
+    """Put back what enable_forwarding() changed (an interface gone since has nothing to put back)."""
+    for path, before in reversed(changed):
+        try:
+            path.write_text(before)
+        except OSError as e:
+            log.warning("could not put %s back to %s: %s", path, before, e.strerror)
 
 
 def set_link(ifname: str, up: bool) -> None:

@@ -521,3 +521,30 @@ def test_connectors_and_routes_are_managed_and_checked(site, alice):
     site.ztgate("connector", "remove", name)
     assert site.ns.run("gw", "ip", "link", "show", ifname, check=False).returncode != 0
     assert site.json("connector", "list") == []
+
+
+def test_forwarding_settings_are_put_back():
+    """What `connector run` turns on for a LAN interface it did not make (forwarding, and
+    rp_filter for a connector interface) is put back as it was when it stops; what was on
+    already is left alone."""
+    from control import routes
+
+    with Namespaces("ztfw") as ns:
+        ns.add("c")
+        lan, other = ns.ifname("lan"), ns.ifname("lan")
+        ns.run("c", "ip", "link", "add", lan, "type", "veth", "peer", "name", other)
+        ns.run("c", "sysctl", "-qw", f"net.ipv4.conf.{other}.forwarding=1", f"net.ipv4.conf.{lan}.rp_filter=2")
+        with ns.inside("c"):
+            def values(name: str) -> dict:
+                paths = [routes.PROC / "ipv4/conf" / name / k for k in ("forwarding", "rp_filter")]
+                paths.append(routes.PROC / "ipv6/conf" / name / "force_forwarding")   # (Linux >= 6.17)
+                return {p.name: p.read_text().strip() for p in paths if p.exists()}
+
+            before = values(lan), values(other)
+            assert (before[0]["forwarding"], before[0]["rp_filter"], before[1]["forwarding"]) == ("0", "2", "1")
+            changed = routes.enable_forwarding(lan, connector=True) + routes.enable_forwarding(other)
+            assert (values(lan)["forwarding"], values(lan)["rp_filter"]) == ("1", "0")
+            assert all(v == "1" for k, v in values(other).items() if k != "rp_filter")
+            assert not any(p.parent.name == other and p.name == "forwarding" for p, _ in changed)  # it was on
+            routes.restore_settings(changed)
+            assert (values(lan), values(other)) == before
