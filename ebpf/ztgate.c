@@ -373,7 +373,8 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	/* (A FIN or RST, and a first fragment, take the zt_ct way: they change the flow's state.) */
 	int keep = !(p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && !(p->frag & ZT_FRAG_MORE);
 	int holds = fcache_holds(slot, p, tail);
-	if (ZT_CT_FLOW_CACHE && keep && holds && slot->epoch == d->epoch && slot->build == ZT_BUILD && now < slot->until_ns) {
+	if (ZT_CT_FLOW_CACHE && keep && holds && slot->epoch == d->epoch && slot->build == ZT_BUILD &&
+	    now < slot->until_ns) {
 		d->verdict = ZT_VERDICT_ALLOW;
 		d->rule = slot->rule;
 		d->reason = slot->rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
