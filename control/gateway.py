@@ -39,7 +39,8 @@ log = logging.getLogger("ztgate.gateway")
 ONLINE_SECONDS = 180          # a device with a handshake this recent counts as online
 GROUP_NAME_MAX = 128
 CONNECTOR_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,10}\Z")   # its interface is ztc-NAME (15 at most)
-KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up
+KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up; a
+                              # re-enabled device's peer too (its keepalive starts the handshake)
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 CT_STATES = {0: "open", 1: "closing", 2: "killed"}
 
@@ -57,6 +58,9 @@ class Gateway:
         self.started = time.time()
         self.wg_kind = ""
         self.public_key = ""
+        # device key -> where its peer was last reached, kept when the peer is removed (device
+        # disable): `device enable` dials it there at once (see _peer_step)
+        self.last_endpoint: dict[str, str] = {}
 
     # -----------------------------------------------------------------------------------------
     # start: make the kernel and the peers equal to the store
@@ -176,10 +180,23 @@ class Gateway:
         log.info("generation %d: %s %s", self.store.generation(), what, detail)
 
     def _peer_step(self, add: bool, device: Device) -> Staged:
+        """Add or remove a device's peer, after the commit. A removed peer's endpoint is kept:
+        when the device is enabled again, its peer is added with that endpoint and a keepalive,
+        which makes the gateway handshake at once. Otherwise the device, whose session died with
+        the peer, would notice only after ~15 s without answers (WireGuard's rekey timers)."""
+        iface, key = self.config.interface, device.public_key
         if add:
-            return Staged(lambda: wireguard.add_peer(self.config.interface, device.public_key, _own_prefixes(device)),
-                          lambda: None)
-        return Staged(lambda: wireguard.remove_peer(self.config.interface, device.public_key), lambda: None)
+            def add_peer():
+                endpoint = self.last_endpoint.pop(key, None)
+                wireguard.add_peer(iface, key, _own_prefixes(device), endpoint, KEEPALIVE if endpoint else 0)
+            return Staged(add_peer, lambda: None)
+
+        def remove_peer():
+            peer = wireguard.show(iface).peer(key)
+            if peer and peer.endpoint:
+                self.last_endpoint[key] = peer.endpoint
+            wireguard.remove_peer(iface, key)
+        return Staged(remove_peer, lambda: None)
 
     # -----------------------------------------------------------------------------------------
     # reading
@@ -590,6 +607,7 @@ class Gateway:
                 tx.remove_device(name)
                 self._cut_devices(later, ids, [device])
             self.identities = ids
+            self.last_endpoint.pop(device.public_key, None)
             return {"generation": self.store.generation()}
 
     # -----------------------------------------------------------------------------------------
