@@ -154,9 +154,11 @@ class Kernel:
             if rows:   # the new classes first: no source points at a class not yet written
                 build.program.set_idents(known + 1, rows)
             build.program.set_sources(entries)
-            # a device's address may go to another device: its flows go with it
+            # The epoch at once (no settle, unlike a swap: a packet reads the epoch before the
+            # sources, so one that reads the new epoch sees the new sources). Then a device's
+            # address may go to another device: its flows go with it.
+            build.program.next_epoch()
             build.program.forget_flows(addr for addr, ident, _ in entries if not ident)
-            self._next_epoch(build.program)
         return Staged(apply, lambda: None)
 
     @staticmethod

@@ -35,6 +35,9 @@ SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "z
 MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # ebpf/maps.h enum zt_ct_state
+# ebpf/maps.h struct zt_fslot (its key is struct zt_ct_key's 40 bytes)
+FSLOT = np.dtype([("key", "V40"), ("epoch", "<u8"), ("checked_ns", "<u8"), ("until_ns", "<u8"), ("build", "<u4"),
+                  ("rule", "<u4"), ("device", "<u4"), ("ident", "<u4"), ("packets", "<u8"), ("bytes", "<u8")])
 MIN_TEST_RUN_BYTES = 14   # BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
 BPF_FS_MAGIC = 0xCAFE4A11
 AT_FDCWD = -100
@@ -479,13 +482,15 @@ class Program:
         """Conntrack's entries: the 5-tuple as the device sent it and what ebpf/maps.h struct
         zt_ct holds (times on the coarse CLOCK_MONOTONIC), with the packets the flow cache
         counted since its last check added."""
+        # zt_ct first, then the slots: counts a CPU moves from a slot to its flow in between are
+        # missed this once, never counted twice
+        entries = list(self.bpf["zt_ct"].items_lookup_batch())
+        slots = self._percpu_array("zt_fcache", FSLOT).ravel()
         pending = defaultdict(list)    # key -> [(checked_ns, packets, bytes)], as the kernel adds them
-        for _, per_cpu in self.bpf["zt_fcache"].items_lookup_batch():
-            for slot in per_cpu:
-                if slot.packets:
-                    pending[bytes(slot.key)].append((slot.checked_ns, slot.packets, slot.bytes))
+        for slot in slots[slots["packets"] != 0]:
+            pending[slot["key"].tobytes()].append((int(slot["checked_ns"]), int(slot["packets"]), int(slot["bytes"])))
         out = []
-        for k, v in self.bpf["zt_ct"].items_lookup_batch():
+        for k, v in entries:
             n = 4 if k.family == 4 else 16
             flow = {"family": k.family, "proto": k.proto, "src": ipaddress.ip_address(bytes(k.src)[:n]),
                     "dst": ipaddress.ip_address(bytes(k.dst)[:n]), "sport": k.sport, "dport": k.dport,

@@ -306,8 +306,10 @@ ZT_SHARED_TABLE("lru_hash", struct zt_ct_key, struct zt_ct, zt_ct, ZT_CT_ENTRIES
  * slot on this CPU: no hashing of a 40-byte key, no shared cache line), their counts kept in
  * the slot until the next check adds them to zt_ct (Program.flows() adds what is still here).
  * ZT_FCACHE_NS is at most a quarter of the shortest timeout, and each check refreshes the flow in
- * zt_ct, so a slot never outlives its flow; anything that must end a flow sooner moves the
- * epoch (a change, a device disabled, `flows kill`), which every slot was checked in. */
+ * zt_ct, so a slot never outlives its flow's timeout; anything that must end a flow sooner moves
+ * the epoch (a change, a device disabled, `flows kill`), which every slot was checked in. (A
+ * flow the LRU evicts from a full zt_ct may keep its slot until the slot's check: it was allowed
+ * in this epoch and build, by the policy in force.) */
 #ifndef ZT_CT_FLOW_CACHE
 #define ZT_CT_FLOW_CACHE 1 /* 0: every packet misses it (scripts/bench's comparison) */
 #endif

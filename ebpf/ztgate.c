@@ -327,11 +327,23 @@ static __always_inline int frag_follows(const struct zt_pkt *p, __u64 epoch, __u
 	return ZT_REASON_FRAGMENT_FOLLOWS;
 }
 
-/* A flow's key (struct zt_ct_key) as words: the addresses, then ports, family and protocol. */
+#if ZT_CT_FLOW_CACHE
+/* The last 8 bytes of a flow's key (struct zt_ct_key: ports, family, protocol, padding) as
+ * one word, laid out as the struct lays them out (on either byte order). */
 static __always_inline __u64 ct_key_tail(const struct zt_pkt *p)
 {
-	__u16 sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport;
-	return (__u64)sport | (__u64)p->dport << 16 | (__u64)p->family << 32 | (__u64)p->proto << 40;
+	union {
+		struct {
+			__u16 sport;
+			__u16 dport;
+			__u8 family;
+			__u8 proto;
+			__u16 pad;
+		} f;
+		__u64 word;
+	} t = {.f = {.sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport,
+		     .dport = p->dport, .family = p->family, .proto = p->proto}};
+	return t.word;
 }
 
 /* The flow cache's slot for a packet's flow: a cheap mix of its key's words (not a strong
@@ -340,7 +352,7 @@ static __always_inline __u64 ct_key_tail(const struct zt_pkt *p)
 static __always_inline __u32 fcache_index(const struct zt_pkt *p, __u64 tail)
 {
 	__u32 h = (p->src[0] ^ p->src[1] ^ p->src[2] ^ p->src[3]) * 0x9E3779B1U;
-	h ^= p->dst[0] ^ p->dst[1] ^ p->dst[2] ^ p->dst[3] ^ (__u32)tail ^ (__u32)(tail >> 40);
+	h ^= p->dst[0] ^ p->dst[1] ^ p->dst[2] ^ p->dst[3] ^ (__u32)tail ^ (__u32)(tail >> 32);
 	return (h * 0x85EBCA6BU) >> (32 - ZT_FCACHE_BITS);
 }
 
@@ -349,6 +361,34 @@ static __always_inline int fcache_holds(const struct zt_fslot *slot, const struc
 	const __u64 *k = (const __u64 *)&slot->key, *s = (const __u64 *)p->src, *t = (const __u64 *)p->dst;
 	return !((k[0] ^ s[0]) | (k[1] ^ s[1]) | (k[2] ^ t[0]) | (k[3] ^ t[1]) | (k[4] ^ tail));
 }
+
+/* The zt_ct way decided the packet's flow: the slot's counts go to their flow's entry (the flow
+ * it held may be another one, or gone: an entry created since is another flow on the same
+ * tuple; added atomically, as another CPU may be adding its own), and the slot takes this flow
+ * until its next check (the key last: a slot is never half another flow's). */
+static __always_inline void fcache_fill(struct zt_fslot *slot, int holds, const struct zt_ct_key *key,
+					struct zt_ct *ct, __u64 epoch, __u64 now, __u64 report_ns)
+{
+	if (slot->packets) {
+		struct zt_ct *held = holds ? ct : zt_ct.lookup(&slot->key);
+		if (held && held->created_ns <= slot->checked_ns) {
+			__sync_fetch_and_add(&held->packets, slot->packets);
+			__sync_fetch_and_add(&held->bytes, slot->bytes);
+		}
+	}
+	__u64 until = now + ZT_FCACHE_NS;
+	slot->epoch = epoch;
+	slot->checked_ns = now;
+	slot->until_ns = until < report_ns ? until : report_ns;
+	slot->build = ZT_BUILD;
+	slot->rule = ct->rule;
+	slot->device = ct->device;
+	slot->ident = ct->ident;
+	slot->packets = 0;
+	slot->bytes = 0;
+	slot->key = *key;
+}
+#endif
 
 /* The established path: a TCP segment without SYN, a UDP datagram or an ICMP echo request of a
  * live flow that this build allowed in this epoch is allowed again by that decision, and a
@@ -365,6 +405,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 		return 0;
 	}
 	__u64 now = coarse_now(cpu);
+#if ZT_CT_FLOW_CACHE
 	__u64 tail = ct_key_tail(p);
 	__u32 i = fcache_index(p, tail);
 	struct zt_fslot *slot = zt_fcache.lookup(&i);
@@ -373,8 +414,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	/* (A FIN or RST, and a first fragment, take the zt_ct way: they change the flow's state.) */
 	int keep = !(p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && !(p->frag & ZT_FRAG_MORE);
 	int holds = fcache_holds(slot, p, tail);
-	if (ZT_CT_FLOW_CACHE && keep && holds && slot->epoch == d->epoch && slot->build == ZT_BUILD &&
-	    now < slot->until_ns) {
+	if (keep && holds && slot->epoch == d->epoch && slot->build == ZT_BUILD && now < slot->until_ns) {
 		d->verdict = ZT_VERDICT_ALLOW;
 		d->rule = slot->rule;
 		d->reason = slot->rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
@@ -388,6 +428,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 		}
 		return 1;
 	}
+#endif
 	struct zt_ct_key key = {};
 	ct_key_of(&key, p);
 	struct zt_ct *ct = zt_ct.lookup(&key);
@@ -417,27 +458,9 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	ct->bytes += bytes;
 	cpu->ct_hits++;
 	frag_track(p, d->epoch, now);
-	/* The slot's counts go to their flow's entry (the flow it held may be another one, or
-	 * gone: an entry created since is another flow on the same tuple), and the slot takes this
-	 * flow until its next check. */
-	if (slot->packets) {
-		struct zt_ct *held = holds ? ct : zt_ct.lookup(&slot->key);
-		if (held && held->created_ns <= slot->checked_ns) {
-			held->packets += slot->packets;
-			held->bytes += slot->bytes;
-		}
-	}
-	__u64 until = now + ZT_FCACHE_NS;
-	slot->key = key;
-	slot->epoch = d->epoch;
-	slot->checked_ns = now;
-	slot->until_ns = until < report_ns ? until : report_ns;
-	slot->build = ZT_BUILD;
-	slot->rule = ct->rule;
-	slot->device = ct->device;
-	slot->ident = ct->ident;
-	slot->packets = 0;
-	slot->bytes = 0;
+#if ZT_CT_FLOW_CACHE
+	fcache_fill(slot, holds, &key, ct, d->epoch, now, report_ns);
+#endif
 	return 1;
 }
 

@@ -164,7 +164,7 @@ def fcache_index(src: str, dst: str, sport: int, dport: int, proto: int, bits: i
     """ebpf/ztgate.c fcache_index() of an IPv4 flow (x86: words little-endian)."""
     words = lambda a: struct.unpack("<4I", ipaddress.ip_address(a).packed.ljust(16, b"\0"))   # noqa: E731
     h = (functools.reduce(operator.xor, words(src)) * 0x9E3779B1) & 0xFFFFFFFF
-    h ^= functools.reduce(operator.xor, words(dst)) ^ (dport << 16 | sport) ^ proto
+    h ^= functools.reduce(operator.xor, words(dst)) ^ (dport << 16 | sport) ^ (proto << 8 | 4)   # (family 4)
     return ((h * 0x85EBCA6B) & 0xFFFFFFFF) >> (32 - bits)
 
 
