@@ -39,8 +39,7 @@ log = logging.getLogger("ztgate.gateway")
 ONLINE_SECONDS = 180          # a device with a handshake this recent counts as online
 GROUP_NAME_MAX = 128
 CONNECTOR_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,10}\Z")   # its interface is ztc-NAME (15 at most)
-KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up; a
-                              # re-enabled device's peer too (its keepalive starts the handshake)
+KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 CT_STATES = {0: "open", 1: "closing", 2: "killed"}
 
@@ -58,9 +57,6 @@ class Gateway:
         self.started = time.time()
         self.wg_kind = ""
         self.public_key = ""
-        # device key -> where its peer was last reached, kept when the peer is removed (device
-        # disable): `device enable` dials it there at once (see _peer_step)
-        self.last_endpoint: dict[str, str] = {}
 
     # -----------------------------------------------------------------------------------------
     # start: make the kernel and the peers equal to the store
@@ -126,8 +122,9 @@ class Gateway:
 
     @staticmethod
     def _peers(identities: Identities) -> list:
-        return [wireguard.Peer(d.public_key, tuple(_own_prefixes(d))) for d in identities.devices
-                if d.enabled and d.public_key]
+        """Every enrolled device's peer; a disabled device's admits no address (see _peer_step)."""
+        return [wireguard.Peer(d.public_key, tuple(_own_prefixes(d)) if d.enabled else ())
+                for d in identities.devices if d.public_key]
 
     def _routes_wanted(self) -> dict:
         """ztgate's routing table: private prefixes to their connectors, pools to the ingress."""
@@ -179,24 +176,17 @@ class Gateway:
                               "to the store.")
         log.info("generation %d: %s %s", self.store.generation(), what, detail)
 
-    def _peer_step(self, add: bool, device: Device) -> Staged:
-        """Add or remove a device's peer, after the commit. A removed peer's endpoint is kept:
-        when the device is enabled again, its peer is added with that endpoint and a keepalive,
-        which makes the gateway handshake at once. Otherwise the device, whose session died with
-        the peer, would notice only after ~15 s without answers (WireGuard's rekey timers)."""
+    def _peer_step(self, device: Device, admit: bool, remove: bool = False) -> Staged:
+        """A device's peer, after the commit: admitting the device's addresses; or admitting
+        none (a disabled device: WireGuard takes nothing from it and routes nothing to it, while
+        its session lives on, so that `device enable` works at once instead of after the ~15 s
+        the device's WireGuard would take to notice a lost session); or removed (a removed
+        device: its key may not even handshake any more)."""
         iface, key = self.config.interface, device.public_key
-        if add:
-            def add_peer():
-                endpoint = self.last_endpoint.pop(key, None)
-                wireguard.add_peer(iface, key, _own_prefixes(device), endpoint, KEEPALIVE if endpoint else 0)
-            return Staged(add_peer, lambda: None)
-
-        def remove_peer():
-            peer = wireguard.show(iface).peer(key)
-            if peer and peer.endpoint:
-                self.last_endpoint[key] = peer.endpoint
-            wireguard.remove_peer(iface, key)
-        return Staged(remove_peer, lambda: None)
+        if remove:
+            return Staged(lambda: wireguard.remove_peer(iface, key), lambda: None)
+        prefixes = _own_prefixes(device) if admit else []
+        return Staged(lambda: wireguard.add_peer(iface, key, prefixes), lambda: None)
 
     # -----------------------------------------------------------------------------------------
     # reading
@@ -476,7 +466,7 @@ class Gateway:
                 for d in devices:
                     tx.remove_device(d.name)
                 tx.remove_user(user.email)
-                self._cut_devices(later, ids, devices)
+                self._cut_devices(later, ids, devices, remove=True)
             self.identities = ids
             return {"generation": self.store.generation(), "devices_removed": [d.name for d in devices]}
 
@@ -564,7 +554,7 @@ class Gateway:
                                                   "addresses": [str(a) for a in device.addresses]}) as (tx, later):
                 tx.add_device(device)
                 self._stage_devices(later, ids, [device])
-                later.append(self._peer_step(True, device))
+                later.append(self._peer_step(device, admit=True))
             self.identities = ids
             self.owner[name] = user.key
             out = {"generation": self.store.generation(), "device": name, "user": user.email,
@@ -576,10 +566,11 @@ class Gateway:
                     self.config.endpoint, self._client_routes())
             return out
 
-    def _cut_devices(self, later: list, ids: Identities, devices: list[Device]) -> None:
-        """Kernel first (the source becomes unknown: every packet drops), then the peers."""
+    def _cut_devices(self, later: list, ids: Identities, devices: list[Device], remove: bool) -> None:
+        """Kernel first (the source becomes unknown: every packet drops), then the peers
+        (admitting nothing, or removed)."""
         self._stage_devices(later, ids, [replace(d, enabled=False) for d in devices])
-        later += [self._peer_step(False, d) for d in devices if d.public_key and d.enabled]
+        later += [self._peer_step(d, admit=False, remove=remove) for d in devices if d.public_key]
 
     def device_set_enabled(self, uid: int, name: str, enabled: bool) -> dict:
         with self.lock:
@@ -593,9 +584,9 @@ class Gateway:
                 if enabled:
                     self._stage_devices(later, ids, [new])
                     if new.public_key:
-                        later.append(self._peer_step(True, new))
+                        later.append(self._peer_step(new, admit=True))
                 else:
-                    self._cut_devices(later, ids, [device])
+                    self._cut_devices(later, ids, [device], remove=False)
             self.identities = ids
             return {"generation": self.store.generation()}
 
@@ -605,9 +596,8 @@ class Gateway:
             ids = replace(self.identities, devices=tuple(d for d in self.identities.devices if d.name != name))
             with self._change(uid, "device remove", {"name": name}) as (tx, later):
                 tx.remove_device(name)
-                self._cut_devices(later, ids, [device])
+                self._cut_devices(later, ids, [device], remove=True)
             self.identities = ids
-            self.last_endpoint.pop(device.public_key, None)
             return {"generation": self.store.generation()}
 
     # -----------------------------------------------------------------------------------------

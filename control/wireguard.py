@@ -396,12 +396,10 @@ def set_peers(name: str, peers: list[Peer], replace: bool = True) -> None:
             _kernel_call(name, "set", peer=peer)
 
 
-def add_peer(name: str, public_key: str, allowed_ips: list, endpoint: Optional[str] = None,
-             keepalive: int = 0) -> None:
-    """Add or update one peer; it then admits exactly allowed_ips (old addresses are dropped).
-    With an endpoint and a keepalive, the interface handshakes with it at once (turning a
-    keepalive on sends one, which needs a session)."""
-    set_peers(name, [Peer(public_key, tuple(allowed_ips), endpoint, keepalive)], replace=False)
+def add_peer(name: str, public_key: str, allowed_ips: list) -> None:
+    """Add or update one peer; it then admits exactly allowed_ips (old addresses are dropped;
+    none: it may still handshake, but nothing passes either way). Its sessions live on."""
+    set_peers(name, [Peer(public_key, tuple(allowed_ips))], replace=False)
 
 
 def remove_peer(name: str, public_key: str) -> None:

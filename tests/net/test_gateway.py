@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from control import wireguard
 from dataplane.attach import detach
 from tests.netns import PYTHON, REPO, Namespaces, wait_until
 
@@ -244,14 +245,17 @@ def test_disable_cuts_at_once_and_enable_restores(site, alice):
     site.ztgate("device", "disable", "alice-laptop")
     assert not site.echo(web)
     assert site.tcp(APP_WEB, 8080, timeout=1) is None
-    # Both halves are gone: the peer (wireguard-go no longer takes her packets) and the
-    # kernel's identity (a packet from her address that got in anyway would be unknown).
-    assert not any(d["public_key"] and d["name"] == "alice-laptop" and d["endpoint"] for d in site.json("device", "list"))
+    # Both halves are gone: her peer admits no address (wireguard-go takes no packet from her
+    # and routes none to her) and the kernel's identity (a packet from her address that got in
+    # anyway would be unknown).
+    (key,) = [d["public_key"] for d in site.json("device", "list") if d["name"] == "alice-laptop"]
+    with site.ns.inside("gw"):
+        assert wireguard.show(site.iface).peer(key).allowed_ips == []
     t = site.json("trace", "--src", "100.96.0.2", "--dst", APP_WEB, "--dport", "8080")
     assert t["kernel"]["verdict"] == t["reference"]["verdict"] == "unknown"
     site.ztgate("device", "enable", "alice-laptop")
-    # The gateway dials her last endpoint at once: back in a handshake, not WireGuard's ~15 s
-    # of rekey timers on her side.
+    # Her session lived on: back at once, not after the ~15 s her WireGuard would take to
+    # notice a session the gateway had forgotten.
     enabled = time.monotonic()
     assert wait_until(lambda: site.tcp(APP_WEB, 8080, timeout=1), timeout=5, what="alice back after enable")
     assert time.monotonic() - enabled < 5
@@ -262,7 +266,8 @@ def test_membership_and_enrollment_change_only_that_user(site, alice):
     the reference before and after."""
     from control.wireguard import generate_keypair
 
-    site.ztgate("device", "add", "bob-laptop", "--user", "bob@example.com", "--public-key", generate_keypair()[1])
+    bob_key = generate_keypair()[1]
+    site.ztgate("device", "add", "bob-laptop", "--user", "bob@example.com", "--public-key", bob_key)
     build = site.json("status")["build"]
 
     def kernel_says(user, port):
@@ -279,8 +284,11 @@ def test_membership_and_enrollment_change_only_that_user(site, alice):
     assert kernel_says("bob@example.com", 8080) == ("block", None)
     assert kernel_says("alice@example.com", 8080) == ("allow", "devs-app")
     assert site.json("status")["build"] == build          # all of it without a new build
+    site.ztgate("device", "disable", "bob-laptop")     # (a disabled device's peer stays, admitting nothing)
     site.ztgate("user", "remove", "bob@example.com", "--with-devices")
     assert "bob" not in site.ztgate("device", "list").stdout
+    with site.ns.inside("gw"):
+        assert wireguard.show(site.iface).peer(bob_key) is None     # removed: its key may not even handshake
     audit = site.json("audit", "--limit", "5")
     assert audit[-1]["what"] == "user remove" and audit[-1]["uid"] == 0
 

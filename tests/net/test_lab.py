@@ -476,9 +476,9 @@ def test_a_disabled_device_is_cut_at_once_and_comes_back_when_enabled(up):
         web.close()
         other.close()
         cli("device", "enable", "bob-laptop")
-    # Enabling re-adds bob's peer on the gateway with his last endpoint and a keepalive: the
-    # gateway handshakes at once (the session keys his laptop held died with the old peer; on
-    # its own the laptop would notice only after ~15 s of unanswered packets).
+    # Disabling left bob's peer on the gateway admitting no address, with its session: enabling
+    # gives the addresses back, and he is back at once (a removed peer's session would be gone,
+    # and his laptop would notice only after ~15 s of unanswered packets).
     enabled = time.monotonic()
     page = wait_until(lambda: http_page(NS_BOB, APP, 8080), timeout=5, interval=0.2,
                       what="bob's page after device enable")

@@ -30,7 +30,7 @@ Checks (each can fail; soak() returns them as a list of failures):
   no breaks   every attempt of an allowed flow (echoes on open connections, pages, UDP echoes,
               with generous waits) was answered, unless a state that does not allow it was in
               force during the attempt, or its device was disabled or re-handshaking after
-              `device enable` (until the gateway's handshake with it); alice's ssh
+              `device enable` (it is back at once: its session lives on); alice's ssh
               connections are never revoked by the churn (checked on every snapshot), so every
               echo on them must come back; answers name the device's own address
   recovery    bob is back (an answer) within RECOVER_LIMIT of `device enable` returning
@@ -83,7 +83,7 @@ SOAK_SECONDS = 45          # the bounded soak of the test (the lab's ~10 s up an
 FLOW_WAIT = 5.0            # an allowed flow's wait for each answer (generous: a loaded 2-core host)
 PROBE_WAIT = 0.4           # a forbidden probe's wait
 GRACE = 1.0                # a revoked key may still be seen this long after the revocation returned
-RECOVER_LIMIT = 10.0       # a re-enabled device answers again within this (the gateway dials it at once)
+RECOVER_LIMIT = 10.0       # a re-enabled device answers again within this (its session lived on)
 STALL_LIMIT = 4.0          # the longest gap between two answers to alice
 RSS_TOTAL_LIMIT = 256 << 20  # the gateway's RSS growth over the whole soak
 RSS_GROWTH_LIMIT = 64 << 20  # the second half's peak over the first half's, in a long soak:
