@@ -341,10 +341,7 @@ class Program:
             # Unshared, the state starts with the policy. Pinned, it is the gateway's: counters,
             # the event limiter and conntrack carry on across builds.
             self.bpf["zt_cpu_state"].clear()
-            self.bpf["zt_ct"].items_delete_batch()     # clear() deletes key by key: seconds when full
-            self.bpf["zt_epoch"].clear()
-            self.bpf["zt_fcache"].clear()              # (its slots were checked in epochs that start again)
-            self.bpf["zt_frags"].items_delete_batch()
+            self.clear_flows()
 
     # -----------------------------------------------------------------------------------------
     # changes in place: a live gateway, no reload

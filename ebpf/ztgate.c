@@ -390,6 +390,18 @@ static __always_inline void fcache_fill(struct zt_fslot *slot, int holds, const 
 }
 #endif
 
+/* The established path's verdict: the flow's allowing decision, again (its rule, or the
+ * default action when rule is 0), without the policy walk. */
+static __always_inline void allow_as_before(struct zt_decision *d, __u32 rule, __u32 device, __u32 ident)
+{
+	d->verdict = ZT_VERDICT_ALLOW;
+	d->rule = rule;
+	d->reason = rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
+	d->device = device;
+	d->ident = ident;
+	d->fast = 1;
+}
+
 /* The established path: a TCP segment without SYN, a UDP datagram or an ICMP echo request of a
  * live flow that this build allowed in this epoch is allowed again by that decision, and a
  * killed flow's packet is dropped. One lookup: the flow cache's slot on this CPU, or zt_ct
@@ -415,12 +427,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	int keep = !(p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && !(p->frag & ZT_FRAG_MORE);
 	int holds = fcache_holds(slot, p, tail);
 	if (keep && holds && slot->epoch == d->epoch && slot->build == ZT_BUILD && now < slot->until_ns) {
-		d->verdict = ZT_VERDICT_ALLOW;
-		d->rule = slot->rule;
-		d->reason = slot->rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
-		d->device = slot->device;
-		d->ident = slot->ident;
-		d->fast = 1;
+		allow_as_before(d, slot->rule, slot->device, slot->ident);
 		if (!dry) {
 			slot->packets++;
 			slot->bytes += bytes;
@@ -445,12 +452,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	__u64 report_ns = p->proto == IPPROTO_TCP ? ~0ULL : ct->event_ns + ZT_FLOW_EVENT_NS;
 	if (ct->epoch != d->epoch || ct->build != ZT_BUILD || now >= report_ns)
 		return 0;
-	d->verdict = ZT_VERDICT_ALLOW;
-	d->rule = ct->rule;
-	d->reason = ct->rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
-	d->device = ct->device;
-	d->ident = ct->ident;
-	d->fast = 1;
+	allow_as_before(d, ct->rule, ct->device, ct->ident);
 	if (dry)
 		return 1;
 	ct_touch(ct, p, now);

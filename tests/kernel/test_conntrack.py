@@ -5,11 +5,9 @@ import ctypes
 import functools
 import ipaddress
 import operator
-import secrets
 import struct
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -21,7 +19,8 @@ from control.reference import decide
 from dataplane.program import CT_CLOSING, CT_KILLED
 from dataplane.reasons import Reason, Verdict
 
-from .conftest import TEST_LAYOUT
+from .conftest import TEST_LAYOUT, pinned_program
+from .conftest import run_on_one_cpu as run
 from .test_events import define
 from .test_return_path import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, XDP_DROP, XDP_PASS, reverse
 
@@ -30,14 +29,8 @@ CLOSING = 1    # seconds after a FIN or RST: short, so that a test can watch it
 
 @pytest.fixture(scope="module")
 def program():
-    from dataplane.program import Program, unpin_all
-
-    pin_dir = Path("/sys/fs/bpf") / f"zt-test-ct-{secrets.token_hex(4)}"
-    try:
-        with Program(replace(TEST_LAYOUT, ct_tcp_closing_seconds=CLOSING), pin_dir=pin_dir) as prog:
-            yield prog
-    finally:
-        unpin_all(pin_dir)
+    with pinned_program("ct", replace(TEST_LAYOUT, ct_tcp_closing_seconds=CLOSING)) as prog:
+        yield prog
 
 
 @pytest.fixture
@@ -45,11 +38,6 @@ def loaded(program):
     program.load(compile_policy(POLICY, IDS, program.layout))
     program.clear_flows()
     return program
-
-
-def run(program, pkt, reply=False):
-    with program.on_one_cpu() as cpu:
-        return program.run(bytes(pkt), cpu=cpu, reply=reply)
 
 
 FLOWS = [

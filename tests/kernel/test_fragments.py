@@ -1,9 +1,6 @@
 """Fragments (BPF_PROG_TEST_RUN, both sides): a datagram's first fragment is decided by its
 ports; later fragments follow an allowed first, in order or not yet seen (dropped), and never
 one that would overwrite the transport header the first carried. IPv4 and IPv6."""
-import secrets
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP, fragment
@@ -14,20 +11,15 @@ from control.packets import parse_raw
 from control.reference import decide
 from dataplane.reasons import Reason, Verdict
 
-from .conftest import TEST_LAYOUT
-from .test_return_path import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, XDP_DROP, XDP_PASS
+from .conftest import TEST_LAYOUT, pinned_program
+from .conftest import run_on_one_cpu as run
+from .test_return_path import ANN4, ANN6, APP4, APP6, IDS, POLICY, XDP_PASS
 
 
 @pytest.fixture(scope="module")
 def program():
-    from dataplane.program import Program, unpin_all
-
-    pin_dir = Path("/sys/fs/bpf") / f"zt-test-frag-{secrets.token_hex(4)}"
-    try:
-        with Program(TEST_LAYOUT, pin_dir=pin_dir) as prog:
-            yield prog
-    finally:
-        unpin_all(pin_dir)
+    with pinned_program("frag", TEST_LAYOUT) as prog:
+        yield prog
 
 
 @pytest.fixture
@@ -35,11 +27,6 @@ def loaded(program):
     program.load(compile_policy(POLICY, IDS, program.layout))
     program.clear_flows()
     return program
-
-
-def run(program, pkt, reply=False):
-    with program.on_one_cpu() as cpu:
-        return program.run(bytes(pkt), cpu=cpu, reply=reply)
 
 
 def v4_parts(src, dst, l4, ident, size=3000):

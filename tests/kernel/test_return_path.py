@@ -4,10 +4,8 @@ devices, only replies of TCP/UDP flows and ICMP echoes the ingress program allow
 Every forward packet is decided by the reference too: its reply must pass exactly when the
 reference allowed it."""
 import ipaddress
-import secrets
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -19,7 +17,7 @@ from control.packets import parse_raw
 from control.reference import decide
 from dataplane.reasons import Reason, Verdict
 
-from .conftest import TEST_LAYOUT
+from .conftest import TEST_LAYOUT, pinned_program
 
 XDP_DROP, XDP_PASS = 1, 2
 UDP_TIMEOUT = 1      # seconds: short, so that a test can watch an entry expire
@@ -41,14 +39,8 @@ ANN4, ANN6, BOB4, APP4, APP6 = "100.96.0.2", "fd00:5a::2", "100.96.0.3", "10.20.
 @pytest.fixture(scope="module")
 def program():
     """Pinned, as on a gateway: zt_ct outlives each load() of new tables."""
-    from dataplane.program import Program, unpin_all
-
-    pin_dir = Path("/sys/fs/bpf") / f"zt-test-reply-{secrets.token_hex(4)}"
-    try:
-        with Program(replace(TEST_LAYOUT, ct_udp_seconds=UDP_TIMEOUT), pin_dir=pin_dir) as prog:
-            yield prog
-    finally:
-        unpin_all(pin_dir)
+    with pinned_program("reply", replace(TEST_LAYOUT, ct_udp_seconds=UDP_TIMEOUT)) as prog:
+        yield prog
 
 
 @pytest.fixture
