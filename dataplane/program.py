@@ -4,6 +4,7 @@ BPF_PROG_TEST_RUN. Attaching is dataplane/attach.py; flow events are dataplane/e
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import mmap
 import os
@@ -101,6 +102,8 @@ def libbpf() -> ctypes.CDLL:
         lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                              ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
                                              ctypes.POINTER(_BatchOpts)]
+        lib.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                             ctypes.POINTER(_BatchOpts)]
         _libbpf = lib
     return _libbpf
 
@@ -113,6 +116,26 @@ def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise KernelError(f"{what}: {os.strerror(-ret)}")
     return ret
+
+
+def _delete_keys(table, keys: list) -> int:
+    """Delete these keys from a hash map in batches; returns how many were deleted. A key that
+    went meanwhile (LRU eviction, the kernel's own delete) is skipped: the kernel stops a batch at
+    the first missing key with ENOENT and says how many it deleted before it."""
+    array = (table.Key * len(keys))(*keys)
+    size, start, deleted = ctypes.sizeof(table.Key), 0, 0
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+    while start < len(keys):
+        count = ctypes.c_uint32(len(keys) - start)
+        ret = libbpf().bpf_map_delete_batch(table.map_fd, ctypes.byref(array, start * size),
+                                           ctypes.byref(count), ctypes.byref(opts))
+        deleted += count.value
+        if ret == 0:
+            break
+        if ret != -errno.ENOENT:
+            _check(ret, "BPF_MAP_DELETE_BATCH")
+        start += count.value + 1        # (past the missing key)
+    return deleted
 
 
 def obj_get(path: Union[str, Path]) -> int:
@@ -533,10 +556,7 @@ class Program:
         table = self.bpf["zt_ct"]
         gone = [k for k, _ in table.items_lookup_batch()
                 if (k.family, bytes(k.src)[:4 if k.family == 4 else 16]) in wanted]
-        if gone:
-            keys = (table.Key * len(gone))(*gone)
-            table.items_delete_batch(keys)
-        return len(gone)
+        return _delete_keys(table, gone)
 
     def event_counters(self) -> dict[str, int]:
         """Flow events over all CPUs: sent, and not sent (over the rate; ring buffer full)."""
