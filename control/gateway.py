@@ -71,9 +71,7 @@ class Gateway:
             cfg = self.config
             self.wg_kind = wireguard.ensure_interface(cfg.interface, private, cfg.listen_port,
                                                       cfg.gateway_addresses)
-            for c in self.connectors:
-                wireguard.ensure_interface(c.interface, c.private_key, c.listen_port, [])
-            self.kernel.reply_interfaces = [c.interface for c in self.connectors]
+            self._sync_connector_interfaces()
             try:
                 _fault("load")
                 self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
@@ -83,17 +81,40 @@ class Gateway:
             # routing before peers and forwarding: no device packet meets the main table first
             routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes,
                                  ipv6=cfg.pool_ipv6 is not None)
-            routes.sync(cfg.route_table, self._routes_wanted())
-            wireguard.set_peers(cfg.interface, self._peers(self.identities), replace=True)
-            routes.enable_forwarding(cfg.interface)
-            for c in self.connectors:
-                wireguard.set_peers(c.interface, [wireguard.Peer(c.public_key, c.routes)], replace=True)
-                routes.enable_forwarding(c.interface, connector=True)
+            self._sync_routes_peers_forwarding()
             for warning in routes.host_warnings():
                 log.warning("%s", warning)
             self._note_owners()
             log.info("gateway up on %s (%s WireGuard), %d connectors, generation %d", cfg.interface, self.wg_kind,
                      len(self.connectors), self.store.generation())
+
+    def _sync_connector_interfaces(self) -> None:
+        """The store's connectors each have their interface, which the next build's connector
+        side is attached to; a removed connector's interface goes."""
+        wanted = [c.interface for c in self.connectors]
+        for ifname in [i for i in self.kernel.reply_interfaces if i not in wanted]:
+            self.kernel.detach_reply(ifname)
+            wireguard.delete_interface(ifname)
+        for c in self.connectors:
+            wireguard.ensure_interface(c.interface, c.private_key, c.listen_port, [])
+        self.kernel.reply_interfaces = wanted
+
+    def _sync_routes_peers_forwarding(self) -> None:
+        """ztgate's routes, every peer (devices, connectors) and forwarding, as the store has them."""
+        routes.sync(self.config.route_table, self._routes_wanted())
+        wireguard.set_peers(self.config.interface, self._peers(self.identities), replace=True)
+        routes.enable_forwarding(self.config.interface)
+        for c in self.connectors:
+            wireguard.set_peers(c.interface, [wireguard.Peer(c.public_key, c.routes)], replace=True)
+            routes.enable_forwarding(c.interface, connector=True)
+
+    def _rebuild(self) -> None:
+        """Make the data plane equal to the store again after a change's step failed, as start
+        does: a whole new build (the epoch moves: every open flow is decided again), then
+        connectors, routes, peers and forwarding."""
+        self._sync_connector_interfaces()
+        self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
+        self._sync_routes_peers_forwarding()
 
     def _fail_closed(self, error: BaseException) -> None:
         """The build could not be made or attached at start. A program left attached by the
@@ -163,17 +184,25 @@ class Gateway:
         failed = []
         for step in later:          # every step is tried: one failing must not skip a revocation
             try:
+                _fault("apply", step)
                 step.apply()
             except Exception as e:
                 log.exception("applying generation %d (%s)", self.store.generation(), what)
                 failed.append(str(e))
         if failed:
-            # the store holds the change: so does the controller's view of it from here on
+            # The store holds the change: so does the controller's view of it from here on, and
+            # the data plane is rebuilt from it whole (a step's failure may have left it between).
             self.identities, self.policy = self.store.identities(), self.store.policy()
             self.connectors = self.store.connectors()
-            raise KernelError(f"generation {self.store.generation()} ({what}) is stored, but the data plane "
-                              f"could not follow: {'; '.join(failed)}. Restart the gateway to make it equal "
-                              "to the store.")
+            try:
+                self._rebuild()
+            except Exception as e:
+                log.exception("rebuilding the data plane from generation %d", self.store.generation())
+                raise KernelError(f"generation {self.store.generation()} ({what}) is stored, but the data plane "
+                                  f"could not follow: {'; '.join(failed)}; nor could a whole rebuild: {e}. "
+                                  "Restart the gateway to make it equal to the store.") from e
+            log.warning("generation %d (%s): a step failed (%s); the data plane was rebuilt whole from the store",
+                        self.store.generation(), what, "; ".join(failed))
         log.info("generation %d: %s %s", self.store.generation(), what, detail)
 
     def _peer_step(self, device: Device, admit: bool, remove: bool = False) -> Staged:
@@ -914,9 +943,12 @@ def _identities_diff(old: Identities, new: Identities) -> list[str]:
     return out
 
 
-def _fault(stage: str) -> None:
-    """Fault injection for the fail-closed tests: ZTGATE_FAULT=STAGE fails the controller here."""
+def _fault(stage: str, step: Optional[Staged] = None) -> None:
+    """Fault injection for the fail-closed tests: ZTGATE_FAULT=STAGE fails the controller here
+    (load: the build at start; apply: every step of a change after its commit, discarded)."""
     if os.environ.get("ZTGATE_FAULT") == stage:
+        if step is not None:
+            step.discard()
         raise KernelError(f"injected fault at {stage} (ZTGATE_FAULT)")
 
 

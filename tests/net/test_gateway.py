@@ -406,6 +406,40 @@ def test_kill_9_in_the_middle_of_a_change(site, alice, stage):
         site.ztgate("rule", "remove", "no-web")
 
 
+def test_a_step_that_fails_after_the_commit_rebuilds_the_data_plane_from_the_store(site, alice):
+    """Every step of a change fails after its commit (ZTGATE_FAULT=apply): the gateway makes
+    a whole new build from the store, with routes and peers, so the change still takes effect
+    on open flows and the CLI succeeds; the log says what failed."""
+    web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="web before the fault")
+    site.kill()
+    site.start(ZTGATE_FAULT="apply")
+    try:
+        build = site.json("status")["build"]
+        site.ztgate("rule", "add", "no-web", "--action", "block", "--proto", "tcp", "--dst-port", "8080",
+                    "--precedence", "10")
+        assert site.json("status")["build"] > build
+        assert not site.echo(web), "the open connection outlived the revocation"
+        assert site.tcp(APP_WEB, 8080, timeout=1) is None
+        t = site.json("trace", "--user", "alice@example.com", "--dst", APP_WEB, "--dport", "8080")
+        assert (t["kernel"]["verdict"], t["kernel"]["rule"]) == (t["reference"]["verdict"], t["reference"]["rule"]) \
+            == ("block", "no-web")
+        site.ztgate("rule", "remove", "no-web")
+        # A device's steps (the kernel's in-place write, its peer) failing: rebuilt as well.
+        site.ztgate("device", "disable", "alice-laptop")
+        assert site.tcp(APP_WEB, 8080, timeout=1) is None
+        (key,) = [d["public_key"] for d in site.json("device", "list") if d["name"] == "alice-laptop"]
+        with site.ns.inside("gw"):
+            assert wireguard.show(site.iface).peer(key).allowed_ips == []
+        site.ztgate("device", "enable", "alice-laptop")
+        assert wait_until(lambda: site.tcp(APP_WEB, 8080, timeout=1), timeout=10, what="alice back after enable")
+        log = site.stderr.read_text()
+        assert "injected fault at apply" in log and "rebuilt whole from the store" in log
+    finally:
+        web.close()
+        site.kill()
+        site.start()
+
+
 def test_an_open_flow_lives_through_kill_9_and_restart_and_nothing_blocked_passes(site, alice):
     """The program and conntrack are pinned: killing the controller and starting it again
     (a new build replaces the old one, the epoch moves on) never opens a gap for what the
