@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import ipaddress
 import mmap
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -116,6 +118,27 @@ def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise KernelError(f"{what}: {os.strerror(-ret)}")
     return ret
+
+
+@functools.cache
+def ztgate_source() -> str:
+    """ebpf/ztgate.c with its headers written in, read once: every build in a gateway's life
+    compiles the source it started with, not a tree edited while it runs."""
+    return _with_includes(EBPF_DIR / "ztgate.c")
+
+
+def _with_includes(path: Path) -> str:
+    """PATH with each local `#include "x.h"` replaced by the file, between #line marks so that
+    the compiler's and the verifier's messages still name the file and line."""
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        included = re.match(r'\s*#include "([^"]+)"', line)
+        if included:
+            out += [f'#line 1 "{included[1]}"', _with_includes(path.parent / included[1]),
+                    f'#line {number + 1} "{path.name}"']
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _delete_keys(table, keys: list) -> int:
@@ -253,11 +276,11 @@ class Program:
         self.layout = layout
         self.build = build
         self.pin_dir = _bpffs_dir(pin_dir) if pin_dir is not None else None
-        cflags = [f"-I{EBPF_DIR}", "-Wno-unused-function", f"-DZT_BUILD={build}"] + layout.defines()
+        cflags = ["-Wno-unused-function", f"-DZT_BUILD={build}"] + layout.defines()
         if self.pin_dir is not None:
             cflags.append(f'-DZT_PIN_DIR="{self.pin_dir}"')
         started = time.perf_counter()
-        self.bpf = BPF(src_file=str(EBPF_DIR / "ztgate.c"), cflags=cflags)
+        self.bpf = BPF(text=ztgate_source(), cflags=cflags)
         try:
             if self.pin_dir is not None:
                 self._check_shared()
