@@ -38,6 +38,7 @@ SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "z
 MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # ebpf/maps.h enum zt_ct_state
+KILL_BITS = 16                             # ebpf/maps.h ZT_KILL_BITS: the epoch's low bits count kills
 # ebpf/maps.h struct zt_fslot (its key is struct zt_ct_key's 40 bytes)
 FSLOT = np.dtype([("key", "V40"), ("epoch", "<u8"), ("checked_ns", "<u8"), ("until_ns", "<u8"), ("build", "<u4"),
                   ("rule", "<u4"), ("device", "<u4"), ("ident", "<u4"), ("packets", "<u8"), ("bytes", "<u8")])
@@ -511,15 +512,24 @@ class Program:
 
     @property
     def epoch(self) -> int:
-        """The policy epoch conntrack compares with (shared by the builds of one pin dir)."""
+        """The epoch conntrack compares with (shared by the builds of one pin dir): the policy's
+        generation in the high bits, the kills since in the low KILL_BITS."""
         return self.bpf["zt_epoch"][0].value
 
-    def next_epoch(self) -> int:
-        """Move the epoch on, after a change to the policy or identities the kernel holds: the
-        connector side decides each flow again at its next reply."""
+    def _set_epoch(self, value: int) -> int:
         table = self.bpf["zt_epoch"]
-        table[0] = table.Leaf(table[0].value + 1)
-        return table[0].value
+        table[0] = table.Leaf(value)
+        return value
+
+    def next_epoch(self) -> int:
+        """Move the epoch on, after a change to the policy or identities the kernel holds: every
+        flow is decided again at its next packet, and the connector side at its next reply."""
+        return self._set_epoch(((self.epoch >> KILL_BITS) + 1) << KILL_BITS)
+
+    def _count_kill(self) -> int:
+        """A flow was killed in zt_ct: every CPU's flow cache checks its flows against zt_ct
+        once more (the killed one drops there), and no other decision is made again."""
+        return self._set_epoch(self.epoch + 1)
 
     def flows(self) -> list[dict]:
         """Conntrack's entries: the 5-tuple as the device sent it and what ebpf/maps.h struct
@@ -559,7 +569,7 @@ class Program:
             return False
         value.state = CT_KILLED
         table[key] = value
-        self.next_epoch()      # (the flow cache trusts no slot of an earlier epoch)
+        self._count_kill()
         return True
 
     def clear_flows(self) -> None:

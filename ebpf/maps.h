@@ -355,9 +355,13 @@ struct zt_frag {
 
 ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRAG_ENTRIES);
 
-/* The policy epoch: userspace moves it on after every change it makes to the kernel's policy
- * or identities (a new build attached, a device written), so conntrack knows which flows were
- * allowed before the change and must be decided again. */
+/* The epoch: userspace moves it on after every change it makes to the kernel's policy or
+ * identities (a new build attached, a device written), so conntrack knows which flows were
+ * allowed before the change and must be decided again. Its low ZT_KILL_BITS count the kills
+ * (`ztgate flows kill`) since: a kill must reach every CPU's flow cache, whose slots compare
+ * the whole value, but it changes no decision, so conntrack, fragments and the connector side
+ * compare only the bits above (same_policy). */
+#define ZT_KILL_BITS 16
 ZT_SHARED_TABLE("array", __u32, __u64, zt_epoch, 1);
 
 #endif

@@ -247,6 +247,12 @@ static __always_inline __u64 epoch_now(void)
 	return e ? *e : 0;
 }
 
+/* Two epochs of one policy: they differ at most in their kills (see zt_epoch). */
+static __always_inline int same_policy(__u64 a, __u64 b)
+{
+	return !((a ^ b) >> ZT_KILL_BITS);
+}
+
 /* ------------------------------------------------------------------------------------------
  * Conntrack (zt_ct): every allowed packet's flow, by its 5-tuple as the device sent it (an
  * ICMP echo's id stands in the source port). It lets the flow's replies back through the
@@ -320,7 +326,7 @@ static __always_inline int frag_follows(const struct zt_pkt *p, __u64 epoch, __u
 	struct zt_frag_key key = {};
 	frag_key_of(&key, p);
 	struct zt_frag *f = zt_frags.lookup(&key);
-	if (!f || f->epoch != epoch || now >= f->seen_ns + ZT_FRAG_SECONDS * 1000000000ULL)
+	if (!f || !same_policy(f->epoch, epoch) || now >= f->seen_ns + ZT_FRAG_SECONDS * 1000000000ULL)
 		return 0;
 	if ((__u32)p->frag_offset * 8 < f->l4_len)
 		return ZT_REASON_FRAGMENT_OVERLAP;
@@ -450,7 +456,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	}
 	/* another epoch or build: decided again; a non-TCP flow due to be reported: reported */
 	__u64 report_ns = p->proto == IPPROTO_TCP ? ~0ULL : ct->event_ns + ZT_FLOW_EVENT_NS;
-	if (ct->epoch != d->epoch || ct->build != ZT_BUILD || now >= report_ns)
+	if (!same_policy(ct->epoch, d->epoch) || ct->build != ZT_BUILD || now >= report_ns)
 		return 0;
 	allow_as_before(d, ct->rule, ct->device, ct->ident);
 	if (dry)
@@ -767,7 +773,7 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 		 * needs "fragmentation needed" and "packet too big"); it does not keep it alive */
 		if (icmp_error_key(&key, &p, data, data_end)) {
 			struct zt_ct *ct = zt_ct.lookup(&key);
-			if (ct && ct_alive(ct, key.proto, now) && ct->state != ZT_CT_KILLED && ct->epoch == epoch_now()) {
+			if (ct && ct_alive(ct, key.proto, now) && ct->state != ZT_CT_KILLED && same_policy(ct->epoch, epoch_now())) {
 				d.verdict = ZT_VERDICT_ALLOW;
 				d.reason = ZT_REASON_REPLY;
 			}
@@ -777,7 +783,7 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 		if (ct && ct_alive(ct, p.proto, now)) {
 			if (ct->state == ZT_CT_KILLED) {
 				d.reason = ZT_REASON_KILLED;
-			} else if (ct->epoch == epoch_now()) {
+			} else if (same_policy(ct->epoch, epoch_now())) {
 				d.verdict = ZT_VERDICT_ALLOW;
 				d.reason = ZT_REASON_REPLY;
 				reply_passes(ct, &p, now, ctx->data_end - ctx->data, ct->epoch, dry_run(ctx));

@@ -10,13 +10,13 @@ import time
 from dataclasses import replace
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
 from control.compiler import compile_policy
 from control.packets import parse_raw
 from control.reference import decide
-from dataplane.program import CT_CLOSING, CT_KILLED
+from dataplane.program import CT_CLOSING, CT_KILLED, KILL_BITS
 from dataplane.reasons import Reason, Verdict
 
 from .conftest import TEST_LAYOUT, pinned_program
@@ -112,6 +112,28 @@ def test_a_killed_flow_drops_both_ways_until_a_new_connection(loaded):
     assert run(loaded, ssh).retval == XDP_PASS
     (flow,) = [f for f in loaded.flows() if f["sport"] == 41000]
     assert flow["state"] != CT_KILLED
+
+
+def test_a_kill_decides_no_other_flow_again(loaded):
+    """A kill reaches every CPU's flow cache by the epoch's low bits (ZT_KILL_BITS), which the
+    flow cache compares and nothing else does: another flow's datagram whose first fragment
+    passed before the kill still completes, and its replies still pass as replies."""
+    assert define("ZT_KILL_BITS") == KILL_BITS
+    ssh = FLOWS[0]
+    assert run(loaded, ssh).retval == XDP_PASS
+    first, *rest = fragment(IP(src=ANN4, dst=APP4, id=77) / UDP(sport=41002, dport=5353) / (b"x" * 3000),
+                            fragsize=1000)
+    assert run(loaded, first).retval == XDP_PASS
+    epoch = loaded.epoch
+    assert loaded.kill_flow(4, 6, ipaddress.ip_address(ANN4), ipaddress.ip_address(APP4), 41000, 22)
+    assert loaded.epoch == epoch + 1
+    assert run(loaded, ssh).reason == Reason.KILLED                     # through the cache's check
+    assert all(run(loaded, p).reason == Reason.FRAGMENT_FOLLOWS for p in rest)
+    assert run(loaded, reverse(IP(src=ANN4, dst=APP4) / UDP(sport=41002, dport=5353)), reply=True).reason == Reason.REPLY
+    # A change of policy still moves the epoch past every kill: the fragments' datagram is over.
+    loaded.next_epoch()
+    assert loaded.epoch >> KILL_BITS == (epoch >> KILL_BITS) + 1 and loaded.epoch % (1 << KILL_BITS) == 0
+    assert run(loaded, rest[0]).verdict == Verdict.FRAGMENT
 
 
 def test_flows_count_packets_and_bytes_both_ways(loaded):
