@@ -78,6 +78,7 @@ class Gateway:
             except BaseException as e:
                 self._fail_closed(e)
                 raise
+            self._forget_stray_flows()
             # routing before peers and forwarding: no device packet meets the main table first
             routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes,
                                  ipv6=cfg.pool_ipv6 is not None)
@@ -114,7 +115,17 @@ class Gateway:
         connectors, routes, peers and forwarding."""
         self._sync_connector_interfaces()
         self.kernel.stage_swap(self.identities, self.policy, self.store.generation()).apply()
+        self._forget_stray_flows()
         self._sync_routes_peers_forwarding()
+
+    def _forget_stray_flows(self) -> None:
+        """Flows of addresses that are no enabled device's: a device cut while its flows could
+        not be forgotten (the controller died after the commit; a step failed). Its address may
+        go to another device, which must not inherit a way back."""
+        enabled = [a for d in self.identities.devices if d.enabled for a in d.addresses]
+        forgotten = self.kernel.build.program.forget_flows_except(enabled)
+        if forgotten:
+            log.info("forgot %d flows of devices that are no longer enabled", forgotten)
 
     def _fail_closed(self, error: BaseException) -> None:
         """The build could not be made or attached at start. A program left attached by the
@@ -735,7 +746,7 @@ class Gateway:
                                                      "listen_port": listen_port}) as (tx, later):
                 tx.add_connector(c)
                 later.append(self._stage_connector(c))
-            self.connectors = self.connectors + [c]
+            self.connectors = self.store.connectors()
             host = self.config.endpoint.rpartition(":")[0]
             return {"generation": self.store.generation(), "connector": name, "interface": c.interface,
                     "listen_port": listen_port,
@@ -776,7 +787,7 @@ class Gateway:
             with self._change(uid, "connector remove", {"name": name}) as (tx, later):
                 tx.remove_connector(name)
                 later.append(Staged(apply, lambda: None))
-            self.connectors = [x for x in self.connectors if x.name != name]
+            self.connectors = self.store.connectors()
             return {"generation": self.store.generation()}
 
     def route_list(self) -> list[dict]:
@@ -813,7 +824,7 @@ class Gateway:
             with self._change(uid, "route add", {"prefix": str(net), "connector": c.name}) as (tx, later):
                 tx.add_route(net, c.name)
                 later.append(Staged(lambda: self._route_step(new, net, True), lambda: None))
-            self.connectors = [new if x.name == c.name else x for x in self.connectors]
+            self.connectors = self.store.connectors()
             return {"generation": self.store.generation()}
 
     def route_remove(self, uid: int, prefix: str) -> dict:
@@ -829,7 +840,7 @@ class Gateway:
             with self._change(uid, "route remove", {"prefix": str(net), "connector": c.name}) as (tx, later):
                 tx.remove_route(net)
                 later.append(Staged(lambda: self._route_step(new, net, False), lambda: None))
-            self.connectors = [new if x.name == c.name else x for x in self.connectors]
+            self.connectors = self.store.connectors()
             return {"generation": self.store.generation()}
 
     def _route_step(self, c: Connector, net, add: bool) -> None:

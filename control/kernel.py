@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from dataplane.attach import attach, attached, detach
 from dataplane.errors import KernelError
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.program import Program
+from dataplane.program import SETTLE, Program
 
 from .compiler import Tables, compile_policy
 from .config import Config
@@ -34,7 +34,6 @@ from .model import Device, Identities, Policy
 log = logging.getLogger("ztgate.kernel")
 DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
 KEEP_BUILDS = 4          # names of recent builds, for events that were in flight across a swap
-EPOCH_SETTLE = 0.002     # seconds between a kernel change and the epoch moving on (see _next_epoch)
 
 
 def base_layout(config: Config) -> Layout:
@@ -99,6 +98,12 @@ class Kernel:
         """Attach NEW in place of the build in force. Once it is on the ingress interface it is
         the build in force, whatever fails after (a connector's interface gone, a pin): later
         changes must write into the tables that decide, and the epoch must move."""
+        if self.build is None:
+            # The first build of this controller: the pinned epoch is another controller's
+            # (an older version's may even read it otherwise). Moved on once before the attach,
+            # the program in force decides every flow again by its own tables; none is trusted
+            # by an epoch from an unknown past.
+            new.program.next_epoch()
         try:
             attach(new.program, self.config.interface, self.config.xdp_mode)
         except BaseException:
@@ -168,7 +173,7 @@ class Kernel:
         epoch before any table, so a packet decided by the old tables carries the old epoch;
         the moment's wait covers one that entered the old program just before the change and
         had not yet read it (softirq: microseconds)."""
-        time.sleep(EPOCH_SETTLE)
+        time.sleep(SETTLE)
         program.next_epoch()
 
     def attach_reply(self, ifname: str) -> None:

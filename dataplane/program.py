@@ -39,6 +39,9 @@ MAPS = POLICY_MAPS + SHARED_MAPS
 DRY_RUN_MAGIC = 0x5A544452   # ebpf/maps.h ZT_DRY_RUN_MAGIC
 CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # ebpf/maps.h enum zt_ct_state
 KILL_BITS = 16                             # ebpf/maps.h ZT_KILL_BITS: the epoch's low bits count kills
+# Seconds for a packet that read the kernel's state before a change to be done with it (XDP
+# runs in softirq: microseconds); then no packet decided before the change is still writing.
+SETTLE = 0.002
 # ebpf/maps.h struct zt_fslot (its key is struct zt_ct_key's 40 bytes)
 FSLOT = np.dtype([("key", "V40"), ("epoch", "<u8"), ("checked_ns", "<u8"), ("until_ns", "<u8"), ("build", "<u4"),
                   ("rule", "<u4"), ("device", "<u4"), ("ident", "<u4"), ("packets", "<u8"), ("bytes", "<u8")])
@@ -128,14 +131,16 @@ def ztgate_source() -> str:
     return _with_includes(EBPF_DIR / "ztgate.c")
 
 
-def _with_includes(path: Path) -> str:
+def _with_includes(path: Path, within: tuple = ()) -> str:
     """PATH with each local `#include "x.h"` replaced by the file, between #line marks so that
     the compiler's and the verifier's messages still name the file and line."""
+    if path in within:
+        raise KernelError(f"{path.name} includes itself (through {' -> '.join(p.name for p in within)})")
     out = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         included = re.match(r'\s*#include "([^"]+)"', line)
         if included:
-            out += [f'#line 1 "{included[1]}"', _with_includes(path.parent / included[1]),
+            out += [f'#line 1 "{included[1]}"', _with_includes(path.parent / included[1], within + (path,)),
                     f'#line {number + 1} "{path.name}"']
         else:
             out.append(line)
@@ -517,6 +522,8 @@ class Program:
         return self.bpf["zt_epoch"][0].value
 
     def _set_epoch(self, value: int) -> int:
+        # (A read, then a write: callers serialize, as the gateway's lock does. Interleaved, a
+        # kill could take back a change's move.)
         table = self.bpf["zt_epoch"]
         table[0] = table.Leaf(value)
         return value
@@ -557,7 +564,10 @@ class Program:
 
     def kill_flow(self, family: int, proto: int, src: Address, dst: Address, sport: int, dport: int) -> bool:
         """End one flow (as flows() names it): its packets drop both ways, as `killed`, until it
-        times out or its device opens the tuple again with a SYN. False if there is no such flow."""
+        times out or its device opens the tuple again with a SYN. False if there is no such flow.
+        Fragmented datagrams between its two ends in its protocol, either way, are forgotten
+        too: their later fragments carry no ports, so they would not know the flow is killed
+        (a datagram of another flow between the same two ends is cut with them)."""
         table = self.bpf["zt_ct"]
         key = table.Key()
         ctypes.memmove(key.src, src.packed, len(src.packed))
@@ -570,6 +580,11 @@ class Program:
         value.state = CT_KILLED
         table[key] = value
         self._count_kill()
+        time.sleep(SETTLE)    # (a first fragment decided before the kill has tracked its datagram)
+        ends = {(src.packed, dst.packed), (dst.packed, src.packed)}
+        frags = self.bpf["zt_frags"]
+        _delete_keys(frags, [k for k, _ in frags.items_lookup_batch() if k.family == family and k.proto == proto
+                             and (bytes(k.src)[:len(src.packed)], bytes(k.dst)[:len(src.packed)]) in ends])
         return True
 
     def clear_flows(self) -> None:
@@ -583,13 +598,19 @@ class Program:
         """Remove the conntrack entries of flows these tunnel addresses opened (a device that is
         removed or disabled: its address may go to another device, which must not inherit a
         way back). Returns how many."""
-        wanted = {(a.version, a.packed) for a in addresses}
-        if not wanted:
-            return 0
+        gone = {(a.version, a.packed) for a in addresses}
+        return self._forget(lambda source: source in gone) if gone else 0
+
+    def forget_flows_except(self, addresses: Iterable[Address]) -> int:
+        """Remove the conntrack entries of flows that none of these addresses opened (those of
+        the devices enabled now): what a device cut without its flows forgotten left behind."""
+        kept = {(a.version, a.packed) for a in addresses}
+        return self._forget(lambda source: source not in kept)
+
+    def _forget(self, which) -> int:
         table = self.bpf["zt_ct"]
-        gone = [k for k, _ in table.items_lookup_batch()
-                if (k.family, bytes(k.src)[:4 if k.family == 4 else 16]) in wanted]
-        return _delete_keys(table, gone)
+        return _delete_keys(table, [k for k, _ in table.items_lookup_batch()
+                                    if which((k.family, bytes(k.src)[:4 if k.family == 4 else 16]))])
 
     def event_counters(self) -> dict[str, int]:
         """Flow events over all CPUs: sent, and not sent (over the rate; ring buffer full)."""

@@ -492,7 +492,12 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	struct zt_ct_key key = {};
 	ct_key_of(&key, p);
 	struct zt_ct *ct = zt_ct.lookup(&key);
-	/* an entry that timed out, or a killed flow's tuple opened again (a SYN), starts anew */
+	int syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
+	/* A killed flow stays killed (this packet raced the kill: it passes, as one in flight
+	 * would, but revives nothing) unless its tuple opens a new connection (a SYN). */
+	if (ct && ct->state == ZT_CT_KILLED && !syn && ct_alive(ct, p->proto, now))
+		return;
+	/* an entry that timed out, or a killed flow's tuple opened again, starts anew */
 	if (ct && (!ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED)) {
 		zt_ct.delete(&key);
 		ct = NULL;
@@ -500,7 +505,7 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	frag_track(p, d->epoch, now);
 	int new_flow;
 	if (p->proto == IPPROTO_TCP)
-		new_flow = (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
+		new_flow = syn;
 	else
 		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != ZT_BUILD ||
 			   ct->rule != d->rule;

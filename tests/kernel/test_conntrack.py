@@ -136,6 +136,23 @@ def test_a_kill_decides_no_other_flow_again(loaded):
     assert run(loaded, rest[0]).verdict == Verdict.FRAGMENT
 
 
+def test_a_killed_flow_s_fragmented_datagrams_end_with_it(loaded):
+    """Later fragments carry no ports: they follow their datagram, not the flow. A kill forgets
+    the datagrams between the flow's two ends in its protocol, either way, so a datagram whose
+    first fragment passed before the kill does not complete after it."""
+    dns = IP(src=ANN4, dst=APP4) / UDP(sport=41002, dport=5353)
+    first, *rest = fragment(IP(src=ANN4, dst=APP4, id=99) / UDP(sport=41002, dport=5353) / (b"x" * 3000),
+                            fragsize=1000)
+    assert run(loaded, first).retval == XDP_PASS
+    back, *back_rest = fragment(IP(src=APP4, dst=ANN4, id=98) / UDP(sport=5353, dport=41002) / (b"y" * 3000),
+                                fragsize=1000)
+    assert run(loaded, back, reply=True).reason == Reason.REPLY
+    assert loaded.kill_flow(4, 17, ipaddress.ip_address(ANN4), ipaddress.ip_address(APP4), 41002, 5353)
+    assert run(loaded, dns).reason == Reason.KILLED
+    assert all(run(loaded, p).verdict == Verdict.FRAGMENT for p in rest)
+    assert all(run(loaded, p, reply=True).verdict == Verdict.FRAGMENT for p in back_rest)
+
+
 def test_flows_count_packets_and_bytes_both_ways(loaded):
     dns = FLOWS[2]
     for _ in range(3):

@@ -217,6 +217,20 @@ def test_a_removed_device_s_flows_are_forgotten(loaded):
     assert reply(loaded, reverse(web)).reason == Reason.REPLY          # bob's flow stays
 
 
+def test_the_flows_of_devices_no_longer_enabled_are_forgotten(loaded):
+    """What the gateway does after a rebuild or at start (a device cut while its flows could
+    not be forgotten): every flow that no enabled device's address opened goes."""
+    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    dns6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353)
+    web = IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A")
+    for fwd in (ssh, dns6, web):
+        assert ingress(loaded, fwd).retval == XDP_PASS
+    assert loaded.forget_flows_except([ipaddress.ip_address(BOB4), ipaddress.ip_address(ANN6)]) == 1
+    assert reply(loaded, reverse(ssh)).reason == Reason.NOT_REPLY
+    assert reply(loaded, reverse(dns6)).reason == Reason.REPLY
+    assert reply(loaded, reverse(web)).reason == Reason.REPLY
+
+
 def test_forgetting_skips_a_flow_that_went_meanwhile(loaded):
     """A revoked flow's reply deletes its entry in the kernel; if that happens between
     forget_flows' read and its delete, the batch must go on past the missing key (CI once

@@ -424,14 +424,29 @@ def test_a_step_that_fails_after_the_commit_rebuilds_the_data_plane_from_the_sto
         assert (t["kernel"]["verdict"], t["kernel"]["rule"]) == (t["reference"]["verdict"], t["reference"]["rule"]) \
             == ("block", "no-web")
         site.ztgate("rule", "remove", "no-web")
-        # A device's steps (the kernel's in-place write, its peer) failing: rebuilt as well.
+        # A device's steps (the kernel's in-place write and forgetting its flows, its peer)
+        # failing: rebuilt as well, and the flows of a device no longer enabled forgotten.
+        again = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="web after the rule went")
+        assert site.json("flows", "--device", "alice-laptop")
         site.ztgate("device", "disable", "alice-laptop")
-        assert site.tcp(APP_WEB, 8080, timeout=1) is None
+        assert not site.echo(again)
+        again.close()
+        assert site.json("flows", "--device", "alice-laptop") == []
         (key,) = [d["public_key"] for d in site.json("device", "list") if d["name"] == "alice-laptop"]
         with site.ns.inside("gw"):
             assert wireguard.show(site.iface).peer(key).allowed_ips == []
         site.ztgate("device", "enable", "alice-laptop")
         assert wait_until(lambda: site.tcp(APP_WEB, 8080, timeout=1), timeout=10, what="alice back after enable")
+        # A connector's steps: its interface (discarded with the step) is made again by the
+        # rebuild, with the connector-side program on it; it is listed once.
+        name = f"f{site.ns.token[:6]}"
+        site.ztgate("connector", "add", name)
+        assert [c["name"] for c in site.json("status")["connectors"]] == [name]
+        (conn,) = site.json("status")["connectors"]
+        assert conn["reply_program"]
+        site.ztgate("connector", "remove", name)
+        assert site.json("connector", "list") == []
+        assert site.ns.run("gw", "ip", "link", "show", f"ztc-{name}", check=False).returncode != 0
         log = site.stderr.read_text()
         assert "injected fault at apply" in log and "rebuilt whole from the store" in log
     finally:
