@@ -234,14 +234,18 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     gw(fl, reads=True, run=cmd_flows)
     fk_parent = fl.add_subparsers(dest="verb", metavar="VERB")
-    fk = verb(fk_parent, "kill", "end one flow at once, both ways",
+    fk = verb(fk_parent, "kill", "end a flow, or every flow of a user or device, at once, both ways",
         "End a tracked flow: its packets are dropped both ways (reason `killed`) until it times out "
         "or its device opens a new connection on the same ports (decided by the policy). Give it as "
-        "`ztgate flows` prints it.",
-        "ztgate flows kill tcp 100.96.0.3:40522 10.20.0.10:22\nztgate flows kill udp [fd00:5a::3]:5000 [fd20::10]:53")
-    fk.add_argument("proto", choices=("tcp", "udp", "icmp"))
-    fk.add_argument("source", metavar="SRC:PORT")
-    fk.add_argument("destination", metavar="DST:PORT")
+        "`ztgate flows` prints it, or give --user or --device to end all of theirs (they stay "
+        "enrolled; to keep them out, `device disable`).",
+        "ztgate flows kill tcp 100.96.0.3:40522 10.20.0.10:22\nztgate flows kill udp [fd00:5a::3]:5000 [fd20::10]:53\n"
+        "ztgate flows kill --device bob-laptop")
+    fk.add_argument("proto", nargs="?", choices=("tcp", "udp", "icmp"))
+    fk.add_argument("source", nargs="?", metavar="SRC:PORT")
+    fk.add_argument("destination", nargs="?", metavar="DST:PORT")
+    fk.add_argument("--user", dest="kill_user", metavar="EMAIL", help="every flow of this user's devices")
+    fk.add_argument("--device", dest="kill_device", metavar="NAME", help="every flow of this device")
     gw(fk, reads=True, run=cmd_flows_kill)
 
     co = nouns.add_parser("connector", help="connectors: the way into private networks").add_subparsers(

@@ -515,11 +515,22 @@ def _split_endpoint(text: str, what: str) -> tuple[str, int]:
 
 
 def cmd_flows_kill(args) -> int:
-    src, sport = _split_endpoint(args.source, "source")
-    dst, dport = _split_endpoint(args.destination, "destination")
-    result = _call(args, "flows.kill", proto=args.proto, src=src, sport=sport, dst=dst, dport=dport)
+    whose = args.kill_user or args.kill_device
+    if whose:
+        if args.proto:
+            raise InputError("flows kill: give either a flow (PROTO SRC:PORT DST:PORT) or --user/--device, not both")
+        result = _call(args, "flows.kill_of", user=args.kill_user, device=args.kill_device)
+        message = f"{result['killed']} flows of {whose} killed: their packets drop both ways"
+    else:
+        if not args.destination:
+            raise InputError("flows kill: give a flow as `ztgate flows` prints it (PROTO SRC:PORT DST:PORT), "
+                             "or --user EMAIL or --device NAME")
+        src, sport = _split_endpoint(args.source, "source")
+        dst, dport = _split_endpoint(args.destination, "destination")
+        result = _call(args, "flows.kill", proto=args.proto, src=src, sport=sport, dst=dst, dport=dport)
+        message = f"flow {args.proto} {args.source} -> {args.destination} killed: its packets drop both ways"
     if args.json:
         _json(result)
     else:
-        print(f"flow {args.proto} {args.source} -> {args.destination} killed: its packets drop both ways")
+        print(message)
     return 0

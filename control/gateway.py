@@ -646,20 +646,10 @@ class Gateway:
     def flows(self, user: Optional[str], device: Optional[str], limit: int) -> list[dict]:
         """Live tracked flows, newest first: who, what, which rule, age, traffic both ways."""
         with self.lock:
-            build = self.kernel.build
             now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            timeouts = dict(self.config.conntrack)
-            owner = {a: d for d in self.identities.devices for a in d.addresses}
             rows = []
-            for f in build.program.flows():
+            for f, state, d in self._live_flows(user, device, now):
                 proto = PROTO_NAMES.get(f["proto"], str(f["proto"]))
-                state = CT_STATES.get(f["state"], "?")
-                timeout = timeouts["tcp_closing" if state == "closing" else proto if proto in timeouts else "icmp"]
-                if now >= f["seen_ns"] + timeout * 10**9:
-                    continue                  # expired: no longer honoured, not yet evicted
-                d = owner.get(f["src"])
-                if (user and (d is None or d.user != user.lower())) or (device and (d is None or d.name != device)):
-                    continue
                 rows.append({
                     "proto": proto, "src": str(f["src"]), "dst": str(f["dst"]),
                     "sport": f["sport"], "dport": f["dport"],   # an ICMP echo: its id in sport
@@ -671,6 +661,41 @@ class Gateway:
                     "reply_packets": f["reply_packets"], "reply_bytes": f["reply_bytes"]})
             rows.sort(key=lambda r: r["age_s"])
             return rows[:limit]
+
+    def _live_flows(self, user: Optional[str], device: Optional[str], now: int) -> Iterator[tuple]:
+        """(flow as Program.flows() has it, state name, owning device or None) of the flows not
+        yet expired, of this user's or device's when given."""
+        timeouts = dict(self.config.conntrack)
+        owner = {a: d for d in self.identities.devices for a in d.addresses}
+        for f in self.kernel.build.program.flows():
+            proto = PROTO_NAMES.get(f["proto"], str(f["proto"]))
+            state = CT_STATES.get(f["state"], "?")
+            timeout = timeouts["tcp_closing" if state == "closing" else proto if proto in timeouts else "icmp"]
+            if now >= f["seen_ns"] + timeout * 10**9:
+                continue                  # expired: no longer honoured, not yet evicted
+            d = owner.get(f["src"])
+            if (user and (d is None or d.user != user.lower())) or (device and (d is None or d.name != device)):
+                continue
+            yield f, state, d
+
+    def flows_kill_of(self, uid: int, user: Optional[str], device: Optional[str]) -> dict:
+        """End every open flow of a user or a device at once, both ways (incident response: the
+        user or device stays enrolled, and its new connections are decided by the policy)."""
+        with self.lock:
+            if not user and not device:
+                raise InputError("flows kill: give a flow (PROTO SRC:PORT DST:PORT), --user EMAIL or --device NAME")
+            if user:
+                self._user(user)
+            if device:
+                self._device(device)
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            flows = [(f["src"].version, f["proto"], f["src"], f["dst"], f["sport"], f["dport"])
+                     for f, state, _ in self._live_flows(user, device, now) if state != "killed"]
+            killed = self.kernel.build.program.kill_flows(flows)
+            detail = {k: v for k, v in (("user", user), ("device", device)) if v}
+            self.store.note(uid, "flow kill", {**detail, "flows": killed})
+            log.info("%d flows killed by uid %d: %s", killed, uid, detail)
+            return {"generation": self.store.generation(), "killed": killed}
 
     def flows_kill(self, uid: int, proto: str, src: str, sport: int, dst: str, dport: int) -> dict:
         """End one flow: its packets drop both ways until it times out or its device opens the

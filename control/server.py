@@ -55,6 +55,7 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "flows": ("flows", {"user": (_S, False), "device": (_S, False), "limit": (_I, False)}, False),
     "flows.kill": ("flows_kill", {"proto": (_S, True), "src": (_S, True), "sport": (_I, True), "dst": (_S, True),
                                   "dport": (_I, True)}, True),
+    "flows.kill_of": ("flows_kill_of", {"user": (_S, False), "device": (_S, False)}, True),
     "connector.list": ("connector_list", {}, False),
     "connector.add": ("connector_add", {"name": (_S, True), "listen_port": (_I, False)}, True),
     "connector.remove": ("connector_remove", {"name": (_S, True)}, True),

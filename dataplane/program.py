@@ -563,29 +563,40 @@ class Program:
         return out
 
     def kill_flow(self, family: int, proto: int, src: Address, dst: Address, sport: int, dport: int) -> bool:
-        """End one flow (as flows() names it): its packets drop both ways, as `killed`, until it
-        times out or its device opens the tuple again with a SYN. False if there is no such flow.
-        Fragmented datagrams between its two ends in its protocol, either way, are forgotten
-        too: their later fragments carry no ports, so they would not know the flow is killed
-        (a datagram of another flow between the same two ends is cut with them)."""
+        """End one flow (as flows() names it); False if there is no such flow. See kill_flows."""
+        return self.kill_flows([(family, proto, src, dst, sport, dport)]) == 1
+
+    def kill_flows(self, flows: Iterable[tuple]) -> int:
+        """End these flows, each (family, proto, src, dst, sport, dport) as flows() names it:
+        their packets drop both ways, as `killed`, until they time out or their device opens
+        the tuple again with a SYN. Returns how many were tracked. Fragmented datagrams between
+        a flow's two ends in its protocol, either way, are forgotten too: their later fragments
+        carry no ports, so they would not know the flow is killed (a datagram of another flow
+        between the same two ends is cut with them)."""
         table = self.bpf["zt_ct"]
-        key = table.Key()
-        ctypes.memmove(key.src, src.packed, len(src.packed))
-        ctypes.memmove(key.dst, dst.packed, len(dst.packed))
-        key.sport, key.dport, key.family, key.proto = sport, dport, family, proto
-        try:
-            value = table[key]
-        except KeyError:
-            return False
-        value.state = CT_KILLED
-        table[key] = value
+        ends, killed = set(), 0
+        for family, proto, src, dst, sport, dport in flows:
+            key = table.Key()
+            ctypes.memmove(key.src, src.packed, len(src.packed))
+            ctypes.memmove(key.dst, dst.packed, len(dst.packed))
+            key.sport, key.dport, key.family, key.proto = sport, dport, family, proto
+            try:
+                value = table[key]
+            except KeyError:
+                continue
+            value.state = CT_KILLED
+            table[key] = value
+            killed += 1
+            ends |= {(family, proto, src.packed, dst.packed), (family, proto, dst.packed, src.packed)}
+        if not killed:
+            return 0
         self._count_kill()
         time.sleep(SETTLE)    # (a first fragment decided before the kill has tracked its datagram)
-        ends = {(src.packed, dst.packed), (dst.packed, src.packed)}
         frags = self.bpf["zt_frags"]
-        _delete_keys(frags, [k for k, _ in frags.items_lookup_batch() if k.family == family and k.proto == proto
-                             and (bytes(k.src)[:len(src.packed)], bytes(k.dst)[:len(src.packed)]) in ends])
-        return True
+        n = lambda k: 4 if k.family == 4 else 16      # noqa: E731
+        _delete_keys(frags, [k for k, _ in frags.items_lookup_batch()
+                             if (k.family, k.proto, bytes(k.src)[:n(k)], bytes(k.dst)[:n(k)]) in ends])
+        return killed
 
     def clear_flows(self) -> None:
         """Forget every flow and fragmented datagram (the epoch moves on, so no slot of the

@@ -114,6 +114,23 @@ def test_a_killed_flow_drops_both_ways_until_a_new_connection(loaded):
     assert flow["state"] != CT_KILLED
 
 
+def test_several_flows_end_at_once(loaded):
+    """`flows kill --device` and `--user`: every flow given is killed (two of them between the
+    same two ends), one that is not tracked is not counted, and the others live on."""
+    ann, app = ipaddress.ip_address(ANN4), ipaddress.ip_address(APP4)
+    ssh, web, dns = FLOWS[0], FLOWS[1], FLOWS[2]
+    ssh2 = IP(src=ANN4, dst=APP4) / TCP(sport=41010, dport=22, flags="A")
+    for pkt in (ssh, ssh2, web, dns):
+        assert run(loaded, pkt).retval == XDP_PASS
+    gone = [(4, 6, ann, app, 41000, 22), (4, 6, ann, app, 41010, 22), (4, 17, ann, app, 41002, 5353),
+            (4, 17, ann, app, 49999, 5353)]
+    assert loaded.kill_flows(gone) == 3
+    for pkt in (ssh, ssh2, dns):
+        assert run(loaded, pkt).reason == Reason.KILLED
+    assert run(loaded, web).retval == XDP_PASS
+    assert loaded.kill_flows([]) == 0
+
+
 def test_a_kill_decides_no_other_flow_again(loaded):
     """A kill reaches every CPU's flow cache by the epoch's low bits (ZT_KILL_BITS), which the
     flow cache compares and nothing else does: another flow's datagram whose first fragment

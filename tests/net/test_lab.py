@@ -435,6 +435,24 @@ def test_flows_lists_an_open_connection_and_kill_ends_it(up):
     assert again is not None
     with again:
         assert echo(again)
+        # Every flow of one device at once (it stays enrolled); another user's are left alone.
+        assert http_page(NS_BOB, APP, 8080) is not None
+        assert cli_json("flows", "--user", "bob@example.com")
+        for args, what in ((("flows", "kill"), "give a flow"),
+                           (("flows", "kill", "--device", "nobody"), "no device named"),
+                           (("flows", "kill", "tcp", f"{alice}:1", f"{APP}:22", "--device", "alice-laptop"), "not both")):
+            r = cli(*args, check=False)
+            assert r.returncode == 2 and what in r.stderr, (args, r.stderr)
+        assert "flows of alice-laptop killed" in cli("flows", "kill", "--device", "alice-laptop").stdout
+        assert not echo(again), "a killed flow still echoes"
+        assert {f["state"] for f in cli_json("flows", "--device", "alice-laptop")} == {"killed"}
+        assert "killed" not in {f["state"] for f in cli_json("flows", "--user", "bob@example.com")}
+        (note,) = cli_json("audit", "--limit", "1")
+        assert note["what"] == "flow kill" and note["detail"]["device"] == "alice-laptop"
+    third = open_echo(NS_ALICE, APP, 22, alice)
+    assert third is not None
+    with third:
+        assert echo(third)
 
 
 @pytest.mark.parametrize("device", [d[0] for d in DEVICES])
