@@ -114,6 +114,22 @@ def test_a_killed_flow_drops_both_ways_until_a_new_connection(loaded):
     assert flow["state"] != CT_KILLED
 
 
+def test_only_a_syn_reopens_a_killed_flow(loaded):
+    """A packet that reaches the policy while its flow is killed (a kill racing the packet; here,
+    deterministically, a SYN-ACK, which skips the established path as every SYN does) is
+    decided by the policy but does not bring the flow back: its next packet is still killed."""
+    ssh = FLOWS[0]
+    assert run(loaded, ssh).retval == XDP_PASS
+    assert loaded.kill_flow(4, 6, ipaddress.ip_address(ANN4), ipaddress.ip_address(APP4), 41000, 22)
+    synack = IP(src=ANN4, dst=APP4) / TCP(sport=41000, dport=22, flags="SA")
+    want = decide(POLICY, IDS, parse_raw(bytes(synack)))
+    got = run(loaded, synack)
+    assert (got.verdict.label, got.reason.label) == (want.verdict, want.reason)
+    assert run(loaded, ssh).reason == Reason.KILLED
+    assert run(loaded, IP(src=ANN4, dst=APP4) / TCP(sport=41000, dport=22, flags="S")).retval == XDP_PASS
+    assert run(loaded, ssh).retval == XDP_PASS
+
+
 def test_several_flows_end_at_once(loaded):
     """`flows kill --device` and `--user`: every flow given is killed (two of them between the
     same two ends), one that is not tracked is not counted, and the others live on."""
