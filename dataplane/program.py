@@ -167,6 +167,13 @@ def _delete_keys(table, keys: list) -> int:
     return deleted
 
 
+def _ends(key) -> tuple[bytes, bytes]:
+    """A conntrack or fragment key's source and destination, packed (IPv4 in the first 4 of
+    the 16 bytes)."""
+    n = 4 if key.family == 4 else 16
+    return bytes(key.src)[:n], bytes(key.dst)[:n]
+
+
 def obj_get(path: Union[str, Path]) -> int:
     """A new fd for the object pinned at `path` (the caller closes it)."""
     return _check(libbpf().bpf_obj_get(os.fsencode(path)), f"cannot open the pin {path}")
@@ -551,9 +558,8 @@ class Program:
             pending[slot["key"].tobytes()].append((int(slot["checked_ns"]), int(slot["packets"]), int(slot["bytes"])))
         out = []
         for k, v in entries:
-            n = 4 if k.family == 4 else 16
-            flow = {"family": k.family, "proto": k.proto, "src": ipaddress.ip_address(bytes(k.src)[:n]),
-                    "dst": ipaddress.ip_address(bytes(k.dst)[:n]), "sport": k.sport, "dport": k.dport,
+            src, dst = map(ipaddress.ip_address, _ends(k))
+            flow = {"family": k.family, "proto": k.proto, "src": src, "dst": dst, "sport": k.sport, "dport": k.dport,
                     **{f: getattr(v, f) for f, _ in v._fields_ if f != "pad"}}
             for checked, packets, nbytes in pending.get(bytes(k), ()):
                 if v.created_ns <= checked:   # (else the slot's counts are of an earlier flow on the tuple)
@@ -593,9 +599,7 @@ class Program:
         self._count_kill()
         time.sleep(SETTLE)    # (a first fragment decided before the kill has tracked its datagram)
         frags = self.bpf["zt_frags"]
-        n = lambda k: 4 if k.family == 4 else 16      # noqa: E731
-        _delete_keys(frags, [k for k, _ in frags.items_lookup_batch()
-                             if (k.family, k.proto, bytes(k.src)[:n(k)], bytes(k.dst)[:n(k)]) in ends])
+        _delete_keys(frags, [k for k, _ in frags.items_lookup_batch() if (k.family, k.proto, *_ends(k)) in ends])
         return killed
 
     def clear_flows(self) -> None:
@@ -621,7 +625,7 @@ class Program:
     def _forget(self, which) -> int:
         table = self.bpf["zt_ct"]
         return _delete_keys(table, [k for k, _ in table.items_lookup_batch()
-                                    if which((k.family, bytes(k.src)[:4 if k.family == 4 else 16]))])
+                                    if which((k.family, _ends(k)[0]))])
 
     def event_counters(self) -> dict[str, int]:
         """Flow events over all CPUs: sent, and not sent (over the rate; ring buffer full)."""

@@ -203,14 +203,20 @@ def test_a_disabled_device_loses_its_replies(loaded):
     assert reply(loaded, reverse(fwd)).reason == Reason.REVOKED
 
 
+def tracked_flows(loaded):
+    """Three allowed flows, tracked: ann's ssh (IPv4) and dns (IPv6), and bob's web."""
+    flows = (IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A"),
+             IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353),
+             IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A"))
+    for fwd in flows:
+        assert ingress(loaded, fwd).retval == XDP_PASS
+    return flows
+
+
 def test_a_removed_device_s_flows_are_forgotten(loaded):
     """Its address may go to another device, which must not inherit a way back: the gateway
     removes the flows of a removed or disabled device's addresses (Program.forget_flows)."""
-    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
-    dns6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353)
-    web = IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A")
-    for fwd in (ssh, dns6, web):
-        assert ingress(loaded, fwd).retval == XDP_PASS
+    ssh, dns6, web = tracked_flows(loaded)
     assert loaded.forget_flows([ipaddress.ip_address(ANN4), ipaddress.ip_address(ANN6)]) == 2
     assert reply(loaded, reverse(ssh)).reason == Reason.NOT_REPLY
     assert reply(loaded, reverse(dns6)).reason == Reason.NOT_REPLY
@@ -220,11 +226,7 @@ def test_a_removed_device_s_flows_are_forgotten(loaded):
 def test_the_flows_of_devices_no_longer_enabled_are_forgotten(loaded):
     """What the gateway does after a rebuild or at start (a device cut while its flows could
     not be forgotten): every flow that no enabled device's address opened goes."""
-    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
-    dns6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353)
-    web = IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A")
-    for fwd in (ssh, dns6, web):
-        assert ingress(loaded, fwd).retval == XDP_PASS
+    ssh, dns6, web = tracked_flows(loaded)
     assert loaded.forget_flows_except([ipaddress.ip_address(BOB4), ipaddress.ip_address(ANN6)]) == 1
     assert reply(loaded, reverse(ssh)).reason == Reason.NOT_REPLY
     assert reply(loaded, reverse(dns6)).reason == Reason.REPLY
