@@ -1,10 +1,15 @@
 """Test tiers: tests/unit run anywhere; tests/kernel need root, bcc and BPF_PROG_TEST_RUN;
 tests/net need root and WireGuard's userspace tools (they build namespaces and tunnels).
-Such tests skip when those are missing, except in CI, where a skip would hide a failure."""
+Such tests skip when those are missing, except in CI, where a skip would hide a failure.
+
+Shared fixtures come from the plugin modules below (tests/fixtures/), shared constants and helper
+functions from plain modules (tests/programs.py, ...): no test module imports another, nor this."""
 import os
 import shutil
 
 import pytest
+
+pytest_plugins = ["tests.fixtures.programs"]
 
 
 def kernel_missing() -> str:

@@ -27,7 +27,7 @@ from dataplane.program import Program, obj_get, prog_id, unpin_all
 from dataplane.reasons import Reason, Verdict
 from tests.netns import Namespaces, wait_until
 
-from .conftest import TEST_LAYOUT
+from tests.programs import TEST_LAYOUT
 
 GW, PEER = "100.96.0.1", "100.96.0.2"           # the gateway's address, a device's tunnel address
 ALLOWED, BLOCKED = 5001, 5002
@@ -220,7 +220,7 @@ from control.compiler import compile_policy
 from control.model import Device, Identities, Policy, Rule, User
 from dataplane.attach import attach
 from dataplane.program import Program
-from tests.kernel.conftest import TEST_LAYOUT
+from tests.programs import TEST_LAYOUT
 ids = Identities((User("ann@example.com", ()),), (Device("ann-laptop", "ann@example.com", ipaddress.IPv4Address("{peer}")),))
 policy = Policy("block", (Rule("app", 1, "allow", protocols=frozenset({{"udp"}}), dst_ports=(({allowed}, {allowed}),)),))
 program = Program(TEST_LAYOUT, build=7, pin_dir="{pin_dir}")

@@ -19,10 +19,10 @@ from control.reference import decide
 from dataplane.program import CT_CLOSING, CT_KILLED, KILL_BITS
 from dataplane.reasons import Reason, Verdict
 
-from .conftest import TEST_LAYOUT, pinned_program
-from .conftest import run_on_one_cpu as run
-from .test_events import define
-from .test_return_path import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, XDP_DROP, XDP_PASS, reverse
+from tests.app_policy import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, reverse
+from tests.c_defines import define
+from tests.programs import TEST_LAYOUT, XDP_DROP, XDP_PASS, pinned_program
+from tests.programs import run_on_one_cpu as run
 
 CLOSING = 1    # seconds after a FIN or RST: short, so that a test can watch it
 

@@ -11,7 +11,7 @@ from control.packets import build_raw
 from control.probe import kernel_verdicts, reference_verdicts
 from control.reference import decide
 
-from .conftest import TEST_LAYOUT
+from tests.programs import TEST_LAYOUT
 
 GROUPS = ["dev", "ops", "staff", "Staff"]
 # Prefixes that nest and overlap, in both families, so that classes have edges to test.

@@ -6,7 +6,6 @@ share the ring buffer, the per-CPU state and the flow cache."""
 import ctypes
 import ipaddress
 import os
-import re
 import secrets
 import time
 from contextlib import ExitStack
@@ -26,21 +25,11 @@ from dataplane.errors import KernelError
 from dataplane.events import EventReader
 from dataplane.program import POLICY_MAPS, SHARED_MAPS, Program, map_info, obj_get, prog_id, unpin_all
 from dataplane.reasons import Reason, Verdict
+from tests.c_defines import define
 from tests.packet_cases import UNREADABLE
+from tests.programs import TEST_LAYOUT, XDP_DROP, XDP_PASS
 
-from .conftest import TEST_LAYOUT
-
-MAPS_H = Path(__file__).resolve().parents[2] / "ebpf" / "maps.h"
-XDP_DROP, XDP_PASS = 1, 2
 BUILD = 4242
-
-
-def define(name: str) -> int:
-    """A numeric #define of ebpf/maps.h (the limiter's constants)."""
-    m = re.search(rf"#define {name} (\d+)", MAPS_H.read_text())
-    assert m, name
-    return int(m.group(1))
-
 
 IDS = Identities(
     (User("ann@example.com", ("dev",)), User("bob@example.com", ())),

@@ -11,9 +11,9 @@ from control.packets import parse_raw
 from control.reference import decide
 from dataplane.reasons import Reason, Verdict
 
-from .conftest import TEST_LAYOUT, pinned_program
-from .conftest import run_on_one_cpu as run
-from .test_return_path import ANN4, ANN6, APP4, APP6, IDS, POLICY, XDP_PASS
+from tests.app_policy import ANN4, ANN6, APP4, APP6, IDS, POLICY
+from tests.programs import TEST_LAYOUT, XDP_PASS, pinned_program
+from tests.programs import run_on_one_cpu as run
 
 
 @pytest.fixture(scope="module")

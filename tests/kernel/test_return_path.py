@@ -12,28 +12,15 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from control.compiler import compile_policy
-from control.model import Device, Identities, Policy, Principal, Rule, User
+from control.model import Policy
 from control.packets import parse_raw
 from control.reference import decide
 from dataplane.reasons import Reason, Verdict
 
-from .conftest import TEST_LAYOUT, pinned_program
+from tests.app_policy import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, reverse
+from tests.programs import TEST_LAYOUT, XDP_DROP, XDP_PASS, pinned_program
 
-XDP_DROP, XDP_PASS = 1, 2
 UDP_TIMEOUT = 1      # seconds: short, so that a test can watch an entry expire
-
-IDS = Identities(
-    (User("ann@example.com", ("dev",)), User("bob@example.com", ())),
-    (Device("ann-laptop", "ann@example.com", ipaddress.IPv4Address("100.96.0.2"), ipaddress.IPv6Address("fd00:5a::2")),
-     Device("bob-phone", "bob@example.com", ipaddress.IPv4Address("100.96.0.3"))))
-POLICY = Policy("block", (
-    Rule("ssh-dev", 10, "allow", principals=(Principal("group", "dev"),), protocols=frozenset({"tcp"}),
-         dst_ports=((22, 22),)),
-    Rule("web", 20, "allow", protocols=frozenset({"tcp"}), dst_ports=((8080, 8080),)),
-    Rule("dns", 30, "allow", protocols=frozenset({"udp"}), dst_ports=((5353, 5353),)),
-    Rule("icmp", 40, "allow", protocols=frozenset({"icmp"})),
-))
-ANN4, ANN6, BOB4, APP4, APP6 = "100.96.0.2", "fd00:5a::2", "100.96.0.3", "10.20.0.10", "fd20::10"
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +45,6 @@ def ingress(program, pkt):
 def reply(program, pkt):
     with program.on_one_cpu() as cpu:
         return program.run(bytes(pkt), cpu=cpu, reply=True)
-
-
-def reverse(pkt):
-    """The reply to a forward packet: addresses and ports swapped."""
-    ip = pkt.copy()
-    l3 = ip[IP] if IP in ip else ip[IPv6]
-    l3.src, l3.dst = l3.dst, l3.src
-    l4 = ip[TCP] if TCP in ip else ip[UDP]
-    l4.sport, l4.dport = l4.dport, l4.sport
-    if TCP in ip:
-        l4.flags = "SA"
-    return ip
 
 
 FORWARD = [

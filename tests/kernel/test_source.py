@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_EDIT_BUILD = """
 import pathlib, sys
 from dataplane.program import Program
-from tests.kernel.conftest import TEST_LAYOUT
+from tests.programs import TEST_LAYOUT
 Program(TEST_LAYOUT).close()
 (pathlib.Path(sys.argv[1]) / "maps.h").write_text("#error maps.h edited while running\\n")
 Program(TEST_LAYOUT).close()
@@ -20,7 +20,7 @@ print("built twice")
 
 BUILD = """
 from dataplane.program import Program
-from tests.kernel.conftest import TEST_LAYOUT
+from tests.programs import TEST_LAYOUT
 Program(TEST_LAYOUT).close()
 """
 

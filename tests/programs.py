@@ -1,10 +1,9 @@
-"""One loaded program per layout for the whole session: building it takes a second, and every
-test refills its maps, exactly as a policy change would."""
+"""The kernel tests' programs: the layout they are built for, a pinned build as on a gateway,
+and one packet through an entry on one CPU. (The session's loaded builds are the fixtures of
+tests/fixtures/programs.py.)"""
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 from dataplane.layout import Layout
 
@@ -12,26 +11,7 @@ from dataplane.layout import Layout
 TEST_LAYOUT = Layout(max_rules=64, max_nodes=8192, max_classes=2048, max_port_tables=2048, port_slots=64,
                      max_services=8192, max_cands=48, max_idents=512, who_words=2, sport_words=1,
                      max_src_hash=512)
-
-
-def _program(layout):
-    from dataplane.program import Program
-
-    program = Program(layout)
-    yield program
-    program.close()
-
-
-@pytest.fixture(scope="session")
-def program():
-    yield from _program(TEST_LAYOUT)
-
-
-@pytest.fixture(scope="session")
-def eth_program():
-    from dataclasses import replace
-
-    yield from _program(replace(TEST_LAYOUT, ethernet=True))
+XDP_DROP, XDP_PASS = 1, 2      # the XDP return values a test run reports
 
 
 @contextmanager
