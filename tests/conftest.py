@@ -3,13 +3,14 @@ tests/net need root and WireGuard's userspace tools (they build namespaces and t
 Such tests skip when those are missing, except in CI, where a skip would hide a failure.
 
 Shared fixtures come from the plugin modules below (tests/fixtures/), shared constants and helper
-functions from plain modules (tests/programs.py, ...): no test module imports another, nor this."""
+functions from plain modules (tests/programs.py, tests/lab_cli.py, ...): no test module imports
+another, nor a conftest."""
 import os
 import shutil
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.programs"]
+pytest_plugins = ["tests.fixtures.programs", "tests.fixtures.lab"]
 
 
 def kernel_missing() -> str:

@@ -25,272 +25,23 @@ import secrets
 import socket
 import subprocess
 import time
-from contextlib import contextmanager
-from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import netns
 
 from control.config import socket_path
-from control.files import parse_identities, parse_policy
-from control.model import ICMP, TCP, UDP, Packet
-from control.reference import decide
-from lab.lab import (DEVICES, NS_ALICE, NS_APP, NS_BOB, NS_CONN, NS_GW, NS_NET, PIN_DIR, RUN, UNDERLAY, WG_IFACES,
-                     ztgate)
+from control.files import parse_policy
+from lab.lab import DEVICES, NS_ALICE, NS_APP, NS_BOB, NS_CONN, NS_GW, PIN_DIR, RUN, UNDERLAY, WG_IFACES
+from tests.lab_cli import Reference, cli, cli_json, flow_events, metric, metrics
+from tests.lab_traffic import (APP, RDP, Sniffer, bound, echo, http_page, http_request, icmp_echo, ns_socket,
+                               open_echo, udp_echo)
 from tests.netns import REPO, wait_until
 
-APP, RDP = "10.20.0.10", "10.20.0.11"
 GW_UNDERLAY, CONN_UNDERLAY = UNDERLAY[NS_GW], UNDERLAY[NS_CONN]
 NS_OF = {name: ns for name, _, ns, _ in DEVICES}            # device name -> its namespace
 IFACE_OF = {name: ifname for name, _, _, ifname in DEVICES}  # device name -> its WireGuard interface
 CASES = [("tcp", APP, 22), ("tcp", APP, 8080), ("udp", APP, 5353), ("icmp", APP, None), ("tcp", RDP, 3389)]
-PROTO = {"tcp": TCP, "udp": UDP, "icmp": ICMP}
-BLOCKED_WAIT = 1.5        # how long a probe waits for an answer before calling it blocked
-INTRUDER = "zt-t-intruder"
-
-
-# ---------------------------------------------------------------------------------------------
-# the CLI
-
-def cli(*args, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`ztgate ARGS` from the host's namespace: it reaches the lab's gateway over the default socket."""
-    r = subprocess.run(ztgate() + [str(a) for a in args], cwd=REPO, capture_output=True, text=True,
-                       timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ztgate {' '.join(map(str, args))}: exit {r.returncode}\n{r.stdout}{r.stderr}")
-    return r
-
-
-def cli_json(*args):
-    return json.loads(cli(*args, "--json").stdout)
-
-
-def flow_events(*args) -> list[dict]:
-    """`ztgate logs --json` prints one event a line, as the flow log holds them."""
-    return [json.loads(line) for line in cli("logs", "--json", "--limit", "5000", *args).stdout.splitlines()]
-
-
-def metrics() -> dict[tuple, float]:
-    """The gateway's Prometheus samples: (name, ((label, value), ...)) -> value."""
-    r = subprocess.run(["nsenter", f"--net=/run/netns/{NS_GW}", "curl", "-sf", "--max-time", "5",
-                        "http://127.0.0.1:9469/metrics"], capture_output=True, text=True, timeout=10)
-    assert r.returncode == 0, f"metrics: curl exit {r.returncode} {r.stderr}"
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(r.stdout) for s in family.samples}
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-class Reference:
-    """The reference evaluator on what the running gateway holds (policy show / identities show)."""
-
-    def __init__(self):
-        self.policy = parse_policy(yaml.safe_load(cli_json("policy", "show")["policy"]), "policy show")
-        self.identities = parse_identities(yaml.safe_load(cli_json("identities", "show")["identities"]),
-                                           "identities show")
-        self.address = {d.name: str(d.tunnel_ipv4) for d in self.identities.devices}
-        self.user = {d.name: d.user for d in self.identities.devices}
-
-    def decide(self, device: str, proto: str, dst: str, dport=None, sport=None, src=None):
-        ports = proto in ("tcp", "udp")
-        return decide(self.policy, self.identities, Packet(
-            ip_address(src or self.address[device]), ip_address(dst), PROTO[proto],
-            sport if ports else None, dport if ports else None))
-
-
-# ---------------------------------------------------------------------------------------------
-# traffic: sockets made inside a namespace by this process
-
-@contextmanager
-def inside(ns: str):
-    """This thread in namespace NS for the body (sockets made here stay there). The namespace
-    is opened here, not by name in pyroute2: setns() by name creates a missing one."""
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    netns.pushns()
-    try:
-        netns.setns(fd)
-        yield
-    finally:
-        netns.popns()
-        os.close(fd)
-
-
-def ns_socket(ns: str, kind=socket.SOCK_STREAM, proto: int = 0, family=socket.AF_INET,
-              timeout: float = BLOCKED_WAIT) -> socket.socket:
-    with inside(ns):
-        s = socket.socket(family, kind, proto)
-    s.settimeout(timeout)
-    return s
-
-
-def bound(ns: str, kind=socket.SOCK_STREAM, timeout: float = BLOCKED_WAIT) -> tuple[socket.socket, int]:
-    """A socket in NS with its source port chosen now (the reference is asked about that exact port)."""
-    s = ns_socket(ns, kind, timeout=timeout)
-    s.bind(("0.0.0.0", 0))
-    return s, s.getsockname()[1]
-
-
-def recv_line(s: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(200)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def echo(s: socket.socket, timeout: float = BLOCKED_WAIT) -> bool:
-    """A round trip on an open echo connection: True when the token comes back."""
-    token = secrets.token_hex(8).encode() + b"\n"
-    s.settimeout(timeout)
-    try:
-        s.sendall(token)
-        got = b""
-        while len(got) < len(token):
-            chunk = s.recv(100)
-            if not chunk:
-                return False
-            got += chunk
-        return got == token
-    except socket.timeout:
-        return False
-
-
-def open_echo(ns: str, dst: str, port: int, me: str, timeout: float = BLOCKED_WAIT,
-              s: socket.socket | None = None) -> socket.socket | None:
-    """A connection to an echo service whose greeting names ME (no NAT anywhere), or None when
-    the connection gets no answer at all."""
-    s = s or ns_socket(ns, timeout=timeout)
-    try:
-        s.connect((dst, port))
-    except socket.timeout:
-        s.close()
-        return None
-    s.settimeout(BLOCKED_WAIT)              # (a short connect wait need not rush the greeting)
-    greeting = recv_line(s).decode()
-    assert greeting.endswith(f", you are {me}\n"), f"{dst}:{port} greets {greeting!r}, expected it to name {me}"
-    return s
-
-
-def http_page(ns: str, dst: str, port: int, s: socket.socket | None = None) -> str | None:
-    """The page of the lab's web service, or None when the connection gets no answer."""
-    s = s or ns_socket(ns)
-    try:
-        s.connect((dst, port))
-        return http_request(s)
-    except socket.timeout:
-        return None
-    finally:
-        s.close()
-
-
-def http_request(s: socket.socket) -> str | None:
-    """One request on an open connection: the body, or None when no answer comes back."""
-    try:
-        s.sendall(f"GET / HTTP/1.0\r\nHost: {APP}\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    except socket.timeout:
-        return None
-    head, _, body = data.decode().partition("\r\n\r\n")
-    assert head.startswith("HTTP/1.0 200"), head
-    return body
-
-
-def udp_echo(ns: str, dst: str, port: int, s: socket.socket | None = None) -> bool:
-    s = s or ns_socket(ns, socket.SOCK_DGRAM)
-    token = secrets.token_hex(8).encode()
-    try:
-        s.sendto(token, (dst, port))
-        while True:                       # (an old answer may still be queued: skip it)
-            data, peer = s.recvfrom(200)
-            if data == token and peer == (dst, port):
-                return True
-    except socket.timeout:
-        return False
-    finally:
-        s.close()
-
-
-def icmp_echo(ns: str, dst: str) -> bool:
-    """An ICMP echo request from NS (a raw socket: no ping here): whether its reply came back."""
-    from scapy.layers.inet import ICMP as IcmpLayer
-
-    ident = secrets.randbelow(0xFFFF) + 1
-    s = ns_socket(ns, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    try:
-        s.sendto(bytes(IcmpLayer(type=8, id=ident, seq=1) / b"ztgate-lab"), (dst, 0))
-        deadline = time.monotonic() + BLOCKED_WAIT
-        while time.monotonic() < deadline:
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data, (peer, _) = s.recvfrom(2000)
-            except socket.timeout:
-                break
-            icmp = data[(data[0] & 0xF) * 4:]          # a raw socket hands over the IP header too
-            if peer == dst and icmp[0] == 0 and int.from_bytes(icmp[4:6], "big") == ident:
-                return True
-        return False
-    finally:
-        s.close()
-
-
-class Sniffer:
-    """Every IPv4 packet on an interface of a namespace (an AF_PACKET socket), from now on."""
-
-    def __init__(self, ns: str, ifname: str = "eth0"):
-        self.sock = ns_socket(ns, socket.SOCK_RAW, socket.htons(0x0003), family=socket.AF_PACKET, timeout=0.1)
-        self.sock.bind((ifname, 0))
-
-    def packets(self, wait: float = 1.0) -> list[tuple[str, str, int, bytes]]:
-        """(src, dst, proto, frame) of what arrived until WAIT seconds from now."""
-        out, deadline = [], time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                frame = self.sock.recv(65535)
-            except socket.timeout:
-                continue
-            if len(frame) >= 34 and frame[12:14] == b"\x08\x00":
-                out.append((socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34]), frame[23], frame))
-        return out
-
-    def close(self):
-        self.sock.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# fixtures
-
-def lab_is_there() -> bool:
-    return Path(f"/run/netns/{NS_GW}").exists() and RUN.exists()
-
-
-@pytest.fixture(scope="module")
-def lab():
-    """The lab, up for the module (reused when it is up already), and down at the end, also
-    when a test failed."""
-    try:
-        r = cli("lab", "up", check=False, timeout=240)
-        assert r.returncode == 0, f"ztgate lab up: exit {r.returncode}\n{r.stdout}{r.stderr}"
-        yield
-    finally:
-        subprocess.run(["ip", "netns", "del", INTRUDER], capture_output=True, timeout=30)
-        cli("lab", "down", check=False, timeout=120)
-
-
-@pytest.fixture
-def up(lab):
-    """Every traffic test: the lab is there (also when a test that takes it down ran before)."""
-    if not lab_is_there():
-        cli("lab", "up", timeout=240)
-    return Reference()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,30 +282,6 @@ def test_a_device_cannot_speak_as_another(up):
     arrived = {who for who, token in tokens.items() for src, dst, _, frame in seen if token in frame and dst == APP}
     assert "alice" in arrived, "the control packet (alice's own address) did not arrive: the probe is broken"
     assert arrived == {"alice"}, f"packets with a forged source reached the app: {sorted(arrived - {'alice'})}"
-
-
-@pytest.fixture
-def intruder(lab):
-    """A namespace of our own on the underlay bridge, 198.18.0.99/24, removed afterwards (also
-    on failure; the veth end on the bridge goes with it)."""
-    def remove():
-        subprocess.run(["ip", "netns", "del", INTRUDER], capture_output=True, timeout=30)
-        subprocess.run(["ip", "-n", NS_NET, "link", "del", "t-intruder"], capture_output=True, timeout=30)
-
-    remove()
-    try:
-        for cmd in (["netns", "add", INTRUDER],
-                    ["-n", INTRUDER, "link", "set", "lo", "up"],
-                    ["-n", NS_NET, "link", "add", "t-intruder", "type", "veth", "peer", "name", "eth0",
-                     "netns", INTRUDER],
-                    ["-n", NS_NET, "link", "set", "t-intruder", "master", "br0", "up"],
-                    ["-n", INTRUDER, "addr", "add", "198.18.0.99/24", "dev", "eth0"],
-                    ["-n", INTRUDER, "link", "set", "eth0", "up"]):
-            subprocess.run(["ip", *cmd], check=True, capture_output=True, timeout=30)
-        yield INTRUDER
-    finally:
-        remove()
-    assert not Path(f"/run/netns/{INTRUDER}").exists()
 
 
 @pytest.mark.parametrize("via", [GW_UNDERLAY, CONN_UNDERLAY], ids=["via-gateway", "via-connector"])

@@ -43,7 +43,7 @@ Checks (each can fail; soak() returns them as a list of failures):
               (ztgate_events_lost may grow; the summary shows how many)
 
 soak() is shared with scripts/soak (the long form: `sudo .venv/bin/python scripts/soak --minutes
-10`). The module uses the lab fixture of test_lab: up once, `ztgate lab down` at the end.
+10`). The module uses the lab fixture (tests/fixtures/lab.py): up once, `ztgate lab down` at the end.
 """
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ from control.files import parse_identities, parse_policy
 from control.model import TCP, UDP, Packet
 from control.reference import decide
 from lab.lab import NS_ALICE, NS_APP, NS_BOB, NS_GW, POLICY, RUN
-from tests.net.test_lab import (APP, RDP, Reference, Sniffer, cli, echo, http_request, lab,  # noqa: F401 (lab: the fixture)
-                                metric, ns_socket, recv_line)
+from tests.lab_cli import Reference, cli, metric
+from tests.lab_traffic import APP, RDP, Sniffer, echo, http_request, ns_socket, recv_line
 
 SOAK_SECONDS = 45          # the bounded soak of the test (the lab's ~10 s up and down come on top)
 FLOW_WAIT = 5.0            # an allowed flow's wait for each answer (generous: a loaded 2-core host)
@@ -117,7 +117,7 @@ _NS_LOCK = threading.Lock()
 
 
 def sock(ns: str, kind=socket.SOCK_STREAM, timeout: float = FLOW_WAIT, **kw) -> socket.socket:
-    """test_lab's ns_socket, one thread at a time: pyroute2's pushns/popns keep one process-wide
+    """lab_traffic's ns_socket, one thread at a time: pyroute2's pushns/popns keep one process-wide
     stack of saved namespaces, which two threads at once would mix up."""
     with _NS_LOCK:
         return ns_socket(ns, kind, timeout=timeout, **kw)
@@ -264,7 +264,7 @@ _DEVICE_SOURCES = [(0x28, 0, 0, 12),              # ldh [12]            ethertyp
 
 
 class Capture(Sniffer):
-    """test_lab's Sniffer run for the whole soak: only packets from a device address (a
+    """lab_traffic's Sniffer run for the whole soak: only packets from a device address (a
     socket filter), stamped by the kernel on arrival (SO_TIMESTAMPNS: CLOCK_REALTIME, the
     clock of time.time(), so a late read of the socket does not make a packet late), in a
     large buffer; the kernel's count of packets the socket dropped says if the record is whole."""
@@ -367,7 +367,7 @@ class Sample:
 
 
 def scrape(timeout: float = SCRAPE_WAIT) -> dict:
-    """test_lab's metrics(), with a longer wait: the collector takes the gateway's lock, which a
+    """lab_cli's metrics(), with a longer wait: the collector takes the gateway's lock, which a
     build holds while it compiles (seconds on a loaded host)."""
     r = subprocess.run(["nsenter", f"--net=/run/netns/{NS_GW}", "curl", "-sf", "--max-time", str(timeout),
                         "http://127.0.0.1:9469/metrics"], capture_output=True, text=True, timeout=timeout + 10)
@@ -419,7 +419,7 @@ def policy_variants(folder: Path) -> dict[str, Path]:
 
 
 class Snapshot(Reference):
-    """test_lab's Reference, read over the gateway's API socket in this process: what `ztgate
+    """lab_cli's Reference, read over the gateway's API socket in this process: what `ztgate
     policy show` and `ztgate identities show` print, without two CLI start-ups per change."""
 
     def __init__(self):

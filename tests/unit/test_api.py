@@ -106,7 +106,19 @@ def test_bad_config_is_refused(doc, what):
 
 
 def test_check_request_refuses_anything_else_with_input_error():
-    """Whatever a peer sends, the check answers with a valid request or an InputError."""
+    """Whatever a peer sends, the check answers with a valid request or a refusal.
+
+    A refusal (control/api.py) is an InputError, exit status 2: the server replies
+    {"ok": false, "status": 2, "error": MESSAGE} and the client raises InputError again; its
+    message starts with the op (or "request:" for an op there is none of) and names the argument
+    to change; and it changes nothing: the check runs before any handler, and leaves the
+    request as it came. What the check accepts fits its op's schema: a known op, no argument
+    the op does not have, every required one given, each of its type (an int is no bool), the
+    values given passed on unchanged, a limit from 1 to 100000, a cursor of two 64-bit numbers,
+    groups of names. A check that accepted everything fails here (so does one that skipped any
+    of those checks: each was tried by breaking control/server.py's check_request)."""
+    import copy
+
     from hypothesis import given, settings, strategies as st
 
     leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=6) | st.binary(max_size=4)
@@ -114,13 +126,53 @@ def test_check_request_refuses_anything_else_with_input_error():
                          max_leaves=6)
     args = st.dictionaries(st.sampled_from(sorted({k for _, schema, _ in OPS.values() for k in schema} | {"x"})),
                            value, max_size=4)
+    # Also the op's own arguments, mostly of their type or one that looks like it (a bool for an
+    # int, bytes for a str, numbers in a list): requests one detail away from valid.
+    typed = {str: st.text(max_size=6) | st.binary(max_size=4), int: st.integers(-(2**63), 2**64 - 1) | st.booleans(),
+             bool: st.booleans() | st.integers(0, 1), dict: st.dictionaries(st.text(max_size=6), value, max_size=3),
+             list: st.lists(st.integers(-1, 2**64) | leaf, max_size=3)}
+
+    def near(op):
+        schema = OPS[op][1] if op in OPS else {}
+        return st.fixed_dictionaries({}, optional={k: typed[kind] for k, (kind, _) in schema.items()})
 
     @settings(max_examples=1500, deadline=None)
-    @given(st.sampled_from(sorted(OPS) + ["nope"]), args)
-    def check(op, a):
+    @given(st.data())
+    def check(data):
+        op = data.draw(st.sampled_from(sorted(OPS) + ["nope"]), "op")
+        a = data.draw(st.one_of(args, near(op), near(op)), "args")      # two in three near
+        req = {"op": op, "args": a}
+        sent = copy.deepcopy(req)
         try:
-            check_request({"op": op, "args": a})
-        except InputError:
-            pass
+            handler, out, changes = check_request(req)
+        except InputError as e:
+            assert req == sent, "a refused request was changed"
+            assert e.exit_status == 2
+            message = str(e)
+            if op not in OPS:
+                assert message.startswith(f"request: unknown op {op!r}"), message
+                return
+            assert message.startswith(f"{op}: "), message
+            assert any(f"{k!r}" in message or f"{k} " in message for k in {*a, *OPS[op][1]}), \
+                f"{message!r} names no argument"
+            return
+        assert req == sent, "an accepted request was changed"
+        assert op in OPS, f"accepted an unknown op {op!r}"
+        name, schema, changing = OPS[op]
+        assert (handler, changes) == (name, changing)
+        assert set(a) <= set(schema), f"{op}: accepted unknown arguments {sorted(set(a) - set(schema))}"
+        assert set(out) == set(schema)
+        for key, (kind, required) in schema.items():
+            if a.get(key) is None:
+                assert not required, f"{op}: accepted without its required {key}"
+            else:
+                assert out[key] == a[key], f"{op}: {key} changed from {a[key]!r} to {out[key]!r}"
+            if out[key] is not None:
+                assert isinstance(out[key], kind) and not (kind is int and isinstance(out[key], bool)), \
+                    f"{op}: accepted {key}={out[key]!r}, not a {kind.__name__}"
+        assert out.get("limit") is None or 1 <= out["limit"] <= 100000, out
+        assert out.get("cursor") is None or (len(out["cursor"]) == 2 and all(
+            type(c) is int and 0 <= c < 2**64 for c in out["cursor"])), out
+        assert all(isinstance(g, str) for g in out.get("groups") or []), out
 
     check()

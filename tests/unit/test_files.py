@@ -11,9 +11,9 @@ from control.errors import InputError
 from control.files import load_identities, load_policy
 from control.model import Packet
 from control.reference import decide
+from tests.examples import LAB
 
 ROOT = Path(__file__).resolve().parents[2]
-LAB = ROOT / "examples" / "lab"
 ZTGATE = [sys.executable, "-m", "control.cli"]   # the console script's entry point
 
 

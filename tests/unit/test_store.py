@@ -9,8 +9,7 @@ from control.errors import InputError
 from control.files import load_identities, load_policy
 from control.model import Device
 from control.store import Store
-
-from tests.unit.test_files import LAB
+from tests.examples import LAB
 
 
 @pytest.fixture
