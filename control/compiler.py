@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from dataplane.layout import (CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, POOL_BITS, PORT_END,
-                              V4_TOP, V6_TOP, Layout)
+from dataplane.layout import POOL_BITS, Layout
+from dataplane.mirrors import CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, PORT_END, V4_TOP, V6_TOP
 
 from .errors import InputError
 from .model import Address, Device, Identities, Policy, Rule, User

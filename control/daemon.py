@@ -65,7 +65,7 @@ class Daemon:
 def teardown(config: Config) -> list[str]:
     """Remove what the gateway put on the host, keeping the store: the program from the
     interface, the interface, the pins and the socket. Says what it removed."""
-    from dataplane.program import unpin_all
+    from dataplane.libbpf import unpin_all
 
     from . import wireguard
 

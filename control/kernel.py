@@ -25,7 +25,8 @@ from typing import Callable, Optional
 from dataplane.attach import attach, attached, detach
 from dataplane.errors import KernelError
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.program import SETTLE, Program
+from dataplane.conntrack import SETTLE
+from dataplane.program import Program
 
 from .compiler import Tables, compile_policy
 from .config import Config

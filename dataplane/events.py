@@ -1,5 +1,5 @@
 """Flow events from the kernel: the ring buffer the program writes (struct zt_event in
-ebpf/maps.h), read with libbpf's ring_buffer API.
+ebpf/maps.h, mirrored as dataplane/mirrors.py's EVENT), read with libbpf's ring_buffer API.
 
 The kernel writes an event for each drop and each new allowed flow, limits itself, and
 counts what it did not write (Program.event_counters()); reading never slows it down. With a
@@ -11,22 +11,17 @@ import ctypes
 import errno
 import ipaddress
 import os
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 from .errors import KernelError
-from .program import Program, libbpf, obj_get
+from .libbpf import RingSampleFn, libbpf, obj_get
+from .mirrors import EVENT
+from .program import Program
 from .reasons import Reason, Verdict
 
-# struct zt_event: time_ns, build, device, ident, rule, len, sport, dport, src, dst, family,
-# proto, verdict, reason, pad. 72 bytes, little-endian (the host's order; ports are host order).
-EVENT = struct.Struct("<QIIIIIHH16s16sBBBBI")
-assert EVENT.size == 72
-
-_SampleFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 STOP = -errno.ECANCELED     # what the sample callback returns to end a poll at its deadline
 
 
@@ -79,13 +74,8 @@ class EventReader:
         self._fd = fd
         self._batch: list[bytes] = []
         self._deadline = 0.0
-        self._callback = _SampleFn(self._sample)    # kept: libbpf holds only the pointer
-        lib = libbpf()
-        lib.ring_buffer__new.restype = ctypes.c_void_p
-        lib.ring_buffer__new.argtypes = [ctypes.c_int, _SampleFn, ctypes.c_void_p, ctypes.c_void_p]
-        lib.ring_buffer__poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
-        rb = lib.ring_buffer__new(fd, self._callback, None, None)
+        self._callback = RingSampleFn(self._sample)    # kept: libbpf holds only the pointer
+        rb = libbpf().ring_buffer__new(fd, self._callback, None, None)
         if not rb:
             err = ctypes.get_errno()
             os.close(fd)

@@ -1,20 +1,14 @@
-"""The kernel tables' shapes: capacities (compile-time #defines of ebpf/ztgate.c) and numpy
-mirrors of the C structs in ebpf/maps.h (tests/kernel/test_layout.py checks their sizes)."""
+"""The capacities compiled into the program: -D flags for ebpf/ztgate.c, chosen here from
+what the compiled tables need. The C falls back on the defaults of these fields when a flag
+is missing; tests/kernel/test_mirrors.py checks that they agree. The C's own constants and
+struct layouts are mirrored in dataplane/mirrors.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-import numpy as np
+from .mirrors import FIRST_CHILD_NODE
 
-NODE_FLAG = 1 << 31          # a trie slot that points to a child node; else it holds a class id
-POOL_BITS = 20               # tunnel-address pool arrays: 2^20 slots per family
-V4_TOP, V6_TOP = 0, 256      # the 16-bit first stride: nodes[V4_TOP + byte0].slot[byte1]
-FIRST_CHILD_NODE = 512
-PORT_END = 0x10000           # port-table padding: above every port
-
-SRC = np.dtype([("ident", "<u4"), ("device", "<u4")])                       # struct zt_src
-CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])
-CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])  # ports[0] tcp, [1] udp
+POOL_BITS = 20               # tunnel-address pool arrays: 2^20 slots per family (-DZT_POOL_BITS)
 
 
 def _pow2(n: int, floor: int) -> int:

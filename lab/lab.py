@@ -355,7 +355,7 @@ def down() -> int:
     for name in WG_IFACES:     # wireguard-go's sockets, if one died without removing its own
         _remove_stale_socket(Path(f"/var/run/wireguard/{name}.sock"))
     if Path(PIN_DIR).exists():
-        from dataplane.program import unpin_all
+        from dataplane.libbpf import unpin_all
         unpin_all(PIN_DIR)
         shutil.rmtree(PIN_DIR, ignore_errors=True)
     if RUN.exists():

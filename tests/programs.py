@@ -18,7 +18,8 @@ XDP_DROP, XDP_PASS = 1, 2      # the XDP return values a test run reports
 def pinned_program(name: str, layout: Layout = TEST_LAYOUT):
     """A program whose shared maps (conntrack among them) are pinned, as on a gateway: they
     outlive each load() of new tables. The pins go afterwards, also when a test failed."""
-    from dataplane.program import Program, unpin_all
+    from dataplane.libbpf import unpin_all
+    from dataplane.program import Program
 
     pin_dir = Path("/sys/fs/bpf") / f"zt-test-{name}-{secrets.token_hex(4)}"
     try:

@@ -23,7 +23,8 @@ from control.model import Device, Identities, Policy, Rule, User
 from dataplane.attach import attach, attached, detach
 from dataplane.errors import KernelError
 from dataplane.events import EventReader
-from dataplane.program import Program, obj_get, prog_id, unpin_all
+from dataplane.libbpf import obj_get, prog_id, unpin_all
+from dataplane.program import Program
 from dataplane.reasons import Reason, Verdict
 from tests.netns import Namespaces, wait_until
 

@@ -16,7 +16,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from control.compiler import compile_policy
 from control.packets import parse_raw
 from control.reference import decide
-from dataplane.program import CT_CLOSING, CT_KILLED, KILL_BITS
+from dataplane.mirrors import CT_CLOSING, CT_KILLED, KILL_BITS
 from dataplane.reasons import Reason, Verdict
 
 from tests.app_policy import ANN4, ANN6, APP4, APP6, BOB4, IDS, POLICY, reverse

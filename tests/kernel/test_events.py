@@ -23,7 +23,8 @@ from control.packets import parse_raw
 from control.reference import decide
 from dataplane.errors import KernelError
 from dataplane.events import EventReader
-from dataplane.program import POLICY_MAPS, SHARED_MAPS, Program, map_info, obj_get, prog_id, unpin_all
+from dataplane.libbpf import map_info, obj_get, prog_id, unpin_all
+from dataplane.program import POLICY_MAPS, SHARED_MAPS, Program
 from dataplane.reasons import Reason, Verdict
 from tests.c_defines import define
 from tests.packet_cases import UNREADABLE

@@ -212,7 +212,7 @@ def test_forgetting_skips_a_flow_that_went_meanwhile(loaded):
     """A revoked flow's reply deletes its entry in the kernel; if that happens between
     forget_flows' read and its delete, the batch must go on past the missing key (CI once
     failed there with ENOENT)."""
-    from dataplane.program import _delete_keys
+    from dataplane.libbpf import delete_keys
     flows = [IP(src=ANN4, dst=APP4) / UDP(sport=41000 + i, dport=5353) for i in range(5)]
     for fwd in flows:
         assert ingress(loaded, fwd).retval == XDP_PASS
@@ -220,7 +220,7 @@ def test_forgetting_skips_a_flow_that_went_meanwhile(loaded):
     keys = [k for k, _ in table.items_lookup_batch()]
     assert len(keys) == 5
     del table[keys[1]], table[keys[3]]               # gone before the delete, as in the race
-    assert _delete_keys(table, keys) == 3
+    assert delete_keys(table, keys) == 3
     assert not list(table.keys())
 
 

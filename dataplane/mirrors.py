@@ -1,0 +1,53 @@
+"""Every Python copy of a constant or struct layout that ebpf/ defines: the one place to change
+when the C changes. tests/kernel/test_mirrors.py compiles each against the C (values, sizes,
+field offsets) and fails naming the one that differs. The verdicts and reasons are in
+dataplane/reasons.py, checked the same way. Capacities Python chooses and passes to the C as
+-D flags are not here: they are dataplane/layout.py's."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+
+class Packed(struct.Struct):
+    """A little-endian struct.Struct whose fields have names (and so offsets a test can check)."""
+
+    def __init__(self, fields: tuple[tuple[str, str], ...]):
+        super().__init__("<" + "".join(code for _, code in fields))
+        self.fields = fields
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy's tables (ebpf/maps.h)
+
+NODE_FLAG = 1 << 31          # ZT_NODE_FLAG: a trie slot that points to a child node; else a class id
+V4_TOP, V6_TOP = 0, 256      # ZT_V4_TOP, ZT_V6_TOP: the 16-bit first stride: nodes[V4_TOP + byte0].slot[byte1]
+FIRST_CHILD_NODE = 512       # past both first strides (V6_TOP + 256): where child nodes start
+PORT_END = 0x10000           # port-table padding (struct zt_ports lo[]): above every port
+
+SRC = np.dtype([("ident", "<u4"), ("device", "<u4")])                                     # struct zt_src
+SRC_KEY = Packed((("family", "I"), ("addr", "16s")))                                      # struct zt_src_key
+CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])  # zt_cand
+CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp
+COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                                # struct zt_counter
+
+# ---------------------------------------------------------------------------------------------
+# Test runs, conntrack, the flow cache and the epoch (ebpf/maps.h)
+
+DRY_RUN_MAGIC = 0x5A544452   # ZT_DRY_RUN_MAGIC: a test run's metadata asking to decide only
+CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # enum zt_ct_state: ZT_CT_OPEN, ZT_CT_CLOSING, ZT_CT_KILLED
+KILL_BITS = 16               # ZT_KILL_BITS: the epoch's low bits count kills, the bits above the policy
+
+CT_KEY = np.dtype([("src", "V16"), ("dst", "V16"), ("sport", "<u2"), ("dport", "<u2"), ("family", "u1"),
+                   ("proto", "u1"), ("pad", "<u2")])                                       # struct zt_ct_key
+FSLOT = np.dtype([("key", CT_KEY), ("epoch", "<u8"), ("checked_ns", "<u8"), ("until_ns", "<u8"),
+                  ("build", "<u4"), ("rule", "<u4"), ("device", "<u4"), ("ident", "<u4"), ("packets", "<u8"),
+                  ("bytes", "<u8")])                                                       # struct zt_fslot
+
+# ---------------------------------------------------------------------------------------------
+# Flow events (ebpf/maps.h struct zt_event): host byte order, ports too
+
+EVENT = Packed((("time_ns", "Q"), ("build", "I"), ("device", "I"), ("ident", "I"), ("rule", "I"), ("len", "I"),
+                ("sport", "H"), ("dport", "H"), ("src", "16s"), ("dst", "16s"), ("family", "B"), ("proto", "B"),
+                ("verdict", "B"), ("reason", "B"), ("pad", "I")))
