@@ -34,11 +34,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from dataplane.layout import POOL_BITS
 
 from .errors import InputError
+from .yamlfile import read_yaml
 
 DEFAULT_SOCKET = "/run/ztgate/ztgate.sock"
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -99,12 +99,7 @@ class Config:
 def load_config(path: Optional[str | Path]) -> Config:
     if path is None:
         return Config()
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path)
     return parse_config(doc, str(path))
 
 
