@@ -15,7 +15,6 @@ per-CPU state, conntrack, the epoch) are pinned and shared; see ebpf/README.md.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from contextlib import contextmanager

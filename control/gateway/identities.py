@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 from .. import wireguard
 from ..errors import InputError, ZtError
