@@ -223,8 +223,8 @@ def cmd_device_remove(args) -> int:
 # the daemon
 
 def cmd_gateway_run(args) -> int:
-    from .config import load_config
-    from .daemon import Daemon
+    from ..config import load_config
+    from ..daemon import Daemon
 
     config = load_config(args.config)
     if os.geteuid() != 0:
@@ -235,8 +235,8 @@ def cmd_gateway_run(args) -> int:
 
 
 def cmd_gateway_teardown(args) -> int:
-    from .config import load_config
-    from .daemon import teardown
+    from ..config import load_config
+    from ..daemon import teardown
 
     for line in teardown(load_config(args.config)) or ["nothing to remove"]:
         print(line)
@@ -277,7 +277,7 @@ def cmd_connector_remove(args) -> int:
 
 
 def cmd_connector_run(args) -> int:
-    from .connector import load_connector_config, run_connector
+    from ..connector import load_connector_config, run_connector
 
     return run_connector(load_connector_config(args.config), args.lan)
 

@@ -23,7 +23,7 @@ def _print_jsonl(rows) -> None:
 
 
 def cmd_explain(args) -> int:
-    from .probe import reference_verdicts
+    from ..probe import reference_verdicts
 
     policy, identities = _load(args)
     single = any(v is not None for v in (args.user, args.src, args.dst))
@@ -64,7 +64,7 @@ def _packet_from_flags(args, identities) -> Packet:
 
 
 def _explain_one(policy, identities, pkt: Packet, as_json: bool) -> None:
-    from .reference import identify, trace
+    from ..reference import identify, trace
 
     decision, misses = trace(policy, identities, pkt)
     who = identify(policy, identities, pkt.src)
@@ -99,8 +99,8 @@ def _explain_one(policy, identities, pkt: Packet, as_json: bool) -> None:
 def cmd_verdicts(args) -> int:
     from dataclasses import replace
 
-    from .compiler import choose_pools
-    from .probe import compile_and_run
+    from ..compiler import choose_pools
+    from ..probe import compile_and_run
 
     policy, identities = _load(args)
     probes = load_probes(args.packets)
@@ -116,7 +116,7 @@ def cmd_verdicts(args) -> int:
 def cmd_check(args) -> int:
     import time
 
-    from .compiler import compile_policy
+    from ..compiler import compile_policy
 
     policy, identities = _load(args)
     started = time.perf_counter()
