@@ -188,4 +188,3 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
         routes.restore_settings(changed)
         _say(f"{cfg.interface} removed, with its routes and rules; forwarding on {', '.join(lans)} as it was")
     return 0
-

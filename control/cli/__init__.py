@@ -26,4 +26,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.exit_status
     except BrokenPipeError:
         return 1
-

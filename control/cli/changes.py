@@ -217,8 +217,6 @@ def cmd_device_remove(args) -> int:
     return done(args, call(args, "device.remove", name=args.name), f"device {args.name} removed")
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # the daemon
 

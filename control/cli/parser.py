@@ -23,7 +23,6 @@ def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ztgate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,7 +50,6 @@ def files(sp, packets: bool):
     sp.add_argument("--identities", required=True, metavar="FILE", help="identities.yaml")
     if packets:
         sp.add_argument("--packets", metavar="FILE", help="packets, one JSON object a line")
-
 
 
 def _offline(nouns) -> None:
@@ -95,7 +93,6 @@ def _offline(nouns) -> None:
     ve.set_defaults(run=cmd_verdicts)
 
 
-
 def _policy(nouns) -> None:
     """policy check, apply, show; identities show."""
     po = nouns.add_parser("policy", help="policy files").add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -129,7 +126,6 @@ def _policy(nouns) -> None:
     gw(verb(ids, "show", "users and devices in force, in the identities file format",
             "Print the running gateway's users and devices as identities.yaml.",
             "ztgate identities show > identities.yaml"), reads=True, run=cmd_identities_show)
-
 
 
 def _rules(nouns) -> None:
@@ -182,7 +178,6 @@ def _rules(nouns) -> None:
     gw(mv, reads=False, run=cmd_rule_move)
 
 
-
 def _users_groups(nouns) -> None:
     """user and group verbs."""
     us = nouns.add_parser("user", help="users").add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -217,7 +212,6 @@ def _users_groups(nouns) -> None:
         gw(sp, reads=False, run=run)
 
 
-
 def _devices(nouns) -> None:
     """device list, add, disable, enable, remove."""
     de = nouns.add_parser("device", help="devices and their WireGuard peers").add_subparsers(
@@ -245,7 +239,6 @@ def _devices(nouns) -> None:
                   "in one transaction, open flows included.", f"ztgate device {name} bob-laptop")
         sp.add_argument("name", metavar="NAME")
         gw(sp, reads=False, run=run)
-
 
 
 def _flows(nouns) -> None:
@@ -277,7 +270,6 @@ def _flows(nouns) -> None:
     fk.add_argument("--user", dest="kill_user", metavar="EMAIL", help="every flow of this user's devices")
     fk.add_argument("--device", dest="kill_device", metavar="NAME", help="every flow of this device")
     gw(fk, reads=True, run=cmd_flows_kill)
-
 
 
 def _connectors_routes(nouns) -> None:
@@ -339,7 +331,6 @@ def _connectors_routes(nouns) -> None:
     gw(rr, reads=False, run=cmd_route_remove)
 
 
-
 def _lab_logs_trace(nouns) -> None:
     """lab up/status/down, logs, trace."""
     lab = nouns.add_parser("lab", help="the lab: a whole deployment in network namespaces (spec/LAB.md)"
@@ -386,7 +377,6 @@ def _lab_logs_trace(nouns) -> None:
     gw(tr, reads=True, run=cmd_trace)
 
 
-
 def _status_audit_gateway(nouns) -> None:
     """status, audit, gateway run/teardown."""
     gw(verb(nouns, "status", "what is attached where, generation, counts, devices online",
@@ -421,4 +411,3 @@ def gw(sp, reads: bool, run) -> None:
     if reads:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(run=run)
-

@@ -82,4 +82,3 @@ def route_step(config: Config, c: Connector, net, add: bool) -> Staged:
             routes.remove_route(config.route_table, net)
             wireguard.set_peers(c.interface, peer, replace=True)
     return Staged(apply, lambda: None)
-
