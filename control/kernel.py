@@ -12,6 +12,10 @@ Both are staged before the store commits (compiling and sizing, which can fail, 
 there) and applied after it, so a crash leaves the kernel at the last committed state or
 behind it, never ahead; start() catches up. The maps that outlive builds (ring buffer,
 per-CPU state, conntrack, the epoch) are pinned and shared; see ebpf/README.md.
+
+This is control/'s one door to the data plane: nothing else in control/ touches a dataplane
+Program. The gateway, metrics, the probes and teardown ask Kernel (or the functions at the end
+of this file) for flows, kills, counters, dry runs and pins.
 """
 from __future__ import annotations
 
