@@ -76,52 +76,86 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
     rules = policy.ordered_rules
     if len(rules) >= U16_MAX:
         raise InputError(f"policy: {len(rules)} enabled rules; the data plane holds at most {U16_MAX - 1}")
+    cands = _Candidates(rules, ACTION_CODE[policy.default_action])
+    classes = _Interner()   # a destination class: the rules (ids) whose destination holds it
+    node_rows = _destination_nodes(rules, classes)
 
-    # Per rule: its who-token (principals and source prefixes, a property of the source
-    # address), its source-port set, and the protocol classes it can match.
-    who_tokens, sport_sets = _Interner(first=1), _Interner(first=1)
-    rid_who, rid_sport, rid_action, rid_protos = [0], [0], [0], [()]
-    for r in rules:
-        has_who = bool(r.principals) or r.src_cidrs is not None
-        rid_who.append(who_tokens((frozenset(r.principals), r.src_cidrs)) if has_who else 0)
-        rid_sport.append(sport_sets(tuple(sorted(set(r.src_ports)))) if r.src_ports is not None else 0)
-        rid_action.append(ACTION_CODE[r.action])
-        protos = set(r.protocols) if r.protocols is not None else {"tcp", "udp", "icmp", "other"}
-        if r.states_ports:
-            protos &= {"tcp", "udp"}
-        rid_protos.append(frozenset(protos))
-    if len(who_tokens.values) >= U16_MAX or len(sport_sets.values) >= U16_MAX:
-        raise InputError("policy: more than 65534 distinct principal or source-port conditions")
-    default = ACTION_CODE[policy.default_action]
+    class_rows = np.zeros(len(classes.values), CLASS)
+    for cid, rids in enumerate(classes.values):
+        class_rows[cid]["ports"] = (cands.port_table(rids, "tcp"), cands.port_table(rids, "udp"))
+        class_rows[cid]["svc_icmp"] = cands.service([r for r in rids if "icmp" in cands.rid_protos[r]])
+        class_rows[cid]["svc_other"] = cands.service([r for r in rids if "other" in cands.rid_protos[r]])
+    pt, port_slots = _pack_port_tables(cands.port_tables.values)
+    svc_rows, max_cands = _pack_services(cands.services.values)
 
-    services = _Interner()
-    services_cache: dict[tuple[int, ...], int] = {}
+    # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
+    sources = Sources(policy, identities, cands.who_tokens.values, base)
+    pool4, pool6, src_hash = sources.all_entries(identities)
+    ident_rows = sources.ident_rows()
+    sport, sport_words = _sport_bitmap(cands.sport_sets.values)
 
-    def service(rids) -> int:
+    need = replace(
+        base,
+        max_rules=len(rules) + 1, max_nodes=len(node_rows), max_classes=len(classes.values),
+        max_port_tables=len(cands.port_tables.values), port_slots=port_slots,
+        max_services=len(cands.services.values), max_cands=max_cands, max_idents=len(ident_rows),
+        who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
+    )
+    return Tables(
+        need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
+        nodes=np.stack(node_rows), classes=class_rows, port_tables=pt, services=svc_rows,
+        idents=ident_rows, sport=sport, sources=sources,
+        stats={"rules": len(rules), "who_tokens": len(cands.who_tokens.values), "classes": len(classes.values),
+               "services": len(cands.services.values), "port_tables": len(cands.port_tables.values),
+               "nodes": len(node_rows), "idents": len(ident_rows) - 1},
+    )
+
+
+class _Candidates:
+    """Per rule id (1-based; 0: the default action): its who-token (principals and source
+    prefixes, a property of the source address), its source-port set, its action and the
+    protocol classes it can match; and the services and port tables built from them."""
+
+    def __init__(self, rules: list, default: int):
+        self.rules, self.default = rules, default
+        self.who_tokens, self.sport_sets = _Interner(first=1), _Interner(first=1)
+        self.rid_who, self.rid_sport, self.rid_action, self.rid_protos = [0], [0], [0], [()]
+        for r in rules:
+            has_who = bool(r.principals) or r.src_cidrs is not None
+            self.rid_who.append(self.who_tokens((frozenset(r.principals), r.src_cidrs)) if has_who else 0)
+            self.rid_sport.append(self.sport_sets(tuple(sorted(set(r.src_ports)))) if r.src_ports is not None else 0)
+            self.rid_action.append(ACTION_CODE[r.action])
+            protos = set(r.protocols) if r.protocols is not None else {"tcp", "udp", "icmp", "other"}
+            if r.states_ports:
+                protos &= {"tcp", "udp"}
+            self.rid_protos.append(frozenset(protos))
+        if len(self.who_tokens.values) >= U16_MAX or len(self.sport_sets.values) >= U16_MAX:
+            raise InputError("policy: more than 65534 distinct principal or source-port conditions")
+        self.services, self.services_cache = _Interner(), {}
+        self.port_tables, self.port_cache = _Interner(), {}
+
+    def service(self, rids) -> int:
         """The candidate list for these matching rules (ascending ids = precedence order)."""
         key = tuple(rids)
-        got = services_cache.get(key)
+        got = self.services_cache.get(key)
         if got is None:
             cands = []
             for rid in key:
-                cands.append((rid, rid_who[rid], rid_sport[rid], rid_action[rid]))
-                if not rid_who[rid] and not rid_sport[rid]:
+                cands.append((rid, self.rid_who[rid], self.rid_sport[rid], self.rid_action[rid]))
+                if not self.rid_who[rid] and not self.rid_sport[rid]:
                     break
             else:
-                cands.append((0, 0, 0, default))
-            got = services_cache[key] = services(tuple(cands))
+                cands.append((0, 0, 0, self.default))
+            got = self.services_cache[key] = self.services(tuple(cands))
         return got
 
-    port_tables = _Interner()
-    port_cache: dict[tuple, int] = {}
-
-    def port_table(rids, proto: str) -> int:
-        key = tuple(r for r in rids if proto in rid_protos[r])
-        got = port_cache.get(key)
+    def port_table(self, rids, proto: str) -> int:
+        key = tuple(r for r in rids if proto in self.rid_protos[r])
+        got = self.port_cache.get(key)
         if got is None:
             events = defaultdict(list)
             for rid in key:
-                for lo, hi in (rules[rid - 1].dst_ports or ((0, 65535),)):
+                for lo, hi in (self.rules[rid - 1].dst_ports or ((0, 65535),)):
                     events[lo].append((rid, 1))
                     events[hi + 1].append((rid, -1))
             count: Counter = Counter()
@@ -133,17 +167,17 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
                     count[rid] += d
                     if not count[rid]:
                         del count[rid]
-                svc = service(sorted(count))
+                svc = self.service(sorted(count))
                 if not table or table[-1][1] != svc:
                     table.append((pos, svc))
             if not table or table[0][0] != 0:
-                table.insert(0, (0, service(())))
-            got = port_cache[key] = port_tables(tuple(table))
+                table.insert(0, (0, self.service(())))
+            got = self.port_cache[key] = self.port_tables(tuple(table))
         return got
 
-    classes = _Interner()   # a destination class: the rules (ids) whose destination holds it
 
-    # Destination: the elementary intervals of every rule's (cidrs minus except), per family.
+def _destination_nodes(rules: list, classes: _Interner) -> list[np.ndarray]:
+    """Destination: the elementary intervals of every rule's (cidrs minus except), per family."""
     node_rows: list[np.ndarray] = [np.zeros(256, np.uint32) for _ in range(FIRST_CHILD_NODE)]
     for family, top, span in ((4, V4_TOP, 32), (6, V6_TOP, 128)):
         bounds, cls = _dst_intervals(rules, family, span, classes)
@@ -151,54 +185,36 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
         _fill(top_view, 0, span, 16, 0, bounds, cls, node_rows)
         for i in range(256):
             node_rows[top + i] = top_view[i * 256:(i + 1) * 256]
+    return node_rows
 
-    class_rows = np.zeros(len(classes.values), CLASS)
-    for cid, rids in enumerate(classes.values):
-        class_rows[cid]["ports"] = (port_table(rids, "tcp"), port_table(rids, "udp"))
-        class_rows[cid]["svc_icmp"] = service([r for r in rids if "icmp" in rid_protos[r]])
-        class_rows[cid]["svc_other"] = service([r for r in rids if "other" in rid_protos[r]])
 
-    port_slots = max(8, 1 << (max(len(t) for t in port_tables.values) - 1).bit_length())
-    pt = np.full((len(port_tables.values), 2, port_slots), PORT_END, np.uint32)
+def _pack_port_tables(tables: list) -> tuple[np.ndarray, int]:
+    port_slots = max(8, 1 << (max(len(t) for t in tables) - 1).bit_length())
+    pt = np.full((len(tables), 2, port_slots), PORT_END, np.uint32)
     pt[:, 1, :] = 0
-    for i, table in enumerate(port_tables.values):
+    for i, table in enumerate(tables):
         lo, svc = zip(*table)
         pt[i, 0, :len(lo)] = lo
         pt[i, 1, :len(svc)] = svc
+    return pt, port_slots
 
-    max_cands = max(len(c) for c in services.values)
-    svc_rows = np.zeros((len(services.values), max_cands), CAND)
-    for i, cands in enumerate(services.values):
+
+def _pack_services(services: list) -> tuple[np.ndarray, int]:
+    max_cands = max(len(c) for c in services)
+    svc_rows = np.zeros((len(services), max_cands), CAND)
+    for i, cands in enumerate(services):
         for j, c in enumerate(cands):
             svc_rows[i, j] = c + (0,)
+    return svc_rows, max_cands
 
-    # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
-    sources = Sources(policy, identities, who_tokens.values, base)
-    pool4, pool6, src_hash = sources.all_entries(identities)
-    ident_rows = sources.ident_rows()
 
-    sport_words = max(1, (len(sport_sets.values) + 1 + 63) // 64)
+def _sport_bitmap(sport_sets: list) -> tuple[np.ndarray, int]:
+    sport_words = max(1, (len(sport_sets) + 1 + 63) // 64)
     sport_bits = np.zeros((65536, sport_words * 64), bool)
-    for sid, ranges in enumerate(sport_sets.values, start=1):
+    for sid, ranges in enumerate(sport_sets, start=1):
         for lo, hi in ranges:
             sport_bits[lo:hi + 1, sid] = True
-    sport = np.packbits(sport_bits, axis=1, bitorder="little").view(np.uint64)
-
-    need = replace(
-        base,
-        max_rules=len(rules) + 1, max_nodes=len(node_rows), max_classes=len(classes.values),
-        max_port_tables=len(port_tables.values), port_slots=port_slots,
-        max_services=len(services.values), max_cands=max_cands, max_idents=len(ident_rows),
-        who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
-    )
-    return Tables(
-        need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
-        nodes=np.stack(node_rows), classes=class_rows, port_tables=pt, services=svc_rows,
-        idents=ident_rows, sport=sport, sources=sources,
-        stats={"rules": len(rules), "who_tokens": len(who_tokens.values), "classes": len(classes.values),
-               "services": len(services.values), "port_tables": len(port_tables.values),
-               "nodes": len(node_rows), "idents": len(ident_rows) - 1},
-    )
+    return np.packbits(sport_bits, axis=1, bitorder="little").view(np.uint64), sport_words
 
 
 def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from dataplane.layout import POOL_BITS
 
 from .errors import InputError
+from .yamlfile import read_yaml
 
 DEFAULT_SOCKET = "/run/ztgate/ztgate.sock"
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -99,12 +99,7 @@ class Config:
 def load_config(path: Optional[str | Path]) -> Config:
     if path is None:
         return Config()
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path)
     return parse_config(doc, str(path))
 
 
@@ -121,6 +116,18 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     def bad(key: str, what: str) -> InputError:
         return InputError(f"{source}: {key}: {what}")
 
+    _scalars(doc, values, bad)
+    _prefixes(doc, values, bad)
+    _conntrack(doc, values, bad)
+    cfg = Config(**values)
+    if cfg.pool_ipv4.prefixlen < 32 - POOL_BITS:
+        raise bad("pool_ipv4", f"at most 2^{POOL_BITS} addresses (/{32 - POOL_BITS} or longer): "
+                               "the kernel indexes the pool with an array of that size")
+    return cfg
+
+
+def _scalars(doc: dict, values: dict, bad) -> None:
+    """Names, paths, ports and numbers."""
     def integer(key: str, lo: int, hi: int) -> None:
         if key in doc:
             v = doc[key]
@@ -167,6 +174,9 @@ def parse_config(doc: Any, source: str = "config") -> Config:
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise bad("metrics", f"{values['metrics']!r} is not ADDRESS:PORT (or null to turn metrics off)")
 
+
+def _prefixes(doc: dict, values: dict, bad) -> None:
+    """The routes through this host and the device pools."""
     if "routes" in doc:
         if not isinstance(doc["routes"], list):
             raise bad("routes", "must be a list of prefixes")
@@ -194,6 +204,10 @@ def parse_config(doc: Any, source: str = "config") -> Config:
         if net.prefixlen > longest:
             raise bad(key, f"/{net.prefixlen} is too small for devices (at most /{longest})")
         values[key] = net
+
+
+def _conntrack(doc: dict, values: dict, bad) -> None:
+    """Conntrack's size and timeouts."""
     if "conntrack" in doc:
         ct = doc["conntrack"]
         defaults = dict(Config.conntrack)
@@ -206,8 +220,3 @@ def parse_config(doc: Any, source: str = "config") -> Config:
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise bad(f"conntrack.{k}", f"must be {unit} from {lo} to {hi}, got {v!r}")
         values["conntrack"] = tuple({**defaults, **ct}.items())
-    cfg = Config(**values)
-    if cfg.pool_ipv4.prefixlen < 32 - POOL_BITS:
-        raise bad("pool_ipv4", f"at most 2^{POOL_BITS} addresses (/{32 - POOL_BITS} or longer): "
-                               "the kernel indexes the pool with an array of that size")
-    return cfg

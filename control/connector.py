@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -30,7 +29,9 @@ from pyroute2 import IPRoute
 from . import routes, wireguard
 from .config import IFNAME
 from .errors import InputError, KernelError
+from .yamlfile import read_yaml
 
+KEEPALIVE = 25                # seconds: a connector keeps its tunnel (and NAT mappings) up
 HANDSHAKE_WAIT = 10.0      # seconds to wait for the first handshake before saying so
 LAN_TABLE, LAN_PRIORITY = 51821, 1000   # the connector host's own table for packets from the LAN
 
@@ -48,13 +49,19 @@ class ConnectorConfig:
 
 
 def load_connector_config(path: str) -> ConnectorConfig:
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path)
     return parse_connector_config(doc, path)
+
+
+def connector_config(name: str, private_key: str, gateway_public_key: str, endpoint: str, device_networks: list) -> str:
+    """What `ztgate connector add` prints and `ztgate connector run` reads, inside the private network."""
+    doc = {"name": name, "interface": f"ztr-{name}", "private_key": private_key,
+           "gateway_public_key": gateway_public_key, "gateway_endpoint": endpoint,
+           "device_networks": device_networks, "keepalive": KEEPALIVE}
+    return (f"# ztgate connector {name!r}: run it inside the private network with\n"
+            f"#   ztgate connector run THIS-FILE [--lan IFACE]\n"
+            "# It dials out to the gateway (no inbound port to open). The private key is printed once\n"
+            "# and not kept by the gateway: keep this file like a password.\n" + yaml.safe_dump(doc, sort_keys=False))
 
 
 def parse_connector_config(doc: Any, source: str) -> ConnectorConfig:
@@ -181,4 +188,3 @@ def run_connector(cfg: ConnectorConfig, lans: Optional[list[str]] = None) -> int
         routes.restore_settings(changed)
         _say(f"{cfg.interface} removed, with its routes and rules; forwarding on {', '.join(lans)} as it was")
     return 0
-

@@ -65,11 +65,8 @@ class Daemon:
 def teardown(config: Config) -> list[str]:
     """Remove what the gateway put on the host, keeping the store: the program from the
     interface, the interface, the pins and the socket. Says what it removed."""
-    from dataplane.libbpf import unpin_all
-
-    from . import wireguard
-
-    from . import routes
+    from . import routes, wireguard
+    from .kernel import remove_pins
     from .store import Store
 
     done = []
@@ -90,7 +87,7 @@ def teardown(config: Config) -> list[str]:
     if routes.remove_rules(config.route_table, config.route_priority, config.interface):
         done.append(f"removed routing table {config.route_table} and its rules")
     if os.path.exists(config.bpf_pin_dir):
-        unpin_all(config.bpf_pin_dir)
+        remove_pins(config.bpf_pin_dir)
         shutil.rmtree(config.bpf_pin_dir, ignore_errors=True)
         done.append(f"removed pins under {config.bpf_pin_dir}")
     if os.path.exists(config.socket):

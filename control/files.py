@@ -8,11 +8,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Iterable
 
 from .errors import InputError
+from .yamlfile import read_yaml
 from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES
 
 RULE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -32,17 +31,6 @@ class _Where:
     def error(self, field: str, what: str) -> InputError:
         parts = [self.file] + [p for p in (self.entry, field) if p]
         return InputError(": ".join(parts) + ": " + what)
-
-
-def _read_yaml(path: str | Path) -> Any:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
 
 
 def _mapping(where: _Where, field: str, value: Any, allowed: tuple[str, ...]) -> dict:
@@ -123,7 +111,7 @@ def _ports(where: _Where, field: str, value: Any) -> tuple:
 # identities.yaml
 
 def load_identities(path: str | Path) -> Identities:
-    return parse_identities(_read_yaml(path), str(path))
+    return parse_identities(read_yaml(path), str(path))
 
 
 def parse_identities(doc: Any, file: str = "identities") -> Identities:
@@ -181,7 +169,7 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
 # policy.yaml
 
 def load_policy(path: str | Path) -> Policy:
-    return parse_policy(_read_yaml(path), str(path))
+    return parse_policy(read_yaml(path), str(path))
 
 
 def parse_policy(doc: Any, file: str = "policy") -> Policy:
@@ -203,18 +191,31 @@ def parse_policy(doc: Any, file: str = "policy") -> Policy:
                               for m in _list(where, f"groups.{gname}", members or []))
 
     rules: list[Rule] = []
-    seen_names: dict[str, int] = {}
-    seen_prec: dict[int, str] = {}
+    seen: tuple[dict, dict] = ({}, {})
     for i, raw in enumerate(_list(where, "rules", doc.get("rules") or [])):
         rule = _parse_rule(where, i, raw)
-        w = where.at(f"rules[{i}] ({rule.name})")
-        if rule.name in seen_names:
-            raise w.error("name", f"duplicate rule name (also rules[{seen_names[rule.name]}])")
-        if rule.precedence in seen_prec:
-            raise w.error("precedence", f"duplicate precedence {rule.precedence} (also rule {seen_prec[rule.precedence]!r})")
-        seen_names[rule.name], seen_prec[rule.precedence] = i, rule.name
+        _check_unique(where, i, rule, seen)
         rules.append(rule)
     return Policy(default_action=default, rules=tuple(rules), groups=groups)
+
+
+def check_rules(rules: Iterable[Rule], file: str = "rules") -> None:
+    """A policy's rule list, each rule already valid on its own (parse_rule): no name and no
+    precedence twice. Refused as parse_policy() refuses the same list in a file."""
+    seen: tuple[dict, dict] = ({}, {})
+    where = _Where(file)
+    for i, rule in enumerate(rules):
+        _check_unique(where, i, rule, seen)
+
+
+def _check_unique(where: _Where, i: int, rule: Rule, seen: tuple[dict, dict]) -> None:
+    names, precedences = seen
+    w = where.at(f"rules[{i}] ({rule.name})")
+    if rule.name in names:
+        raise w.error("name", f"duplicate rule name (also rules[{names[rule.name]}])")
+    if rule.precedence in precedences:
+        raise w.error("precedence", f"duplicate precedence {rule.precedence} (also rule {precedences[rule.precedence]!r})")
+    names[rule.name], precedences[rule.precedence] = i, rule.name
 
 
 RULE_KEYS = ("name", "precedence", "action", "enabled", "principals", "protocols", "source", "destination")
@@ -325,7 +326,3 @@ def identities_doc(identities: Identities) -> dict:
             dev["enabled"] = False
         devices.append(dev)
     return {"users": users, "devices": devices}
-
-
-def dump_yaml(doc: dict) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)

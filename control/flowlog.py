@@ -20,6 +20,8 @@ from typing import Optional
 
 from dataplane.events import EventReader
 
+from .protocols import PORTED, name_of
+
 log = logging.getLogger("ztgate.flowlog")
 TAIL_BYTES = 8 << 20          # how far back `ztgate logs` looks in the current file
 
@@ -72,13 +74,13 @@ class FlowLog:
         kernel = self.gateway.kernel
         device = kernel.device_name(e.build, e.device)
         when = datetime.fromtimestamp((e.time_ns + self._offset_ns) / 1e9, timezone.utc)
-        ports = e.proto in (6, 17)
+        ports = e.proto in PORTED
         return {
             "time": when.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "user": self.gateway.owner.get(device) if device else None,
             "device": device,
             "src": str(e.src), "dst": str(e.dst),
-            "proto": {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}.get(e.proto, str(e.proto)),
+            "proto": name_of(e.proto),
             "sport": e.sport if ports else None, "dport": e.dport if ports else None,
             "verdict": e.verdict.label, "rule": kernel.rule_name(e.build, e.rule), "reason": e.reason.label,
             "bytes": e.length,

@@ -12,21 +12,28 @@ Both are staged before the store commits (compiling and sizing, which can fail, 
 there) and applied after it, so a crash leaves the kernel at the last committed state or
 behind it, never ahead; start() catches up. The maps that outlive builds (ring buffer,
 per-CPU state, conntrack, the epoch) are pinned and shared; see ebpf/README.md.
+
+This is control/'s one door to the data plane: nothing else in control/ touches a dataplane
+Program. The gateway, metrics, the probes and teardown ask Kernel (or the functions at the end
+of this file) for flows, kills, counters, dry runs and pins.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from dataplane.attach import attach, attached, detach
-from dataplane.errors import KernelError
-from dataplane.layout import POOL_BITS, Layout
 from dataplane.conntrack import SETTLE
+from dataplane.errors import KernelError, ZtError
+from dataplane.layout import POOL_BITS, Layout
+from dataplane.libbpf import unpin_all
+from dataplane.mirrors import CT_CLOSING, CT_KILLED, CT_OPEN
 from dataplane.program import Program
+from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
@@ -34,6 +41,7 @@ from .model import Device, Identities, Policy
 
 log = logging.getLogger("ztgate.kernel")
 DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
+CT_STATE_NAMES = {CT_OPEN: "open", CT_CLOSING: "closing", CT_KILLED: "killed"}   # a flow's state, as `ztgate flows` says it
 KEEP_BUILDS = 4          # names of recent builds, for events that were in flight across a swap
 
 
@@ -219,9 +227,80 @@ class Kernel:
     def attachment(self) -> Optional[tuple[int, str]]:
         return attached(self.config.interface)
 
+    def reason_counters(self) -> dict:
+        """Reason -> (packets, bytes) of the build in force."""
+        return self.build.program.reason_counters() if self.build else {}
+
+    def events_lost(self) -> int:
+        return self.build.program.events_lost() if self.build else 0
+
+    def occupancy(self) -> dict:
+        """Table name -> (entries in use, capacity) of the build in force."""
+        return self.build.program.occupancy() if self.build else {}
+
+    def trace(self, packet: bytes) -> tuple[RunResult, Optional[str]]:
+        """One packet through the build in force, dry (no counter, event or flow): the
+        kernel's result and the name of the rule that decided it."""
+        build = self.build
+        with build.program.on_one_cpu() as cpu:
+            r = build.program.run(packet, cpu=cpu, dry=True)
+        return r, build.tables.rule_names[r.rule - 1] if r.rule else None
+
+    # -----------------------------------------------------------------------------------------
+    # conntrack
+
+    def flows(self) -> Iterator[dict]:
+        """Every tracked flow as Program.flows() has it, its state by name (CT_STATE_NAMES)."""
+        for f in self.build.program.flows():
+            yield dict(f, state=CT_STATE_NAMES.get(f["state"], "?"))
+
+    def kill_flow(self, version: int, proto: int, src, dst, sport: int, dport: int) -> bool:
+        return self.build.program.kill_flow(version, proto, src, dst, sport, dport)
+
+    def kill_flows(self, flows: list[tuple]) -> int:
+        """Flows as (version, proto, src, dst, sport, dport): how many were killed."""
+        return self.build.program.kill_flows(flows)
+
+    def forget_flows_except(self, addresses: list) -> int:
+        """Forget the flows of every source address but these: how many went."""
+        return self.build.program.forget_flows_except(addresses)
+
 
 def _named(build: Build) -> dict[str, tuple[int, int]]:
     """A build's per-rule counters by rule name (rule id 0: the default action)."""
     names = build.tables.rule_names
     return {(names[rid - 1] if rid else DEFAULT_RULE): v
             for rid, v in build.program.rule_counters().items() if rid <= len(names)}
+
+
+def program_on(ifname: str) -> Optional[int]:
+    """The id of the XDP program on IFNAME; None if there is none, or no such interface."""
+    try:
+        found = attached(ifname)
+    except ZtError:
+        return None
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# programs outside the gateway: `ztgate dataplane verdicts`, the kernel tests, teardown
+
+@contextmanager
+def loaded(tables: Tables) -> Iterator[Program]:
+    """A program built for TABLES and filled with them, attached to nothing; closed after."""
+    with Program(tables.need.with_headroom()) as program:
+        program.load(tables)
+        yield program
+
+
+def run_packets(program: Program, packets: list[bytes], repeat: int = 0) -> list[RunResult]:
+    """Each packet through PROGRAM (BPF_PROG_TEST_RUN) on one CPU. Without REPEAT a dry run:
+    each packet decided alone, as the first of its flow (no conntrack, no fragment tracking);
+    with it, each run REPEAT times (the result carries the mean ns per run)."""
+    with program.on_one_cpu() as cpu:
+        return [program.run(p, repeat=max(1, repeat), cpu=cpu, dry=not repeat) for p in packets]
+
+
+def remove_pins(pin_dir) -> None:
+    """Unpin every map and program under PIN_DIR (`ztgate gateway teardown`)."""
+    unpin_all(pin_dir)

@@ -28,11 +28,11 @@ class GatewayCollector:
             rules = {r.name: r.action for r in gw.policy.rules}
             default = gw.policy.default_action
             hits = gw.kernel.rule_hits()
-            reasons = build.program.reason_counters() if build else {}
-            lost = build.program.events_lost() if build else 0
-            occupancy = build.program.occupancy() if build else {}
+            reasons = gw.kernel.reason_counters()
+            lost = gw.kernel.events_lost()
+            occupancy = gw.kernel.occupancy()
             generation = gw.store.generation()
-            peers = gw._peer_states()
+            peers = gw.peer_states()
             devices = gw.identities.devices
 
         packets = CounterMetricFamily("ztgate_rule_packets", "Packets decided by each rule",

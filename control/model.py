@@ -9,8 +9,7 @@ Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 PortRange = tuple[int, int]  # inclusive
 
-TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
-PROTOCOL_NAMES = ("tcp", "udp", "icmp")
+from .protocols import ICMP, ICMPV6, PROTOCOL_NAMES, TCP, UDP  # noqa: F401 (imported from here too)
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,10 @@ class Identities:
 
     def user(self, email: str) -> User:
         return self._users_by_key[email.lower()]
+
+    def find_user(self, email: str) -> Optional[User]:
+        """The user with this email (compared case-insensitively), or None."""
+        return self._users_by_key.get(email.lower())
 
     @property
     def _users_by_key(self) -> dict[str, User]:

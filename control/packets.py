@@ -11,7 +11,8 @@ from typing import Union
 from dataplane.reasons import Reason
 
 from .errors import InputError
-from .model import ICMP, ICMPV6, TCP, UDP, Packet
+from .model import Packet
+from .protocols import ICMP, ICMPV6, TCP, UDP, number_of
 
 # IPv6 extension headers the spec walks, and how their length byte counts.
 EXT_OCTETS = {0: 8, 43: 8, 60: 8}      # (len + 1) * 8
@@ -142,9 +143,8 @@ def packet_from_fields(obj: dict, where: str = "packet") -> Packet:
     if src.version != dst.version:
         raise InputError(f"{where}: src and dst must both be IPv4 or both IPv6")
     proto = obj.get("proto")
-    names = {"tcp": TCP, "udp": UDP, "icmp": ICMPV6 if src.version == 6 else ICMP}
-    if isinstance(proto, str) and proto.lower() in names:
-        proto = names[proto.lower()]
+    if isinstance(proto, str) and number_of(proto.lower(), src.version) is not None:
+        proto = number_of(proto.lower(), src.version)
     elif isinstance(proto, str) and proto.isdigit():
         proto = int(proto)
     if not isinstance(proto, int) or isinstance(proto, bool) or not 0 <= proto <= 255:

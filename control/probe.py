@@ -17,28 +17,26 @@ def reference_verdicts(policy: Policy, identities: Identities, probes: list[Prob
 
 def kernel_verdicts(program, tables: Tables, probes: list[Probe], repeat: int = 0) -> list[dict]:
     """Run each probe through the loaded program (which holds `tables`) and read back the
-    kernel's own verdict, rule and reason."""
+    kernel's own verdict, rule and reason. A dry run unless REPEAT: the probe decides each
+    packet alone, as the first of its flow, with no state from earlier packets (spec/POLICY.md)."""
+    from .kernel import run_packets     # the kernel side only when asked (explain needs none)
+
     out = []
-    with program.on_one_cpu() as cpu:
-        for probe in probes:
-            # A dry run: the probe decides each packet alone, as the first of its flow, with no
-            # state from earlier packets (spec/POLICY.md): no conntrack, no fragment tracking.
-            r = program.run(probe_bytes(probe), repeat=max(1, repeat), cpu=cpu, dry=not repeat)
-            line = {"verdict": r.verdict.label,
-                    "rule": tables.rule_names[r.rule - 1] if r.rule else None,
-                    "reason": r.reason.label}
-            if repeat:
-                line["ns"] = r.ns
-            out.append(line)
+    for r in run_packets(program, [probe_bytes(p) for p in probes], repeat):
+        line = {"verdict": r.verdict.label,
+                "rule": tables.rule_names[r.rule - 1] if r.rule else None,
+                "reason": r.reason.label}
+        if repeat:
+            line["ns"] = r.ns
+        out.append(line)
     return out
 
 
 def compile_and_run(policy: Policy, identities: Identities, probes: list[Probe], repeat: int = 0,
                     layout: Optional[Layout] = None) -> list[dict]:
     """`ztgate dataplane verdicts`: compile, build the program for the tables, load, run."""
-    from dataplane.program import Program
+    from .kernel import loaded
 
     tables = compile_policy(policy, identities, layout)
-    with Program(tables.need.with_headroom()) as program:
-        program.load(tables)
+    with loaded(tables) as program:
         return kernel_verdicts(program, tables, probes, repeat)

@@ -3,7 +3,7 @@
 The daemon runs in a throwaway network namespace with its own WireGuard interface, pin
 directory and state; the large deployment is applied through the socket; then one-rule,
 one-device and one-membership changes are timed from the request to the reply. The gateway
-replies after the kernel holds the change (control/gateway.py applies before it answers), so
+replies after the kernel holds the change (control/gateway/core.py applies before it answers), so
 the reply time is the request-to-kernel time. After each change one packet is traced through
 the attached program and must agree with the reference. Everything is removed afterwards.
 """

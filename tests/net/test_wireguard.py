@@ -1,4 +1,4 @@
-"""control/wireguard.py against a real wireguard-go, with real traffic, in namespaces.
+"""control/wireguard/ against a real wireguard-go, with real traffic, in namespaces.
 
     gw namespace                                 cl namespace
     gateway wg (ensure_interface)  <-- veth -->  client wg (wg-quick up, from client_config)

@@ -5,7 +5,7 @@ import yaml
 
 from control.connector import parse_connector_config
 from control.errors import InputError
-from control.gateway import connector_config
+from control.connector import connector_config
 from control.wireguard import generate_keypair
 
 PRIVATE, _ = generate_keypair()

@@ -1,30 +1,29 @@
-"""`ztgate`: one command, nouns and verbs (spec/CLI.md). The only place that prints errors
-and chooses exit statuses: 0 success, 1 failure at run time, 2 bad input (nothing changed)."""
+"""The `ztgate` argument parser: one function per noun, each adding its verbs (spec/CLI.md).
+Every verb's flags, help and examples are here; what a verb does is its cmd_* function."""
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
-import os
-import sys
 import textwrap
-from typing import Optional
 
 from dataplane.reasons import Verdict
 
-from .errors import InputError, ZtError
-from .files import load_identities, load_policy
-from .cli_gateway import *  # noqa: F401,F403 (the gateway verbs' cmd_* functions)
-from .config import DEFAULT_SOCKET
-from .model import Packet
-from .packets import load_probes, packet_from_fields
+from ..config import DEFAULT_SOCKET
+from .changes import (cmd_connector_add, cmd_connector_list, cmd_connector_remove, cmd_connector_run,
+                      cmd_device_add, cmd_device_disable, cmd_device_enable, cmd_device_list, cmd_device_remove,
+                      cmd_gateway_run, cmd_gateway_teardown, cmd_group_add, cmd_group_add_member, cmd_group_list,
+                      cmd_group_remove, cmd_group_remove_member, cmd_identities_show, cmd_lab, cmd_policy_apply,
+                      cmd_policy_show, cmd_route_add, cmd_route_list, cmd_route_remove, cmd_rule_add,
+                      cmd_rule_disable, cmd_rule_enable, cmd_rule_list, cmd_rule_move, cmd_rule_remove,
+                      cmd_user_add, cmd_user_list, cmd_user_remove)
+from .offline import cmd_check, cmd_explain, cmd_verdicts
+from .watch import cmd_audit, cmd_flows, cmd_flows_kill, cmd_logs, cmd_status, cmd_trace
 
 
 def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ztgate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Identity-aware Layer-4 firewall for WireGuard gateways, decided in the kernel by eBPF.",
@@ -35,17 +34,26 @@ def _parser() -> argparse.ArgumentParser:
             ztgate policy check --policy policy.yaml --identities identities.yaml
         """))
     nouns = p.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+    for add in (_offline, _policy, _rules, _users_groups, _devices, _flows, _connectors_routes, _lab_logs_trace,
+                _status_audit_gateway):
+        add(nouns)
+    return p
 
-    def verb(parent, name: str, help: str, description: str, examples: str):
-        return parent.add_parser(name, help=help, description=description, epilog=_examples(examples),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def files(sp, packets: bool):
-        sp.add_argument("--policy", required=True, metavar="FILE", help="policy.yaml")
-        sp.add_argument("--identities", required=True, metavar="FILE", help="identities.yaml")
-        if packets:
-            sp.add_argument("--packets", metavar="FILE", help="packets, one JSON object a line")
+def verb(parent, name: str, help: str, description: str, examples: str):
+    return parent.add_parser(name, help=help, description=description, epilog=_examples(examples),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
 
+
+def files(sp, packets: bool):
+    sp.add_argument("--policy", required=True, metavar="FILE", help="policy.yaml")
+    sp.add_argument("--identities", required=True, metavar="FILE", help="identities.yaml")
+    if packets:
+        sp.add_argument("--packets", metavar="FILE", help="packets, one JSON object a line")
+
+
+def _offline(nouns) -> None:
+    """explain, dataplane verdicts, policy check: files only, no gateway."""
     ex = verb(nouns, "explain", "the reference verdicts; or why one packet gets its verdict",
         "Decide packets with the reference evaluator (the spec in code). With --packets, one "
                     "JSON verdict a line; with one packet given by flags, the verdict, the rule, and why "
@@ -84,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="build the Ethernet-device program (frames get an Ethernet header)")
     ve.set_defaults(run=cmd_verdicts)
 
+
+def _policy(nouns) -> None:
+    """policy check, apply, show; identities show."""
     po = nouns.add_parser("policy", help="policy files").add_subparsers(dest="verb", metavar="VERB", required=True)
     ch = verb(po, "check", "validate the files and show what they compile to",
         "Validate both files as the gateway would, compile them, and print the sizes of the "
@@ -116,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
             "Print the running gateway's users and devices as identities.yaml.",
             "ztgate identities show > identities.yaml"), reads=True, run=cmd_identities_show)
 
+
+def _rules(nouns) -> None:
+    """rule list, add, remove, enable, disable, move."""
     ru = nouns.add_parser("rule", help="rules of the running gateway").add_subparsers(
         dest="verb", metavar="VERB", required=True)
     gw(verb(ru, "list", "rules in precedence order, with hit counts",
@@ -163,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--after", metavar="RULE")
     gw(mv, reads=False, run=cmd_rule_move)
 
+
+def _users_groups(nouns) -> None:
+    """user and group verbs."""
     us = nouns.add_parser("user", help="users").add_subparsers(dest="verb", metavar="VERB", required=True)
     gw(verb(us, "list", "users, their groups and device counts", "Users of the running gateway.",
             "ztgate user list --json"), reads=True, run=cmd_user_list)
@@ -194,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("email", metavar="EMAIL")
         gw(sp, reads=False, run=run)
 
+
+def _devices(nouns) -> None:
+    """device list, add, disable, enable, remove."""
     de = nouns.add_parser("device", help="devices and their WireGuard peers").add_subparsers(
         dest="verb", metavar="VERB", required=True)
     gw(verb(de, "list", "devices with last handshake and traffic",
@@ -220,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("name", metavar="NAME")
         gw(sp, reads=False, run=run)
 
+
+def _flows(nouns) -> None:
+    """flows, and flows kill."""
     fl = verb(nouns, "flows", "tracked flows: who, what, rule, age, traffic; `flows kill` ends one",
         "The flows conntrack holds (newest first): each allowed flow's user, device, 5-tuple, the rule "
         "that allowed it, state, age, idle time, and packets and bytes both ways. An ICMP echo shows "
@@ -248,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     fk.add_argument("--device", dest="kill_device", metavar="NAME", help="every flow of this device")
     gw(fk, reads=True, run=cmd_flows_kill)
 
+
+def _connectors_routes(nouns) -> None:
+    """connector and route verbs."""
     co = nouns.add_parser("connector", help="connectors: the way into private networks").add_subparsers(
         dest="verb", metavar="VERB", required=True)
     gw(verb(co, "list", "connectors, their routes and tunnel state",
@@ -304,6 +330,9 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("prefix", metavar="PREFIX")
     gw(rr, reads=False, run=cmd_route_remove)
 
+
+def _lab_logs_trace(nouns) -> None:
+    """lab up/status/down, logs, trace."""
     lab = nouns.add_parser("lab", help="the lab: a whole deployment in network namespaces (spec/LAB.md)"
                            ).add_subparsers(dest="verb", metavar="VERB", required=True)
     for name, help_ in (("up", "build the lab (idempotent): namespaces, gateway, devices, connector, services"),
@@ -347,6 +376,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--dport", type=int, metavar="PORT")
     gw(tr, reads=True, run=cmd_trace)
 
+
+def _status_audit_gateway(nouns) -> None:
+    """status, audit, gateway run/teardown."""
     gw(verb(nouns, "status", "what is attached where, generation, counts, devices online",
             "The running gateway at a glance.", "ztgate status\nztgate status --json"), reads=True, run=cmd_status)
     au = verb(nouns, "audit", "the change history: what, when, by whom",
@@ -371,7 +403,6 @@ def _parser() -> argparse.ArgumentParser:
         "ztgate gateway teardown --config /etc/ztgate/gateway.yaml")
     gt.add_argument("--config", metavar="FILE")
     gt.set_defaults(run=cmd_gateway_teardown)
-    return p
 
 
 def gw(sp, reads: bool, run) -> None:
@@ -380,140 +411,3 @@ def gw(sp, reads: bool, run) -> None:
     if reads:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(run=run)
-
-
-# ---------------------------------------------------------------------------------------------
-
-def _load(args):
-    return load_policy(args.policy), load_identities(args.identities)
-
-
-def _print_jsonl(rows) -> None:
-    for row in rows:
-        print(json.dumps(row))
-
-
-def cmd_explain(args) -> int:
-    from .probe import reference_verdicts
-
-    policy, identities = _load(args)
-    single = any(v is not None for v in (args.user, args.src, args.dst))
-    if args.packets and single:
-        raise InputError("explain: give either --packets FILE or one packet by flags, not both")
-    if args.packets:
-        _print_jsonl(reference_verdicts(policy, identities, load_probes(args.packets)))
-        return 0
-    if not single:
-        raise InputError("explain: give --packets FILE, or a packet: --user EMAIL or --src ADDR, and --dst ADDR")
-    pkt = _packet_from_flags(args, identities)
-    _explain_one(policy, identities, pkt, args.json)
-    return 0
-
-
-def _packet_from_flags(args, identities) -> Packet:
-    if args.dst is None or (args.user is None and args.src is None):
-        raise InputError("explain: a packet needs --dst and one of --user or --src")
-    try:
-        dst = ipaddress.ip_address(args.dst)
-    except ValueError:
-        raise InputError(f"explain: --dst {args.dst!r} is not an IP address") from None
-    src = args.src
-    if args.user is not None:
-        email = args.user.lower()
-        devices = [d for d in identities.devices if d.user == email and d.enabled]
-        if not devices:
-            raise InputError(f"explain: --user {args.user}: no enabled device of this user in {args.identities}")
-        addrs = [a for d in devices for a in d.addresses if a.version == dst.version]
-        if not addrs:
-            raise InputError(f"explain: --user {args.user}: no IPv{dst.version} tunnel address to send from")
-        src = str(addrs[0])
-    fields = {"src": src, "dst": args.dst, "proto": args.proto}
-    for key in ("sport", "dport"):
-        if getattr(args, key) is not None:
-            fields[key] = getattr(args, key)
-    return packet_from_fields(fields, "explain")
-
-
-def _explain_one(policy, identities, pkt: Packet, as_json: bool) -> None:
-    from .reference import identify, trace
-
-    decision, misses = trace(policy, identities, pkt)
-    who = identify(policy, identities, pkt.src)
-    if as_json:
-        out = decision.as_json()
-        out["tried"] = [{"rule": r.name, "precedence": r.precedence, "why_not": why} for r, why in misses]
-        if who:
-            out["device"], out["user"], out["groups"] = who.device.name, who.email, sorted(who.groups)
-        print(json.dumps(out))
-        return
-    ports = pkt.proto in (6, 17)
-    sep = lambda a, port: f"[{a}]:{port}" if a.version == 6 and ports else (f"{a}:{port}" if ports else str(a))
-    print(f"packet   {pkt.protocol_name if pkt.protocol_name != 'other' else f'proto {pkt.proto}'} "
-          f"{sep(pkt.src, pkt.sport)} -> {sep(pkt.dst, pkt.dport)}")
-    if who is None:
-        print(f"identity none: {pkt.src} is not the tunnel address of an enabled device")
-    else:
-        print(f"identity device {who.device.name}, user {who.email}, groups {', '.join(sorted(who.groups)) or '-'}")
-    if decision.rule:
-        print(f"verdict  {decision.verdict.upper()} by rule {decision.rule}")
-    elif decision.reason == "default":
-        print(f"verdict  {decision.verdict.upper()} by default_action (no rule matched)")
-    else:
-        print(f"verdict  {decision.verdict.upper()} ({decision.reason}); no rule is consulted")
-    if misses:
-        print("rules tried before it, and why each did not match:")
-        width = max(len(r.name) for r, _ in misses)
-        for r, why in misses:
-            print(f"  {r.precedence:>6}  {r.name:<{width}}  {r.action:<5}  {why}")
-
-
-def cmd_verdicts(args) -> int:
-    from dataclasses import replace
-
-    from .compiler import choose_pools
-    from .probe import compile_and_run
-
-    policy, identities = _load(args)
-    probes = load_probes(args.packets)
-    if args.repeat < 0:
-        raise InputError("--repeat must be 0 or more")
-    if os.geteuid() != 0:
-        raise ZtError("dataplane verdicts loads a BPF program: run it as root")
-    layout = replace(choose_pools(identities), ethernet=args.ethernet)
-    _print_jsonl(compile_and_run(policy, identities, probes, args.repeat, layout))
-    return 0
-
-
-def cmd_check(args) -> int:
-    import time
-
-    from .compiler import compile_policy
-
-    policy, identities = _load(args)
-    started = time.perf_counter()
-    tables = compile_policy(policy, identities)
-    stats = dict(tables.stats, compile_seconds=round(time.perf_counter() - started, 3),
-                 devices=len(identities.devices), users=len(identities.users), rules_in_file=len(policy.rules))
-    if args.json:
-        print(json.dumps(stats))
-    else:
-        print("policy and identities are valid")
-        width = max(map(len, stats))
-        for k, v in stats.items():
-            print(f"  {k:<{width}}  {v}")
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ZtError as e:
-        print(f"ztgate: {e}", file=sys.stderr)
-        return e.exit_status
-    except BrokenPipeError:
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Policy and rules: `policy apply` (the whole policy, and identities with it) and the rule
+verbs (add, remove, enable, disable, move). Every rule change is a whole new build."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Optional
+
+from ..errors import InputError
+from ..files import check_rules, parse_identities, parse_policy, parse_rule, rule_doc
+from ..model import Identities, Rule
+from ..yamlfile import parse_yaml
+from . import steps
+from .core import Core, Plan
+from .diff import identities_diff, policy_diff
+
+
+class RuleOps(Core):
+    def policy_apply(self, uid: int, policy_text: str, policy_name: str, identities_text: Optional[str],
+                     identities_name: Optional[str], dry_run: bool) -> dict:
+        policy = parse_policy(parse_yaml(policy_text, policy_name), policy_name)
+        identities = None
+        if identities_text is not None:
+            identities = parse_identities(parse_yaml(identities_text, identities_name), identities_name)
+            self._check_pools(identities, identities_name)
+        with self.lock:
+            changes = policy_diff(self.policy, policy)
+            if identities is not None:
+                changes += identities_diff(self.identities, identities)
+            if dry_run or not changes:
+                return {"changes": changes, "applied": False, "generation": self.store.generation()}
+            new_ids = identities if identities is not None else self.identities
+
+            def write(tx) -> None:
+                tx.replace_policy(policy)
+                if identities is not None:
+                    tx.replace_identities(identities)
+            plan = Plan("policy apply", {"policy": policy_name, "identities": identities_name,
+                                         "changes": len(changes)},
+                        replace(self.state, identities=new_ids, policy=policy), write,
+                        [lambda gen: self.kernel.stage_swap(new_ids, policy, gen)],
+                        owners={d.name: d.user for d in new_ids.devices})
+            if identities is not None:
+                plan.steps.append(lambda gen: steps.all_peers_step(self.config, identities))
+            out = self._commit(uid, plan)
+            return {"changes": changes, "applied": True, "generation": out["generation"]}
+
+    def _check_pools(self, identities: Identities, source: str) -> None:
+        """Tunnel addresses must not be the gateway's own."""
+        own = {a.ip for a in self.config.gateway_addresses}
+        for d in identities.devices:
+            for a in d.addresses:
+                if a in own:
+                    raise InputError(f"{source}: device {d.name!r}: {a} is the gateway's own tunnel address")
+
+    # -----------------------------------------------------------------------------------------
+
+    def _rules_changed(self, uid: int, what: str, detail: dict, rules: list[Rule]) -> dict:
+        """The policy with this rule list (each rule valid on its own; checked as a list),
+        swapped in as a whole new build."""
+        check_rules(rules, "request")
+        policy = replace(self.policy, rules=tuple(rules))
+        return self._commit(uid, Plan(what, detail, replace(self.state, policy=policy),
+                                      lambda tx: tx.replace_policy(policy),
+                                      [lambda gen: self.kernel.stage_swap(self.identities, policy, gen)]))
+
+    def _rule(self, name: Any) -> Rule:
+        for r in self.policy.rules:
+            if r.name == name:
+                return r
+        raise InputError(f"no rule named {name!r} (see `ztgate rule list`)")
+
+    def rule_add(self, uid: int, rule: dict) -> dict:
+        with self.lock:
+            if isinstance(rule, dict) and rule.get("precedence") is None:
+                last = max((r.precedence for r in self.policy.rules), default=0)
+                rule = dict(rule, precedence=(last // 10 + 1) * 10)
+            new = parse_rule(rule, "rule")
+            for r in self.policy.rules:
+                if r.name == new.name:
+                    raise InputError(f"rule {new.name!r} exists already (remove it first, or pick another name)")
+                if r.precedence == new.precedence:
+                    raise InputError(f"rule {new.name!r}: precedence {new.precedence} is taken by rule {r.name!r}")
+            out = self._rules_changed(uid, "rule add", rule_doc(new), list(self.policy.rules) + [new])
+            return dict(out, rule=rule_doc(new))
+
+    def rule_remove(self, uid: int, name: str) -> dict:
+        with self.lock:
+            self._rule(name)
+            return self._rules_changed(uid, "rule remove", {"name": name},
+                                       [r for r in self.policy.rules if r.name != name])
+
+    def rule_set_enabled(self, uid: int, name: str, enabled: bool) -> dict:
+        with self.lock:
+            if self._rule(name).enabled == enabled:
+                return {"generation": self.store.generation(), "unchanged": True}
+            return self._rules_changed(uid, "rule enable" if enabled else "rule disable", {"name": name},
+                                       [replace(r, enabled=enabled) if r.name == name else r for r in self.policy.rules])
+
+    def rule_move(self, uid: int, name: str, precedence: Optional[int], before: Optional[str],
+                  after: Optional[str]) -> dict:
+        with self.lock:
+            rule = self._rule(name)
+            if sum(x is not None for x in (precedence, before, after)) != 1:
+                raise InputError("rule move: give exactly one of precedence, before or after")
+            others = sorted((r for r in self.policy.rules if r.name != name), key=lambda r: r.precedence)
+            if precedence is not None:
+                rules = _moved_to(rule, others, precedence)
+            else:
+                rules = _moved_beside(rule, others, before, after)
+            return self._rules_changed(uid, "rule move", {"name": name, "precedence": precedence,
+                                                          "before": before, "after": after}, rules)
+
+
+def _moved_to(rule: Rule, others: list[Rule], precedence: int) -> list[Rule]:
+    if precedence < 1:
+        raise InputError(f"rule move: precedence must be 1 or more, got {precedence}")
+    clash = [r.name for r in others if r.precedence == precedence]
+    if clash:
+        raise InputError(f"rule move: precedence {precedence} is taken by rule {clash[0]!r}")
+    return others + [replace(rule, precedence=precedence)]
+
+
+def _moved_beside(rule: Rule, others: list[Rule], before: Optional[str], after: Optional[str]) -> list[Rule]:
+    anchor = before if before is not None else after
+    names = [r.name for r in others]
+    if anchor not in names:
+        raise InputError(f"rule move: no other rule named {anchor!r}")
+    at = names.index(anchor) + (1 if after is not None else 0)
+    order = others[:at] + [rule] + others[at:]
+    lo = order[at - 1].precedence if at > 0 else 0
+    hi = order[at + 1].precedence if at + 1 < len(order) else lo + 20
+    if hi - lo >= 2:
+        return others + [replace(rule, precedence=(lo + hi) // 2)]
+    return [replace(r, precedence=10 * (i + 1)) for i, r in enumerate(order)]   # no room: renumber by tens
