@@ -26,6 +26,9 @@ class Daemon:
     """What the socket serves: the gateway's operations, plus the flow log."""
 
     def __init__(self, config: Config):
+        # What the daemon writes (store, flow log and its rotations, pins) is for root and the
+        # ztgate group only; the socket sets its own 0660.
+        os.umask(0o027)
         self.config = config
         self.gateway = Gateway(config)
         self.flowlog = FlowLog(config, self.gateway)

@@ -27,7 +27,11 @@ TAIL_BYTES = 8 << 20          # how far back `ztgate logs` looks in the current 
 
 
 def _writer(path: Path, max_bytes: int, backups: int) -> logging.Logger:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The flow log says who reached what: root and the ztgate group only (the daemon's umask
+    # keeps rotated files so; a log left readable by an older version is closed here).
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+    os.chmod(path, os.stat(path).st_mode & 0o750)
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups)
     handler.setFormatter(logging.Formatter("%(message)s"))
     out = logging.getLogger(f"ztgate.flows.{path}")

@@ -114,14 +114,19 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", creds)   # pid, uid, gid
 
 
-def _peer_groups(pid: int) -> set[int]:
+SO_PEERGROUPS = 59          # Linux >= 4.13; Python's socket module does not name it
+GROUPS_BUF = 1024           # 256 groups: the most getsockopt() hands Python (a larger list: ERANGE)
+
+
+def peer_groups(sock: socket.socket) -> set[int]:
+    """The peer's supplementary groups as they were when it connected (SO_PEERGROUPS), not as
+    /proc/PID says later: by then that PID may be another process. A peer in more than 256
+    groups gets none counted (its primary group still counts)."""
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, GROUPS_BUF)
     except OSError:
-        pass
-    return set()
+        return set()
+    return set(struct.unpack(f"{len(raw) // 4}I", raw))
 
 
 class Server:
@@ -154,8 +159,8 @@ class Server:
         os.chmod(path, 0o660)
         os.chown(path, 0, self.gid if self.gid is not None else 0)
 
-    def allowed(self, pid: int, uid: int, gid: int) -> bool:
-        return uid == 0 or (self.gid is not None and (gid == self.gid or self.gid in _peer_groups(pid)))
+    def allowed(self, conn: socket.socket, uid: int, gid: int) -> bool:
+        return uid == 0 or (self.gid is not None and (gid == self.gid or self.gid in peer_groups(conn)))
 
     def serve_connection(self, conn: socket.socket) -> None:
         if not self.slots.acquire(blocking=False):
@@ -163,7 +168,7 @@ class Server:
             return
         try:
             pid, uid, gid = peer_credentials(conn)
-            if not self.allowed(pid, uid, gid):
+            if not self.allowed(conn, uid, gid):
                 log.warning("refused uid %d (pid %d): not root and not in the operators' group", uid, pid)
                 _try_reply(conn, {"ok": False, "status": 1,
                                   "error": "not allowed: run as root or as a member of the operators' group"})

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -363,12 +365,50 @@ def test_socket_survives_garbage(site, alice):
     assert site.json("status")["generation"] == before
 
 
+@pytest.fixture
+def reachable_sock(site):
+    """The gateway's socket, hard-linked into a folder anyone may enter (pytest's own are root's
+    only), so that an operator who is not root reaches it."""
+    folder = Path(tempfile.mkdtemp(prefix="zt-sock-", dir=tempfile.gettempdir()))
+    folder.chmod(0o755)
+    link = folder / "ztgate.sock"
+    os.link(site.sock, link)
+    yield str(link)
+    shutil.rmtree(folder)
+
+
 def test_socket_refuses_strangers(site):
     st = os.stat(site.sock)
     assert oct(st.st_mode & 0o777) == "0o660" and st.st_uid == 0
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-m", "control.cli",
                         "status", "--socket", site.sock], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "not allowed" in r.stderr
+
+
+# A peer that was in the operators' group when it connected, then left it (seteuid back to root
+# through its saved uid, setgroups([]), nobody again) and only then asks: the gateway must judge
+# the credentials of the connection, as SO_PEERGROUPS keeps them, not what /proc/PID says later
+# (by then the PID may be another process's).
+LEAVES_THE_GROUP = """
+import os, socket, sys
+from control.api import read_frame, write_frame
+os.setgroups([int(sys.argv[2])]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 0)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(sys.argv[1])
+os.seteuid(0); os.setgroups([]); os.seteuid(65534)
+write_frame(c, {"op": "status", "args": {}})
+print(read_frame(c)["ok"])
+"""
+
+
+def test_operators_group_is_judged_as_it_was_at_connect(site, reachable_sock):
+    import grp
+    gid = grp.getgrnam("ztgate").gr_gid
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", f"--groups={gid}", PYTHON, "-m", "control.cli",
+                        "status", "--socket", reachable_sock], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr                     # a member of the group may ask
+    r = subprocess.run([PYTHON, "-c", LEAVES_THE_GROUP, reachable_sock, str(gid)], cwd=REPO, capture_output=True,
+                       text=True, timeout=30)
+    assert r.stdout.strip() == "True", r.stderr
 
 
 @pytest.mark.parametrize("stage", ["before-commit", "after-commit"])
