@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
+from .wireguard.keys import check_public_key
 from .yamlfile import read_yaml
 from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES
 
@@ -51,7 +53,17 @@ def _list(where: _Where, field: str, value: Any) -> list:
 def _string(where: _Where, field: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise where.error(field, f"must be a non-empty string, got {value!r}")
+    bad = unprintable(value)
+    if bad:
+        raise where.error(field, f"{value!r} holds the control character {bad!r}: names, emails and groups are "
+                                 "printed to operators' terminals, so they must be plain text")
     return value
+
+
+def unprintable(text: str) -> str:
+    """The first control or formatting character of TEXT (escapes, bidirectional overrides),
+    or "": such a character in a name would act on the terminal of whoever lists it."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Cf")), "")
 
 
 def _bool(where: _Where, field: str, value: Any) -> bool:
@@ -134,6 +146,7 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
     devices: list[Device] = []
     names: set[str] = set()
     addresses: dict = {}
+    keys: dict[str, str] = {}
     for i, raw in enumerate(_list(where, "devices", doc.get("devices") or [])):
         w = where.at(f"devices[{i}]")
         raw = _mapping(w, "", raw, ("name", "user", "tunnel_ipv4", "tunnel_ipv6", "public_key", "enabled"))
@@ -159,7 +172,13 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
             addresses[addr] = name
         key = raw.get("public_key")
         if key is not None:
-            _string(w, "public_key", key)
+            try:
+                check_public_key(_string(w, "public_key", key))
+            except InputError as e:
+                raise w.error("public_key", str(e)) from None
+            if key in keys:
+                raise w.error("public_key", f"the key of device {keys[key]!r} too: each device has a key of its own")
+            keys[key] = name
         enabled = _bool(w, "enabled", raw.get("enabled", True))
         devices.append(Device(name, owner, v4, v6, key, enabled))
     return Identities(tuple(users), tuple(devices))

@@ -88,9 +88,10 @@ class Kernel:
     # -----------------------------------------------------------------------------------------
     # changes: staged before the store commits (where they can still fail), applied after
 
-    def stage_swap(self, identities: Identities, policy: Policy, number: int) -> Staged:
+    def stage_swap(self, identities: Identities, policy: Policy, number: int, forget: list = ()) -> Staged:
         """Compile, build and fill a whole new build; applying it attaches it in place of the
-        one in force (one netlink call: no packet sees half of either)."""
+        one in force (one netlink call: no packet sees half of either), and forgets the flows
+        of the FORGET addresses (they changed hands) before the epoch moves."""
         started = time.perf_counter()
         tables = compile_policy(policy, identities, self.base)
         compiled = time.perf_counter()
@@ -101,9 +102,9 @@ class Kernel:
             program.close()
             raise
         new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
-        return Staged(lambda: self._switch(new), program.close)
+        return Staged(lambda: self._switch(new, forget), program.close)
 
-    def _switch(self, new: Build) -> None:
+    def _switch(self, new: Build, forget: list = ()) -> None:
         """Attach NEW in place of the build in force. Once it is on the ingress interface it is
         the build in force, whatever fails after (a connector's interface gone, a pin): later
         changes must write into the tables that decide, and the epoch must move."""
@@ -130,6 +131,8 @@ class Kernel:
                 # its program stays the old build's, which decides by the old tables: said loudly
                 log.error("connector interface %s keeps the previous build's program: %s", ifname, e)
                 failed.append(str(e))
+        if forget:
+            new.program.forget_flows(forget)
         self._next_epoch(new.program)
         try:
             new.program.pin(self.config.bpf_pin_dir)

@@ -14,10 +14,13 @@ import sys
 from typing import Optional
 
 from ..errors import ZtError
+from .output import Printable
 from .parser import build_parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if not isinstance(sys.stdout, Printable):
+        sys.stdout, sys.stderr = Printable(sys.stdout), Printable(sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

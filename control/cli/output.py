@@ -3,9 +3,31 @@ printing: JSON, aligned columns, key-values, handshake ages and byte sizes."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from ..api import Client
+
+
+# Control and formatting characters that act on a terminal (escape sequences, bells, C1
+# controls, bidirectional overrides, invisible marks); newline and tab are the CLI's own.
+UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e"
+                         "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]")
+
+
+class Printable:
+    """A text stream that writes every unprintable character as its \\x, \\u escape: what the
+    CLI prints (names, emails, groups, audit details) may come from another operator or from
+    an older store, and must not drive the reader's terminal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text))
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def call(args, op: str, **kw):

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .. import wireguard
 from ..errors import InputError, ZtError
-from ..files import DEVICE_NAME, parse_identities
+from ..files import DEVICE_NAME, parse_identities, unprintable
 from ..model import Device, Identities
 from . import steps
 from .core import Core, Plan
@@ -177,6 +177,6 @@ class IdentityOps(Core):
 
 def check_groups(groups) -> None:
     for g in groups:
-        if not isinstance(g, str) or not g or len(g) > GROUP_NAME_MAX or g != g.strip():
+        if not isinstance(g, str) or not g or len(g) > GROUP_NAME_MAX or g != g.strip() or unprintable(g):
             raise InputError(f"group {g!r}: a group is a non-empty name of at most {GROUP_NAME_MAX} "
-                             "characters without leading or trailing spaces")
+                             "characters without leading or trailing spaces or control characters")

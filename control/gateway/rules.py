@@ -34,20 +34,30 @@ class RuleOps(Core):
                 tx.replace_policy(policy)
                 if identities is not None:
                     tx.replace_identities(identities)
+            # Addresses that change hands: their flows are forgotten with the swap (a reply on
+            # an old tuple must not be decided again as the new owner's). WireGuard stops taking
+            # them from their old peers before the kernel gives them to new owners, and gives
+            # them to the new peers after: a step that fails between leaves an address admitted
+            # by no peer, never by a peer the kernel takes for someone else.
+            old_ids = self.identities
+            moved = moved_addresses(old_ids, new_ids)
+            kernel_step = [lambda gen: self.kernel.stage_swap(new_ids, policy, gen, forget=moved)]
+            peer_steps = [lambda gen: steps.kept_peers_step(self.config, old_ids, new_ids),
+                          *kernel_step, lambda gen: steps.all_peers_step(self.config, new_ids)]
             plan = Plan("policy apply", {"policy": policy_name, "identities": identities_name,
                                          "changes": len(changes)},
                         replace(self.state, identities=new_ids, policy=policy), write,
-                        [lambda gen: self.kernel.stage_swap(new_ids, policy, gen)],
+                        peer_steps if identities is not None else kernel_step,
                         owners={d.name: d.user for d in new_ids.devices})
-            if identities is not None:
-                plan.steps.append(lambda gen: steps.all_peers_step(self.config, identities))
             out = self._commit(uid, plan)
             return {"changes": changes, "applied": True, "generation": out["generation"]}
 
     def _check_pools(self, identities: Identities, source: str) -> None:
-        """Tunnel addresses must not be the gateway's own."""
+        """Tunnel addresses and keys must not be the gateway's own."""
         own = {a.ip for a in self.config.gateway_addresses}
         for d in identities.devices:
+            if d.public_key is not None and d.public_key == self.public_key:
+                raise InputError(f"{source}: device {d.name!r}: public_key is the gateway's own key")
             for a in d.addresses:
                 if a in own:
                     raise InputError(f"{source}: device {d.name!r}: {a} is the gateway's own tunnel address")
@@ -132,3 +142,11 @@ def _moved_beside(rule: Rule, others: list[Rule], before: Optional[str], after: 
     if hi - lo >= 2:
         return others + [replace(rule, precedence=(lo + hi) // 2)]
     return [replace(r, precedence=10 * (i + 1)) for i, r in enumerate(order)]   # no room: renumber by tens
+
+
+def moved_addresses(old: Identities, new: Identities) -> list:
+    """Tunnel addresses whose device (name, owner or key) is not the same, or not enabled, in NEW."""
+    def owners(ids: Identities) -> dict:
+        return {a: (d.name, d.user, d.public_key) for d in ids.devices if d.enabled for a in d.addresses}
+    after = owners(new)
+    return [a for a, who in owners(old).items() if after.get(a) != who]

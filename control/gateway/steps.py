@@ -32,6 +32,15 @@ def peer_step(config: Config, device: Device, admit: bool, remove: bool = False)
     return Staged(lambda: wireguard.add_peer(iface, key, prefixes), lambda: None)
 
 
+def kept_peers_step(config: Config, old: Identities, new: Identities) -> Staged:
+    """Before a swap to NEW: each device peer admits only what it admits in OLD and in NEW
+    alike (a peer that goes, or whose addresses go to others, admits none of them)."""
+    after = {p.public_key: set(p.allowed_ips) for p in device_peers(new)}
+    peers = [wireguard.Peer(p.public_key, tuple(a for a in p.allowed_ips if a in after.get(p.public_key, ())))
+             for p in device_peers(old)]
+    return Staged(lambda: wireguard.set_peers(config.interface, peers, replace=True), lambda: None)
+
+
 def all_peers_step(config: Config, identities: Identities) -> Staged:
     """Every device peer replaced at once, as IDENTITIES has them (policy apply)."""
     peers = device_peers(identities)

@@ -555,6 +555,54 @@ def test_a_gateway_that_cannot_attach_does_not_serve_and_leaves_nothing_open(sit
     assert site.tcp(APP_RDP, 3389) is None
 
 
+def test_identities_apply_checks_keys_and_moved_addresses_lose_their_flows(site, alice):
+    """policy apply --identities: a file with a bad, repeated or the gateway's own key is refused
+    before anything changes; a file that gives alice's address to another device forgets her
+    flows (a reply on her tuple is not decided again as the new owner's) and WireGuard admits
+    the address from the new key only."""
+    from control.wireguard import generate_keypair
+
+    original = site.ztgate("identities", "show").stdout
+    doc = yaml.safe_load(original)
+    (laptop,) = [d for d in doc["devices"] if d["name"] == "alice-laptop"]
+    before = site.json("status")["generation"]
+    peers_before = site.json("device", "list")
+    gateway_key = site.json("status")["public_key"]
+    spare = {"name": "spare", "user": "alice@example.com", "tunnel_ipv4": "100.96.0.9"}
+    for bad, what in ((dict(spare, public_key="junk"), "44 characters"),
+                      (dict(spare, public_key=laptop["public_key"]), "a key of its own"),
+                      (dict(spare, public_key=gateway_key), "the gateway's own key")):
+        path = site.tmp / "bad-identities.yaml"
+        path.write_text(yaml.safe_dump(dict(doc, devices=doc["devices"] + [bad])))
+        r = site.ztgate("policy", "apply", LAB / "policy.yaml", "--identities", path, check=False)
+        assert r.returncode == 2 and what in r.stderr, r.stderr
+    assert site.json("status")["generation"] == before and site.json("device", "list") == peers_before
+
+    web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="alice's connection")
+    assert site.json("flows", "--device", "alice-laptop")
+    new_key = generate_keypair()[1]
+    taken = dict(laptop, name="alice-tablet", public_key=new_key)
+    path = site.tmp / "moved-identities.yaml"
+    path.write_text(yaml.safe_dump(dict(doc, devices=[d for d in doc["devices"] if d is not laptop] + [taken])))
+    try:
+        site.ztgate("policy", "apply", LAB / "policy.yaml", "--identities", path)
+        flows = site.json("flows")
+        assert not [f for f in flows if f["src"] == laptop["tunnel_ipv4"]], flows
+        assert not site.echo(web)                      # nothing comes back to her on the old tuple
+        with site.ns.inside("gw"):
+            shown = wireguard.show(site.iface)
+            assert shown.peer(laptop["public_key"]) is None
+            assert [str(n) for n in shown.peer(new_key).allowed_ips] == [f"{laptop['tunnel_ipv4']}/32",
+                                                                         f"{laptop['tunnel_ipv6']}/128"]
+        t = site.json("trace", "--src", laptop["tunnel_ipv4"], "--dst", APP_WEB, "--dport", "8080")
+        assert t["identity"]["device"] == "alice-tablet"
+    finally:
+        restore = site.tmp / "identities.yaml"
+        restore.write_text(original)
+        site.ztgate("policy", "apply", LAB / "policy.yaml", "--identities", restore)
+    assert wait_until(lambda: site.tcp(APP_WEB, 8080, timeout=1), timeout=30, what="alice back")
+
+
 def test_connectors_and_routes_are_managed_and_checked(site, alice):
     """A connector's interface carries the connector-side program before it has a peer; routes go
     into ztgate's own table and the peer's allowed IPs; bad requests change nothing."""

@@ -1,4 +1,5 @@
 """POLICY.md "Validation": every refusal names the file, the entry (rule/user/device) and the field."""
+import base64
 import ipaddress
 import subprocess
 import sys
@@ -35,6 +36,15 @@ def identities(user=None, device=None, **top):
     return {"users": users, "devices": devices, **top}
 
 
+KEY = base64.b64encode(bytes(range(32))).decode()
+KEY31 = base64.b64encode(bytes(31)).decode()
+
+
+def with_alice_key(doc: dict, key: str) -> dict:
+    doc["devices"][0]["public_key"] = key
+    return doc
+
+
 def write(tmp_path, name, doc) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc))
@@ -69,6 +79,7 @@ BAD_POLICIES = [
     ("unknown-action", policy({"action": "deny"}), ["rules[1]", "bad", "action", "deny"]),
     ("unknown-default-action", policy(default_action="deny"), ["default_action", "deny"]),
     ("unknown-protocol", policy({"protocols": ["tcp", "sctp"]}), ["rules[1]", "bad", "protocols", "sctp"]),
+    ("group-name-with-escape", policy(groups={"ops\x1b[2J": ["alice@example.com"]}), ["groups", "control character"]),
 ]
 
 BAD_IDENTITIES = [
@@ -80,6 +91,13 @@ BAD_IDENTITIES = [
     ("duplicate-tunnel-ipv6", identities(device={"tunnel_ipv6": "fd00:5a::2"}), ["devices[1]", "tunnel_ipv6", "fd00:5a::2"]),
     ("duplicate-device-name", identities(device={"name": "alice-laptop"}), ["devices[1]", "name", "alice-laptop"]),
     ("duplicate-email", identities(user={"email": "Alice@Example.COM"}), ["users[2]", "email"]),
+    ("public-key-not-base64", identities(device={"public_key": "junk"}), ["devices[1]", "public_key", "junk", "44 characters"]),
+    ("public-key-31-bytes", identities(device={"public_key": KEY31}), ["devices[1]", "public_key", "31 bytes"]),
+    ("public-key-twice", with_alice_key(identities(device={"public_key": KEY}), KEY),
+     ["devices[1]", "public_key", "alice-laptop", "a key of its own"]),
+    ("email-with-escape", identities(user={"email": "eve\x1b]0;owned\x07@example.com"}), ["users[2]", "email", "control character"]),
+    ("group-with-bidi-override", identities(user={"email": "carol@example.com", "groups": ["dev\u202eops"]}),
+     ["users[2]", "groups", "control character"]),
 ]
 
 
