@@ -71,15 +71,12 @@ class FlowOps(Core):
         """End one flow: its packets drop both ways until it times out or its device opens the
         tuple again with a SYN (a new connection, decided by the policy)."""
         with self.lock:
-            # As before this file existed: icmp is ICMPv6 (58) whatever the addresses' version,
-            # so an IPv4 ICMP flow cannot be killed by its tuple (the hardening issue's fix:
-            # number_of(proto, s.version)).
-            number = number_of(proto, 6)
             try:
                 s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
             except ValueError:
                 raise InputError(f"flows kill: {src!r} and {dst!r} must be addresses, as `ztgate flows` prints "
                                  "them") from None
+            number = number_of(proto, s.version)      # icmp: ICMP or ICMPv6, by the addresses
             if number is None or s.version != d.version:
                 raise InputError(f"flows kill: protocol {proto!r} (tcp, udp or icmp) and two addresses of one "
                                  "IP version")

@@ -555,6 +555,27 @@ def test_a_gateway_that_cannot_attach_does_not_serve_and_leaves_nothing_open(sit
     assert site.tcp(APP_RDP, 3389) is None
 
 
+def test_an_ipv4_icmp_flow_is_killed_by_its_tuple(site, alice):
+    """`flows kill icmp ...` names the flow as `ztgate flows` prints it: on IPv4 that is ICMP
+    (1), not ICMPv6 (58)."""
+    from scapy.layers.inet import ICMP
+
+    site.ztgate("rule", "add", "ping-app", "--action", "allow", "--proto", "icmp", "--precedence", "5")
+    try:
+        with site.ns.inside("dev"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        try:
+            s.sendto(bytes(ICMP(type=8, id=4242, seq=1) / b"ztgate"), (APP_WEB, 0))
+            icmp = lambda: [f for f in site.json("flows", "--device", "alice-laptop") if f["proto"] == "icmp"]
+            (flow,) = wait_until(icmp, timeout=5, what="the echo's flow")
+        finally:
+            s.close()
+        site.ztgate("flows", "kill", "icmp", f"{flow['src']}:{flow['sport']}", f"{flow['dst']}:{flow['dport']}")
+        assert [f["state"] for f in icmp()] == ["killed"]
+    finally:
+        site.ztgate("rule", "remove", "ping-app")
+
+
 def test_identities_apply_checks_keys_and_moved_addresses_lose_their_flows(site, alice):
     """policy apply --identities: a file with a bad, repeated or the gateway's own key is refused
     before anything changes; a file that gives alice's address to another device forgets her
