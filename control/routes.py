@@ -213,9 +213,16 @@ def set_link(ifname: str, up: bool) -> None:
             raise KernelError(f"cannot set {ifname} {'up' if up else 'down'}: {e}") from None
 
 
-def host_warnings() -> list[str]:
-    """Settings of this network namespace that weaken what ztgate promises."""
+def host_warnings(routed: tuple = ()) -> list[str]:
+    """Settings of this network namespace that weaken what ztgate promises; ROUTED: the
+    config's `routes`, networks this host forwards to itself."""
     out = []
+    if routed:
+        out.append(f"routes {', '.join(map(str, routed))} are forwarded by this host itself, not through a "
+                   "connector: what devices send there is decided by ztgate, but what comes back arrives on "
+                   "an underlay interface that no ztgate program filters, so those hosts can open connections "
+                   "to devices; put such networks behind a connector (`ztgate connector add`) to protect "
+                   "the way back too")
 
     def read(path: str) -> str:
         try:

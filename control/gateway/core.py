@@ -171,7 +171,7 @@ class Core:
             routes.install_rules(cfg.route_table, cfg.route_priority, cfg.interface, cfg.routes,
                                  ipv6=cfg.pool_ipv6 is not None)
             self._sync_routes_peers_forwarding()
-            for warning in routes.host_warnings():
+            for warning in routes.host_warnings(tuple(self.config.routes)):
                 log.warning("%s", warning)
             self.owner.update((d.name, d.user) for d in self.identities.devices)
             log.info("gateway up on %s (%s WireGuard), %d connectors, generation %d", cfg.interface, self.wg_kind,

@@ -38,7 +38,7 @@ class Views(Core):
                 "devices": len(self.identities.devices),
                 "connectors": [{"name": c.name, "interface": c.interface, "routes": [str(r) for r in c.routes],
                                 "reply_program": program_on(c.interface)} for c in self.connectors],
-                "warnings": routes.host_warnings(),
+                "warnings": routes.host_warnings(tuple(self.config.routes)),
                 "devices_enabled": sum(d.enabled for d in self.identities.devices),
                 "devices_online": online, "rules": len(self.policy.rules),
                 "rules_enabled": len(self.policy.ordered_rules),

@@ -214,6 +214,8 @@ def test_status_rules_devices_metrics_and_trace(site, alice):
     status = site.json("status")
     assert status["program_id"] and status["attach_mode"] == "generic" and status["interface"] == site.iface
     assert status["devices_online"] == 1 and status["rules"] == 3 and "prog" in " ".join(status["pinned"])
+    # the config's routes: this host forwards them, and nothing filters what comes back from them
+    assert any("10.20.0.0/16 are forwarded by this host itself" in w for w in status["warnings"])
     rules = site.json("rule", "list")
     assert [r["name"] for r in rules] == ["devs-app", "devs-echo", "staff-web"]
     assert rules[0]["packets"] > 0
