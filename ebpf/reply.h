@@ -15,20 +15,30 @@
 #include "parse.h"
 #include "policy.h"
 
-/* What both connector-side entries start from: the per-CPU state (NULL: none, drop), the time,
- * the packet parsed (the parser's result in *parsed), and a decision that drops it as
- * not-reply until a flow says otherwise. */
-static __always_inline struct zt_cpu *reply_open(struct xdp_md *ctx, struct zt_decision *d, struct zt_pkt *p,
-						 __u64 *now, int *parsed)
+/* A packet on the connector side, as both its entries begin with it: the per-CPU state, the
+ * time, whether this is a dry run, the packet parsed (the parser's result in `parsed`), and a
+ * decision that drops it as not-reply until a flow says otherwise. */
+struct zt_reply {
+	struct zt_decision d;
+	struct zt_pkt p;
+	struct zt_cpu *cpu;
+	__u64 now;
+	int dry;
+	int parsed;
+};
+
+/* The opening both connector-side entries share; 0: no per-CPU state (drop). */
+static __always_inline int reply_open(struct xdp_md *ctx, struct zt_reply *r)
 {
-	d->verdict = ZT_VERDICT_BLOCK;
-	d->reason = ZT_REASON_NOT_REPLY;
-	struct zt_cpu *cpu = cpu_state();
-	if (!cpu)
-		return NULL;
-	*now = coarse_now(cpu);
-	*parsed = parse_frame(p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
-	return cpu;
+	r->d.verdict = ZT_VERDICT_BLOCK;
+	r->d.reason = ZT_REASON_NOT_REPLY;
+	r->cpu = cpu_state();
+	if (!r->cpu)
+		return 0;
+	r->now = coarse_now(r->cpu);
+	r->dry = dry_run(ctx);
+	r->parsed = parse_frame(&r->p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
+	return 1;
 }
 
 /* The conntrack key of the flow a packet from the private side answers; 0 if it answers none. */
@@ -130,9 +140,10 @@ static __always_inline void decide_again(struct zt_decision *d, struct zt_ct *ct
 
 /* The connector side's one exit: count, remember for test-run callers, report drops (with the
  * device they were sent to). */
-static __always_inline int reply_record(struct xdp_md *ctx, struct zt_cpu *cpu, struct zt_decision *d,
-					const struct zt_pkt *p, __u64 now, int dry)
+static __always_inline int reply_record(struct xdp_md *ctx, struct zt_reply *r)
 {
+	struct zt_decision *d = &r->d;
+	const struct zt_pkt *p = &r->p;
 	__u64 bytes = ctx->data_end - ctx->data;
 	if (d->verdict != ZT_VERDICT_ALLOW && d->verdict != ZT_VERDICT_PASS && p->family) {
 		struct zt_src *to = identify(p->family, p->dst);
@@ -140,11 +151,11 @@ static __always_inline int reply_record(struct xdp_md *ctx, struct zt_cpu *cpu, 
 		d->ident = (__u32)both;
 		d->device = (__u32)(both >> 32);
 	}
-	account(cpu, d, bytes, dry);
+	account(r->cpu, d, bytes, r->dry);
 	if (d->verdict == ZT_VERDICT_ALLOW || d->verdict == ZT_VERDICT_PASS)
 		return XDP_PASS;
-	if (!dry)
-		event(cpu, d, p, bytes, now);
+	if (!r->dry)
+		event(r->cpu, d, p, bytes, r->now);
 	return XDP_DROP;
 }
 

@@ -98,50 +98,39 @@ int xdp_ztgate(struct xdp_md *ctx)
  * (epoch unchanged) ~40 ns a packet, and bcc 0.26 has no BPF-to-BPF calls. */
 int xdp_ztgate_reply(struct xdp_md *ctx)
 {
-	struct zt_decision d = {};
-	struct zt_pkt p = {};
-	__u64 now = 0;
-	int parsed = 0;
-	struct zt_cpu *cpu = reply_open(ctx, &d, &p, &now, &parsed);
-	if (!cpu)
+	struct zt_reply r = {};
+	if (!reply_open(ctx, &r))
 		return XDP_DROP;
-	if (parsed != ZT_PARSED) {
-		reply_unparsed(&d, &p, parsed, now);
-	} else if (is_icmp_error(&p)) {
-		icmp_error_of_flow(&d, &p, (void *)(long)ctx->data, (void *)(long)ctx->data_end, now);
+	if (r.parsed != ZT_PARSED) {
+		reply_unparsed(&r.d, &r.p, r.parsed, r.now);
+	} else if (is_icmp_error(&r.p)) {
+		icmp_error_of_flow(&r.d, &r.p, (void *)(long)ctx->data, (void *)(long)ctx->data_end, r.now);
 	} else {
 		struct zt_ct_key key = {};
-		struct zt_ct *ct = reply_key(&key, &p) ? zt_ct.lookup(&key) : NULL;
-		if (ct && ct_alive(ct, p.proto, now)) {
+		struct zt_ct *ct = reply_key(&key, &r.p) ? zt_ct.lookup(&key) : NULL;
+		if (ct && ct_alive(ct, r.p.proto, r.now)) {
 			if (ct->state == ZT_CT_KILLED) {
-				d.reason = ZT_REASON_KILLED;
+				r.d.reason = ZT_REASON_KILLED;
 			} else if (same_policy(ct->epoch, epoch_now())) {
-				reply_passes(&d, ct, &p, now, ctx->data_end - ctx->data, ct->epoch, dry_run(ctx));
+				reply_passes(&r.d, ct, &r.p, r.now, ctx->data_end - ctx->data, ct->epoch, r.dry);
 			} else {
 				zt_reply_slow.call(ctx, 0);
-				d.reason = ZT_REASON_INTERNAL;   /* the tail call failed: fail closed */
+				r.d.reason = ZT_REASON_INTERNAL;   /* the tail call failed: fail closed */
 			}
 		}
 	}
-	return reply_record(ctx, cpu, &d, &p, now, dry_run(ctx));
+	return reply_record(ctx, &r);
 }
 
 /* The epoch moved since this flow was last allowed: decide it again. */
 int xdp_ztgate_redecide(struct xdp_md *ctx)
 {
-	struct zt_decision d = {};
-	struct zt_pkt p = {};
-	__u64 now = 0;
-	int parsed = 0;
-	struct zt_cpu *cpu = reply_open(ctx, &d, &p, &now, &parsed);
-	if (!cpu)
-		return XDP_DROP;
-	int dry = dry_run(ctx);
+	struct zt_reply r = {};
 	struct zt_ct_key key = {};
-	if (parsed != ZT_PARSED || !reply_key(&key, &p))
-		return XDP_DROP;   /* (xdp_ztgate_reply parsed it fine: unreachable) */
+	if (!reply_open(ctx, &r) || r.parsed != ZT_PARSED || !reply_key(&key, &r.p))
+		return XDP_DROP;   /* (xdp_ztgate_reply read it fine: unreachable) */
 	struct zt_ct *ct = zt_ct.lookup(&key);
-	if (ct && ct_alive(ct, p.proto, now) && ct->state != ZT_CT_KILLED)
-		decide_again(&d, ct, &key, &p, now, ctx->data_end - ctx->data, dry);
-	return reply_record(ctx, cpu, &d, &p, now, dry);
+	if (ct && ct_alive(ct, r.p.proto, r.now) && ct->state != ZT_CT_KILLED)
+		decide_again(&r.d, ct, &key, &r.p, r.now, ctx->data_end - ctx->data, r.dry);
+	return reply_record(ctx, &r);
 }
