@@ -78,4 +78,18 @@ static __always_inline void account(struct zt_cpu *cpu, const struct zt_decision
 	cpu->reason[r].bytes += bytes;
 }
 
+/* A decision the policy (or the flow it allowed) made is counted by its rule too: rule ids
+ * belong to one build, and rule 0 counts the default action. */
+static __always_inline void count_rule(const struct zt_decision *d, __u64 bytes)
+{
+	if (d->reason != ZT_REASON_RULE && d->reason != ZT_REASON_DEFAULT)
+		return;
+	__u32 rule = d->rule;
+	struct zt_counter *c = zt_rule_stats.lookup(&rule);
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
 #endif

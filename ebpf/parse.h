@@ -284,7 +284,7 @@ static __always_inline int parse_frame(struct zt_pkt *p, void *data, void *data_
 static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct zt_pkt *p, void *data,
 					    void *data_end)
 {
-	struct icmphdr *ic = data + (p->l4_off & 0x3ff);
+	struct icmphdr *ic = data + (p->l4_off & 0x3ff);   /* (l4_off < 1024: a bound for the verifier) */
 	void *q = ic + 1;   /* the quote follows the 8-byte header (ICMPv6's is as long) */
 	if (q + sizeof(struct iphdr) > data_end)   /* the shortest quote: an IPv4 header */
 		return 0;

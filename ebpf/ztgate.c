@@ -49,14 +49,7 @@ static __always_inline int record(struct zt_cpu *cpu, const struct zt_decision *
 	account(cpu, d, bytes, dry);
 	if (dry)
 		return xdp_action(d);
-	if (d->reason == ZT_REASON_RULE || d->reason == ZT_REASON_DEFAULT) {
-		__u32 rule = d->rule;
-		struct zt_counter *c = zt_rule_stats.lookup(&rule);
-		if (c) {
-			c->packets++;
-			c->bytes += bytes;
-		}
-	}
+	count_rule(d, bytes);
 	if (!d->fast)
 		report(cpu, d, p, bytes);
 	return xdp_action(d);
