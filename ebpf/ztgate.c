@@ -23,8 +23,8 @@
 #include "policy.h"
 #include "fragments.h"
 #include "fcache.h"
-#include "conntrack.h"
 #include "events.h"
+#include "conntrack.h"
 #include "reply.h"
 
 /* Report an allowed or dropped packet the policy decided: every drop is an event; an allowed
@@ -35,7 +35,9 @@ static __always_inline void report(struct zt_cpu *cpu, const struct zt_decision 
 	if (d->verdict == ZT_VERDICT_PASS)
 		return;
 	__u64 now = coarse_now(cpu);
-	if (d->verdict != ZT_VERDICT_ALLOW || ct_track(d, p, bytes, now))
+	if (d->verdict == ZT_VERDICT_ALLOW)
+		ct_track(cpu, d, p, bytes, now);
+	else
 		event(cpu, d, p, bytes, now);
 }
 
