@@ -1,5 +1,6 @@
-/* The maps of the decision, in the order a packet meets them. Filled by control/compiler.py
- * through dataplane/tables.py; ebpf/README.md explains the layout and why. Capacities are
+/* The maps of the decision, in the order a packet meets them, and the structs userspace
+ * shares (dataplane/ mirrors them). Filled from control/compiler.py's tables by dataplane's
+ * Program.load; ebpf/README.md explains the layout and why. Capacities are
  * compile-time #defines chosen by the compiler (dataplane/layout.py), defaults below. The big
  * arrays are BPF_F_MMAPABLE so userspace fills them with one memory copy. */
 #ifndef ZT_MAPS_H
@@ -363,5 +364,9 @@ ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRA
  * compare only the bits above (same_policy). */
 #define ZT_KILL_BITS 16
 ZT_SHARED_TABLE("array", __u32, __u64, zt_epoch, 1);
+
+/* The connector side's tail call into xdp_ztgate_redecide (slot 0), when a flow must be
+ * decided again (see xdp_ztgate_reply). */
+BPF_PROG_ARRAY(zt_reply_slow, 1);
 
 #endif

@@ -1,11 +1,14 @@
-/* Reading a packet as spec/POLICY.md says. The only code that reads packet bytes.
+/* Reading a packet as docs/policy.md says. The only code that reads packet bytes.
  * Every helper checks bounds against data_end (for the verifier) and against the IP length
  * (for the spec: bytes past it are padding), and returns ZT_PARSED or a drop reason. */
 #ifndef ZT_PARSE_H
 #define ZT_PARSE_H
 
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
@@ -17,12 +20,29 @@
 #define ZT_MAX_EXT_HEADERS 8
 #define ZT_VLAN_DEPTH 2
 
-#define ZT_PROTO_ICMPV6 58
-#define ZT_NH_HOP 0
-#define ZT_NH_ROUTING 43
-#define ZT_NH_FRAGMENT 44
-#define ZT_NH_AUTH 51
-#define ZT_NH_DSTOPTS 60
+/* IPv4's frag_off (host order): more fragments, and the offset in 8-byte units (the kernel's
+ * IP_MF and IP_OFFSET live in net/ip.h, outside uapi). */
+#define ZT_IP_MF 0x2000
+#define ZT_IP_OFFSET 0x1fff
+
+/* IPv6's fragment header (the kernel's struct frag_hdr and IP6_MF/IP6_OFFSET live in
+ * net/ipv6.h, outside uapi). */
+struct zt_ipv6_frag {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off; /* offset in 8-byte units in the top 13 bits; ZT_IP6_MF the lowest */
+	__be32 identification;
+};
+#define ZT_IP6_MF 0x0001
+#define ZT_IP6_OFFSET_SHIFT 3
+
+/* The TCP flags byte (CWR ECE URG ACK PSH RST SYN FIN), after the data offset: kept whole in
+ * zt_pkt.tcp_flags, which conntrack and the established path test. */
+#define ZT_TCP_FLAGS_BYTE 13
+#define ZT_TCP_FIN 0x01
+#define ZT_TCP_SYN 0x02
+#define ZT_TCP_RST 0x04
+#define ZT_TCP_ACK 0x10
 
 /* What the decision reads of a packet. Addresses in network order, IPv4 in [0]. */
 struct zt_pkt {
@@ -44,9 +64,16 @@ struct zt_pkt {
 
 #define ZT_FRAG_PART 1 /* a fragment: the first (offset 0, more to come) or a later one */
 #define ZT_FRAG_MORE 2 /* more fragments follow */
+#define ZT_FRAG_UNIT 8 /* bytes per unit of frag_offset */
 
 #define ZT_ICMP_ECHO_REQUEST 1
 #define ZT_ICMP_ECHO_REPLY 2
+
+/* ICMP for this address family: IPPROTO_ICMP or IPPROTO_ICMPV6. */
+static __always_inline __u8 icmp_proto(__u8 family)
+{
+	return family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
+}
 
 /* TCP/UDP header checks and ports. l4 is where the transport header starts; present is how
  * many bytes of it the IP length covers (never more than data_end allows). */
@@ -62,7 +89,7 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 			return ZT_REASON_TCP_TRUNCATED;
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
-		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_flags = ((__u8 *)th)[ZT_TCP_FLAGS_BYTE];
 		p->l4_len = th->doff * 4;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
@@ -71,16 +98,20 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 		p->sport = bpf_ntohs(uh->source);
 		p->dport = bpf_ntohs(uh->dest);
 		p->l4_len = sizeof(*uh);
-	} else if (p->proto == IPPROTO_ICMP || p->proto == ZT_PROTO_ICMPV6) {
+	} else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
 		/* Only conntrack reads this (an echo's id pairs a reply with its request); the
-		 * policy decides ICMP by protocol alone, so a short ICMP header is no error. */
-		__u8 *ic = l4;
-		if (present >= 8 && (void *)(ic + 8) <= data_end) {
-			p->l4_len = 8;
-			__u8 request = p->proto == IPPROTO_ICMP ? 8 : 128, reply = p->proto == IPPROTO_ICMP ? 0 : 129;
-			if (ic[0] == request || ic[0] == reply) {
-				p->icmp_echo = ic[0] == request ? ZT_ICMP_ECHO_REQUEST : ZT_ICMP_ECHO_REPLY;
-				p->icmp_id = ((__u16)ic[4] << 8) | ic[5];
+		 * policy decides ICMP by protocol alone, so a short ICMP header is no error. An
+		 * ICMPv6 echo has ICMP's layout (type, code, checksum, id, sequence). */
+		struct icmphdr *ic = l4;
+		if (present >= sizeof(*ic) && (void *)(ic + 1) <= data_end) {
+			__u8 type = ic->type;
+			__be16 id = ic->un.echo.id;   /* (read at once, while the verifier knows the bound) */
+			p->l4_len = sizeof(*ic);
+			__u8 request = p->proto == IPPROTO_ICMP ? ICMP_ECHO : ICMPV6_ECHO_REQUEST;
+			__u8 reply = p->proto == IPPROTO_ICMP ? ICMP_ECHOREPLY : ICMPV6_ECHO_REPLY;
+			if (type == request || type == reply) {
+				p->icmp_echo = type == request ? ZT_ICMP_ECHO_REQUEST : ZT_ICMP_ECHO_REPLY;
+				p->icmp_id = bpf_ntohs(id);
 			}
 		}
 	}
@@ -106,10 +137,10 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 	p->proto = iph->protocol;
 	p->src[0] = iph->saddr;
 	p->dst[0] = iph->daddr;
-	if (iph->frag_off & bpf_htons(0x3fff)) { /* more fragments, or an offset */
-		p->frag = ZT_FRAG_PART | (iph->frag_off & bpf_htons(0x2000) ? ZT_FRAG_MORE : 0);
+	if (iph->frag_off & bpf_htons(ZT_IP_MF | ZT_IP_OFFSET)) { /* more fragments, or an offset */
+		p->frag = ZT_FRAG_PART | (iph->frag_off & bpf_htons(ZT_IP_MF) ? ZT_FRAG_MORE : 0);
 		p->frag_id = iph->id;
-		p->frag_offset = bpf_ntohs(iph->frag_off) & 0x1fff;
+		p->frag_offset = bpf_ntohs(iph->frag_off) & ZT_IP_OFFSET;
 		if (p->frag_offset)
 			return ZT_REASON_IPV4_FRAGMENT;   /* no ports: conntrack may know its datagram */
 	}
@@ -120,8 +151,8 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 
 static __always_inline int is_ext_header(__u8 nh)
 {
-	return nh == ZT_NH_HOP || nh == ZT_NH_ROUTING || nh == ZT_NH_FRAGMENT ||
-	       nh == ZT_NH_AUTH || nh == ZT_NH_DSTOPTS;
+	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_FRAGMENT ||
+	       nh == IPPROTO_AH || nh == IPPROTO_DSTOPTS;
 }
 
 static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end)
@@ -144,31 +175,34 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 	for (int i = 0; i < ZT_MAX_EXT_HEADERS; i++) {
 		if (!is_ext_header(nh))
 			break;
-		__u32 size = 8;
-		__u8 *h = ip + (off & 0xffff);
-		if (nh != ZT_NH_FRAGMENT) {
-			if (end - off < 2 || (void *)(h + 2) > data_end)
+		__u32 size = sizeof(struct zt_ipv6_frag);
+		struct ipv6_opt_hdr *h = ip + (off & 0xffff);
+		if (nh != IPPROTO_FRAGMENT) {
+			if (end - off < sizeof(*h) || (void *)(h + 1) > data_end)
 				return ZT_REASON_IPV6_EXT_TRUNCATED;
-			size = nh == ZT_NH_AUTH ? ((__u32)h[1] + 2) * 4 : ((__u32)h[1] + 1) * 8;
+			/* hdrlen counts 4-byte words beyond the first two for AH (RFC 4302),
+			 * 8-byte units beyond the first for the others (RFC 8200) */
+			size = nh == IPPROTO_AH ? ((__u32)h->hdrlen + 2) * 4 : ((__u32)h->hdrlen + 1) * 8;
 		}
 		if (size > end - off)
 			return ZT_REASON_IPV6_EXT_TRUNCATED;
-		if (nh == ZT_NH_FRAGMENT) {
-			if ((void *)(h + 8) > data_end)
+		if (nh == IPPROTO_FRAGMENT) {
+			struct zt_ipv6_frag *fh = (void *)h;
+			if ((void *)(fh + 1) > data_end)
 				return ZT_REASON_IPV6_EXT_TRUNCATED;
-			__u16 fo = bpf_ntohs(*(__be16 *)(h + 2));
-			p->frag = ZT_FRAG_PART | (fo & 1 ? ZT_FRAG_MORE : 0);
-			p->frag_id = *(__u32 *)(h + 4);
-			p->frag_offset = fo >> 3;
+			__u16 fo = bpf_ntohs(fh->frag_off);
+			p->frag = ZT_FRAG_PART | (fo & ZT_IP6_MF ? ZT_FRAG_MORE : 0);
+			p->frag_id = fh->identification;
+			p->frag_offset = fo >> ZT_IP6_OFFSET_SHIFT;
 			if (p->frag_offset) { /* no ports: conntrack may know its datagram */
 				p->family = 6;
-				p->proto = h[0];
+				p->proto = fh->nexthdr;
 				__builtin_memcpy(p->src, &ip6->saddr, 16);
 				__builtin_memcpy(p->dst, &ip6->daddr, 16);
 				return ZT_REASON_IPV6_FRAGMENT;
 			}
 		}
-		nh = h[0];
+		nh = h->nexthdr;
 		off += size;
 	}
 	if (is_ext_header(nh))
@@ -225,6 +259,75 @@ static __always_inline int parse_eth(struct zt_pkt *p, void *data, void *data_en
 	if (type == bpf_htons(ETH_P_IPV6))
 		return parse_ip(p, cur, data_end, 6);
 	return ZT_REASON_NOT_IP;
+}
+
+#ifndef ZT_ETHERNET
+#define ZT_ETHERNET 0
+#endif
+
+/* A frame as this build's devices carry it: from the Ethernet header (ZT_ETHERNET=1) or from
+ * the IP header (tunnels). */
+static __always_inline int parse_frame(struct zt_pkt *p, void *data, void *data_end)
+{
+#if ZT_ETHERNET
+	return parse_eth(p, data, data_end);
+#else
+	return parse_ip(p, data, data_end, 0);
+#endif
+}
+
+/* An ICMP error (ICMP: destination unreachable, time exceeded, parameter problem; ICMPv6: the
+ * same and packet too big), parsed as `p`, quotes the start of the packet that caused it.
+ * 1 if it is such an error and the quote can be read: then `quoted` holds that packet's family,
+ * protocol, addresses and ports (TCP, UDP) or echo id (an echo request), as parse_l4 reads
+ * them; IPv4 options beyond 20 bytes are not followed. */
+static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct zt_pkt *p, void *data,
+					    void *data_end)
+{
+	struct icmphdr *ic = data + (p->l4_off & 0x3ff);   /* (l4_off < 1024: a bound for the verifier) */
+	void *q = ic + 1;   /* the quote follows the 8-byte header (ICMPv6's is as long) */
+	if (q + sizeof(struct iphdr) > data_end)   /* the shortest quote: an IPv4 header */
+		return 0;
+	__u32 hdr;
+	if (p->family == 4) {
+		struct iphdr *iph = q;
+		if (!(ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED ||
+		      ic->type == ICMP_PARAMETERPROB) || iph->version != 4)
+			return 0;
+		hdr = iph->ihl * 4;
+		quoted->proto = iph->protocol;
+		quoted->src[0] = iph->saddr;
+		quoted->dst[0] = iph->daddr;
+	} else {
+		struct ipv6hdr *ip6 = q;
+		if (ic->type < ICMPV6_DEST_UNREACH || ic->type > ICMPV6_PARAMPROB || ip6->version != 6 ||
+		    (void *)(ip6 + 1) > data_end)
+			return 0;
+		hdr = sizeof(*ip6);
+		quoted->proto = ip6->nexthdr;
+		__builtin_memcpy(quoted->src, &ip6->saddr, 16);
+		__builtin_memcpy(quoted->dst, &ip6->daddr, 16);
+	}
+	if (hdr < sizeof(struct iphdr) || hdr > sizeof(struct ipv6hdr))
+		return 0;
+	void *l4 = q + hdr;
+	if (l4 + sizeof(struct icmphdr) > data_end)   /* 8 bytes: ports, or an echo's id */
+		return 0;
+	quoted->family = p->family;
+	if (quoted->proto == IPPROTO_TCP || quoted->proto == IPPROTO_UDP) {
+		struct udphdr *ports = l4;   /* (TCP's ports are where UDP's are) */
+		quoted->sport = bpf_ntohs(ports->source);
+		quoted->dport = bpf_ntohs(ports->dest);
+		return 1;
+	}
+	struct icmphdr *echo = l4;
+	if (quoted->proto == icmp_proto(p->family) &&
+	    echo->type == (p->family == 4 ? ICMP_ECHO : ICMPV6_ECHO_REQUEST)) {
+		quoted->icmp_echo = ZT_ICMP_ECHO_REQUEST;
+		quoted->icmp_id = bpf_ntohs(echo->un.echo.id);
+		return 1;
+	}
+	return 0;
 }
 
 #endif

@@ -1,0 +1,171 @@
+/* Conntrack (zt_ct): every allowed packet's flow, by its 5-tuple as the device sent it (an
+ * ICMP echo's id stands in the source port). It lets the flow's replies back through the
+ * connector side, and it lets the flow's later packets through the ingress program with one
+ * lookup while nothing has changed (the epoch and the build are the ones that allowed it). */
+#ifndef ZT_CONNTRACK_H
+#define ZT_CONNTRACK_H
+
+#include "decision.h"
+#include "epoch.h"
+#include "events.h"
+#include "fcache.h"
+#include "fragments.h"
+#include "maps.h"
+#include "parse.h"
+
+static __always_inline void ct_key_of(struct zt_ct_key *key, const struct zt_pkt *p)
+{
+	__builtin_memcpy(key->src, p->src, 16);
+	__builtin_memcpy(key->dst, p->dst, 16);
+	key->sport = p->icmp_echo == ZT_ICMP_ECHO_REQUEST ? p->icmp_id : p->sport;
+	key->dport = p->dport;
+	key->family = p->family;
+	key->proto = p->proto;
+}
+
+/* Is the flow still alive at `now`? An expired entry is not honoured even before eviction. */
+static __always_inline int ct_alive(const struct zt_ct *ct, __u8 proto, __u64 now)
+{
+	__u64 s = ct->state == ZT_CT_CLOSING ? ZT_CT_TCP_CLOSING_SECONDS
+		  : proto == IPPROTO_TCP     ? ZT_CT_TCP_SECONDS
+		  : proto == IPPROTO_UDP     ? ZT_CT_UDP_SECONDS
+					     : ZT_CT_ICMP_SECONDS;
+	/* (Another CPU's clock reading may be a tick ahead of this one's: no subtraction.) */
+	return now < ct->seen_ns + s * ZT_NSEC_PER_SEC;
+}
+
+/* A packet of the flow went by (either way): it lives on; a FIN or RST starts its close. */
+static __always_inline void ct_touch(struct zt_ct *ct, const struct zt_pkt *p, __u64 now)
+{
+	if (ct->seen_ns != now) /* once a tick at most: no cache line written on every packet */
+		ct->seen_ns = now;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && ct->state == ZT_CT_OPEN)
+		ct->state = ZT_CT_CLOSING;
+}
+
+/* The established path: a TCP segment without SYN, a UDP datagram or an ICMP echo request of a
+ * live flow that this build allowed in this epoch is allowed again by that decision, and a
+ * killed flow's packet is dropped. One lookup: the flow cache's slot on this CPU, or zt_ct
+ * when the slot holds another flow or is due for its check (which refills it). A SYN (a new
+ * connection) and everything else is decided by the policy. Returns 1 when it decided. */
+static __always_inline int established(struct zt_decision *d, const struct zt_pkt *p, struct zt_cpu *cpu,
+				       __u64 bytes, int dry)
+{
+	if (p->proto == IPPROTO_TCP) {
+		if (p->tcp_flags & ZT_TCP_SYN)
+			return 0;
+	} else if (p->proto != IPPROTO_UDP && p->icmp_echo != ZT_ICMP_ECHO_REQUEST) {
+		return 0;
+	}
+	__u64 now = coarse_now(cpu);
+#if ZT_CT_FLOW_CACHE
+	__u64 tail = ct_key_tail(p);
+	__u32 i = fcache_index(p, tail);
+	struct zt_fslot *slot = zt_fcache.lookup(&i);
+	if (!slot)
+		return 0;
+	int holds = fcache_holds(slot, p, tail);
+	if (fcache_allows(slot, holds, p, d->epoch, now)) {
+		allow_as_before(d, slot->rule, slot->device, slot->ident);
+		if (!dry) {
+			slot->packets++;
+			slot->bytes += bytes;
+			cpu->ct_hits++;
+		}
+		return 1;
+	}
+#endif
+	struct zt_ct_key key = {};
+	ct_key_of(&key, p);
+	struct zt_ct *ct = zt_ct.lookup(&key);
+	if (!ct || !ct_alive(ct, p->proto, now))
+		return 0;
+	if (ct->state == ZT_CT_KILLED) {
+		d->device = ct->device;
+		d->ident = ct->ident;
+		d->verdict = ZT_VERDICT_BLOCK;
+		d->reason = ZT_REASON_KILLED;
+		return 1;
+	}
+	/* another epoch or build: decided again; a non-TCP flow due to be reported: reported */
+	__u64 report_ns = p->proto == IPPROTO_TCP ? ~0ULL : ct->event_ns + ZT_FLOW_EVENT_NS;
+	if (!same_policy(ct->epoch, d->epoch) || ct->build != ZT_BUILD || now >= report_ns)
+		return 0;
+	allow_as_before(d, ct->rule, ct->device, ct->ident);
+	if (dry)
+		return 1;
+	ct_touch(ct, p, now);
+	ct->packets++;
+	ct->bytes += bytes;
+	cpu->ct_hits++;
+	frag_track(p, d->epoch, now);
+#if ZT_CT_FLOW_CACHE
+	fcache_fill(slot, holds, &key, ct, d->epoch, now, report_ns);
+#endif
+	return 1;
+}
+
+/* A packet the policy allowed writes its flow's entry: created, or brought up to this decision.
+ * A new flow is reported (an event): a TCP flow at its SYN (without ACK), any other when zt_ct
+ * did not hold it, its last report is older than ZT_FLOW_EVENT_NS, or another build or rule
+ * decided it. (A drop writes nothing: the way back of a flow the policy no longer
+ * allows closes on the connector side, which decides it again when the epoch has moved.) */
+static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
+				     __u64 bytes, __u64 now)
+{
+	struct zt_ct_key key = {};
+	ct_key_of(&key, p);
+	struct zt_ct *ct = zt_ct.lookup(&key);
+	int syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
+	/* A killed flow stays killed (this packet raced the kill: it passes, as one in flight
+	 * would, but revives nothing) unless its tuple opens a new connection (a SYN). */
+	if (ct && ct->state == ZT_CT_KILLED && !syn && ct_alive(ct, p->proto, now))
+		return;
+	/* an entry that timed out, or a killed flow's tuple opened again, starts anew */
+	if (ct && (!ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED)) {
+		zt_ct.delete(&key);
+		ct = NULL;
+	}
+	frag_track(p, d->epoch, now);
+	int new_flow;
+	if (p->proto == IPPROTO_TCP)
+		new_flow = syn;
+	else
+		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != ZT_BUILD ||
+			   ct->rule != d->rule;
+	if (new_flow)   /* (reported before the entry is written: the other order made a new flow's
+			 * first packet ~70 ns slower, scripts/bench --against-source) */
+		event(cpu, d, p, bytes, now);
+	if (!ct) {
+		struct zt_ct flow = {.seen_ns = now,
+				     .created_ns = now,
+				     .epoch = d->epoch,
+				     .packets = 1,
+				     .bytes = bytes,
+				     .build = ZT_BUILD,
+				     .rule = d->rule,
+				     .device = d->device,
+				     .ident = d->ident};
+		/* (An event the limiter held back is counted as lost, and the flow's next report is
+		 * a window later: under a flood, unreported flows must not keep their packets off
+		 * the established path.) */
+		flow.event_ns = now;
+		ct_touch(&flow, p, now);
+		zt_ct.update(&key, &flow);
+		return;
+	}
+	ct_touch(ct, p, now);
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & ZT_TCP_SYN))
+		ct->state = ZT_CT_OPEN;   /* the tuple's new connection */
+	ct->packets++;
+	ct->bytes += bytes;
+	if (p->proto != IPPROTO_TCP && new_flow)
+		ct->event_ns = now;   /* (two CPUs may both report a flow: no harm) */
+	ct->epoch = d->epoch;
+	ct->build = ZT_BUILD;
+	ct->rule = d->rule;
+	ct->device = d->device;
+	ct->ident = d->ident;
+}
+
+#endif

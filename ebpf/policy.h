@@ -1,0 +1,162 @@
+/* The policy's decision: source -> identity, destination -> class -> service -> the first
+ * candidate rule whose conditions hold. A fixed number of array lookups; no loop over rules,
+ * users or devices (README.md, "The path of a packet"). */
+#ifndef ZT_POLICY_H
+#define ZT_POLICY_H
+
+#include "decision.h"
+#include "maps.h"
+#include "parse.h"
+
+#define ZT_POOL_MASK ((1U << ZT_POOL_BITS) - 1)
+
+/* 1. Tunnel address -> identity. Pool addresses index an array; others probe a hash. */
+static __always_inline struct zt_src *identify(__u8 family, const __u32 *addr)
+{
+	__u32 idx;
+	if (family == 4) {
+		__u32 a = bpf_ntohl(addr[0]);
+		if ((a >> ZT_POOL_BITS) == (ZT_POOL4_BASE >> ZT_POOL_BITS)) {
+			idx = a & ZT_POOL_MASK;
+			return zt_pool4.lookup(&idx);
+		}
+	} else {
+		__u32 a = bpf_ntohl(addr[3]);
+		if (addr[0] == bpf_htonl(ZT_POOL6_BASE_0) && addr[1] == bpf_htonl(ZT_POOL6_BASE_1) &&
+		    addr[2] == bpf_htonl(ZT_POOL6_BASE_2) &&
+		    (a >> ZT_POOL_BITS) == (ZT_POOL6_BASE_3 >> ZT_POOL_BITS)) {
+			idx = a & ZT_POOL_MASK;
+			return zt_pool6.lookup(&idx);
+		}
+	}
+	struct zt_src_key key = {.family = family};
+	if (family == 4)
+		__builtin_memcpy(&key.addr[12], &addr[0], 4);
+	else
+		__builtin_memcpy(key.addr, addr, 16);
+	return zt_src_hash.lookup(&key);
+}
+
+/* 2. Destination -> class: a 16-8-8 trie for IPv4, 16-8-...-8 for IPv6. Returns -1 on an
+ * inconsistent table (fail closed). */
+static __always_inline __s64 dst_class(const struct zt_pkt *p)
+{
+	const __u8 *b = (const __u8 *)p->dst;
+	__u32 key = (p->family == 4 ? ZT_V4_TOP : ZT_V6_TOP) + b[0];
+	struct zt_node *node = zt_nodes.lookup(&key);
+	if (!node)
+		return -1;
+	__u32 e = node->slot[b[1]];
+	int last = p->family == 4 ? 4 : 16;
+#pragma unroll
+	for (int i = 2; i < 16; i++) {
+		if (!(e & ZT_NODE_FLAG) || i >= last)
+			break;
+		key = e & ~ZT_NODE_FLAG;
+		node = zt_nodes.lookup(&key);
+		if (!node)
+			return -1;
+		e = node->slot[b[i]];
+	}
+	if (e & ZT_NODE_FLAG)
+		return -1;
+	return e;
+}
+
+/* 3. The service for (class, protocol, destination port): a fixed-step binary search over
+ * the class's sorted port ranges. */
+static __always_inline __s64 service_of(const struct zt_pkt *p, __u32 cid)
+{
+	struct zt_class *cls = zt_classes.lookup(&cid);
+	if (!cls)
+		return -1;
+	__u32 table;
+	if (p->proto == IPPROTO_TCP)
+		table = cls->ports[0];
+	else if (p->proto == IPPROTO_UDP)
+		table = cls->ports[1];
+	else if (p->proto == icmp_proto(p->family))
+		return cls->svc_icmp;
+	else
+		return cls->svc_other;
+	struct zt_ports *pt = zt_port_tables.lookup(&table);
+	if (!pt)
+		return -1;
+	__u32 i = 0, port = p->dport;
+#pragma unroll
+	for (__u32 step = ZT_PORT_SLOTS / 2; step > 0; step >>= 1) {
+		if (pt->lo[(i + step) & (ZT_PORT_SLOTS - 1)] <= port)
+			i += step;
+	}
+	return pt->svc[i & (ZT_PORT_SLOTS - 1)];
+}
+
+/* nwords is a power of two (dataplane/layout.py): the mask is the bound the verifier needs,
+ * which clang's rewrite of (bit >> 6) * 8 would otherwise lose. */
+static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
+{
+	__u32 w = bit >> 6;
+	if (w >= nwords)
+		return 0;
+	return (words[w & (nwords - 1)] >> (bit & 63)) & 1;
+}
+
+/* 4. Walk the service's candidates: the first whose conditions hold decides. */
+static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
+				const struct zt_ident *who)
+{
+	struct zt_svc *svc = zt_services.lookup(&svc_id);
+	if (!svc)
+		return -1;
+	struct zt_sport *sp = NULL;
+	for (int i = 0; i < ZT_MAX_CANDS; i++) {
+		struct zt_cand c = svc->c[i];
+		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
+			continue;
+		if (c.sport) {
+			if (!sp) {
+				__u32 port = p->sport;
+				sp = zt_sport.lookup(&port);
+				if (!sp)
+					return -1;
+			}
+			if (!bit_set(sp->w, ZT_SPORT_WORDS, c.sport))
+				continue;
+		}
+		d->rule = c.rule;
+		d->verdict = c.action;
+		d->reason = c.rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
+		return 0;
+	}
+	return -1; /* the compiler always ends a list with an unconditional entry */
+}
+
+/* The policy's decision for a parsed packet: its source's identity (none: unknown source), then
+ * the first candidate of its (destination class, protocol, port) that holds for it. Tables that
+ * lead nowhere fail closed (internal). */
+static __always_inline void decide(struct zt_decision *d, const struct zt_pkt *p)
+{
+	struct zt_src *entry = identify(p->family, p->src);
+	/* One 8-byte load: userspace rewrites a live entry with one aligned 8-byte store
+	 * (Program.set_sources), so ident and device are always read from the same write. Map
+	 * values are 8-byte aligned. */
+	__u64 both = entry ? *(const __u64 *)entry : 0;
+	struct zt_src src = {.ident = (__u32)both, .device = (__u32)(both >> 32)};
+	if (!src.ident) {
+		d->verdict = ZT_VERDICT_UNKNOWN;
+		d->reason = ZT_REASON_UNKNOWN_SOURCE;
+		return;
+	}
+	d->device = src.device;
+	d->ident = src.ident;
+	__u32 ident = src.ident;
+	struct zt_ident *who = zt_idents.lookup(&ident);
+	__s64 cid = dst_class(p);
+	__s64 svc = cid < 0 ? -1 : service_of(p, cid);
+	if (who && svc >= 0 && walk(d, p, svc, who) == 0)
+		return;
+	d->verdict = ZT_VERDICT_BLOCK;
+	d->reason = ZT_REASON_INTERNAL;
+}
+
+#endif
