@@ -86,6 +86,9 @@ def probe(vm: str, proto: str, dst: str, port) -> bool:
     """One exchange from VM: did the answer come back?"""
     if proto == "icmp":
         return on(vm, f"ping -c 1 -W 3 {dst}", check=False).returncode == 0
+    if port == 8080:     # the web page (the other services greet first: lab.client)
+        r = on(vm, f"curl -sf --max-time 3 http://{dst}:8080/", check=False)
+        return r.returncode == 0 and r.stdout.startswith(f"ztgate lab app {dst}:8080, you are ")
     return on(vm, f"{CLIENT} {proto} {dst} {port} --timeout 3", check=False).returncode == 0
 
 
@@ -203,7 +206,7 @@ def rule_add_takes_effect():
 @check
 def device_disable_cuts_open_connection():
     """`device disable` cuts an open TCP connection; `device enable` lets the device back."""
-    on("alice", f"({CLIENT} hold {APP} 22 --every 0.5 --seconds 40 > /tmp/hold.log 2>&1; echo exit $? >> /tmp/hold.log) "
+    on("alice", f"({CLIENT} hold {APP} 22 --every 1 --seconds 40 > /tmp/hold.log 2>&1; echo exit $? >> /tmp/hold.log) "
                 ">/dev/null 2>&1 &")
     wait("alice's open connection answering", lambda: on("alice", "grep -c answered /tmp/hold.log", check=False)
          .stdout.strip() not in ("", "0", "1", "2"), timeout=30)
@@ -216,11 +219,13 @@ def device_disable_cuts_open_connection():
     log = on("alice", "cat /tmp/hold.log").stdout.splitlines()
     marks = [("A" if "answered" in line else "N") for line in log if "echo " in line]
     seq = "".join(marks)
-    must("A" in seq and "N" in seq, f"hold log: {seq}")
-    must("A" not in seq[seq.index("N"):], f"the connection answered again after it was cut: {seq}")
-    must(seq.count("N") >= 5, f"too few unanswered echoes after disable: {seq}")
+    # Under TCG an echo now and then comes late (counted unanswered): what matters is that the
+    # connection answered, then never again after the disable, until the hold ended.
+    answered, cut = seq.rstrip("N"), len(seq) - len(seq.rstrip("N"))
+    must(answered.count("A") >= 3, f"control: the connection hardly answered before the disable: {seq}")
+    must(cut >= 10, f"the connection was not cut (or answered again) after device disable: {seq}")
     back = wait("alice back after device enable", lambda: probe("alice", "tcp", APP, 22), timeout=30)
-    return (f"echoes on one connection: {seq.count('A')} answered, then {seq.count('N')} unanswered after "
+    return (f"echoes on one connection: {answered.count('A')} answered, then {cut} unanswered after "
             f"device disable; alice back after enable: {back} ({time.monotonic() - disabled:.0f} s after disable)")
 
 
