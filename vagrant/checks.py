@@ -321,6 +321,9 @@ def gateway_reboot():
     after = {"policy": zt_json("policy", "show"), "devices": sorted(d["name"] for d in zt_json("device", "list")),
              "generation": zt_json("status")["generation"]}
     must(before == after, f"the state after the reboot differs: {before} -> {after}")
+    st = zt_json("status")
+    must(st.get("attach_mode") in ("generic", "native") and st.get("program_id"),
+         f"no program attached after the reboot: {st}")
     from_bob, from_alice = count_on_app("/tmp/reboot.pcap", bob), count_on_app("/tmp/reboot.pcap", alice)
     must(from_alice > 0, "control: none of alice's allowed datagrams reached the app")
     must(from_bob == 0, f"{from_bob} of bob's forbidden datagrams reached the app during the reboot")
