@@ -51,8 +51,8 @@ if [ -n "${changed:-}" ]; then
         networkctl reconfigure "$ifname"
     done
 fi
-# Forwarding stays off everywhere but where ztgate turns it on.
-sysctl -qw net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0
+# Forwarding stays off (Debian's default) everywhere but where ztgate turns it on, per
+# interface; provisioning must not write net.ipv4.ip_forward, which would reset those too.
 
 # Kernel WireGuard in every VM.
 modprobe wireguard
