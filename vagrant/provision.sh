@@ -72,7 +72,6 @@ setup_project() {
         export PIP_NO_INDEX=1 PIP_FIND_LINKS=$WHEELS
     fi
     "$SRC/scripts/setup"
-    ln -sfn "$SRC/.venv/bin/ztgate" /usr/local/bin/ztgate
     mkdir -p /etc/ztgate
 }
 
