@@ -21,10 +21,11 @@ from typing import Optional
 import numpy as np
 
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.mirrors import CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, PORT_END, V4_TOP, V6_TOP
+from dataplane.mirrors import FIRST_CHILD_NODE, NODE_FLAG, V4_TOP, V6_TOP
 
 from .errors import InputError
 from .model import Address, Device, Identities, Policy, Rule, User
+from .port_tables import build_services, rule_facts
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
 ACTION_CODE = {"allow": 0, "block": 1}   # == enum zt_verdict
@@ -80,13 +81,8 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
     classes = _Interner()   # a destination class: the rules (ids) whose destination holds it
     node_rows = _destination_nodes(rules, classes)
 
-    class_rows = np.zeros(len(classes.values), CLASS)
-    for cid, rids in enumerate(classes.values):
-        class_rows[cid]["ports"] = (cands.port_table(rids, "tcp"), cands.port_table(rids, "udp"))
-        class_rows[cid]["svc_icmp"] = cands.service([r for r in rids if "icmp" in cands.rid_protos[r]])
-        class_rows[cid]["svc_other"] = cands.service([r for r in rids if "other" in cands.rid_protos[r]])
-    pt, port_slots = _pack_port_tables(cands.port_tables.values)
-    svc_rows, max_cands = _pack_services(cands.services.values)
+    facts = rule_facts(rules, cands.rid_who, cands.rid_sport, cands.rid_action, cands.rid_protos, cands.default)
+    svc = build_services(facts, classes.values)
 
     # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
     sources = Sources(policy, identities, cands.who_tokens.values, base)
@@ -97,16 +93,16 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
     need = replace(
         base,
         max_rules=len(rules) + 1, max_nodes=len(node_rows), max_classes=len(classes.values),
-        max_port_tables=len(cands.port_tables.values), port_slots=port_slots,
-        max_services=len(cands.services.values), max_cands=max_cands, max_idents=len(ident_rows),
+        max_port_tables=len(svc.port_tables), port_slots=svc.port_slots,
+        max_services=len(svc.services), max_cands=svc.max_cands, max_idents=len(ident_rows),
         who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
     )
     return Tables(
         need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
-        nodes=np.stack(node_rows), classes=class_rows, port_tables=pt, services=svc_rows,
+        nodes=np.stack(node_rows), classes=svc.classes, port_tables=svc.port_tables, services=svc.services,
         idents=ident_rows, sport=sport, sources=sources,
         stats={"rules": len(rules), "who_tokens": len(cands.who_tokens.values), "classes": len(classes.values),
-               "services": len(cands.services.values), "port_tables": len(cands.port_tables.values),
+               "services": len(svc.services), "port_tables": len(svc.port_tables),
                "nodes": len(node_rows), "idents": len(ident_rows) - 1},
     )
 
@@ -114,7 +110,8 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
 class _Candidates:
     """Per rule id (1-based; 0: the default action): its who-token (principals and source
     prefixes, a property of the source address), its source-port set, its action and the
-    protocol classes it can match; and the services and port tables built from them."""
+    protocol classes it can match. control/port_tables.py builds the services and port
+    tables from them."""
 
     def __init__(self, rules: list, default: int):
         self.rules, self.default = rules, default
@@ -131,49 +128,6 @@ class _Candidates:
             self.rid_protos.append(frozenset(protos))
         if len(self.who_tokens.values) >= U16_MAX or len(self.sport_sets.values) >= U16_MAX:
             raise InputError("policy: more than 65534 distinct principal or source-port conditions")
-        self.services, self.services_cache = _Interner(), {}
-        self.port_tables, self.port_cache = _Interner(), {}
-
-    def service(self, rids) -> int:
-        """The candidate list for these matching rules (ascending ids = precedence order)."""
-        key = tuple(rids)
-        got = self.services_cache.get(key)
-        if got is None:
-            cands = []
-            for rid in key:
-                cands.append((rid, self.rid_who[rid], self.rid_sport[rid], self.rid_action[rid]))
-                if not self.rid_who[rid] and not self.rid_sport[rid]:
-                    break
-            else:
-                cands.append((0, 0, 0, self.default))
-            got = self.services_cache[key] = self.services(tuple(cands))
-        return got
-
-    def port_table(self, rids, proto: str) -> int:
-        key = tuple(r for r in rids if proto in self.rid_protos[r])
-        got = self.port_cache.get(key)
-        if got is None:
-            events = defaultdict(list)
-            for rid in key:
-                for lo, hi in (self.rules[rid - 1].dst_ports or ((0, 65535),)):
-                    events[lo].append((rid, 1))
-                    events[hi + 1].append((rid, -1))
-            count: Counter = Counter()
-            table = []
-            for pos in sorted(events):
-                if pos > 65535:
-                    break
-                for rid, d in events[pos]:
-                    count[rid] += d
-                    if not count[rid]:
-                        del count[rid]
-                svc = self.service(sorted(count))
-                if not table or table[-1][1] != svc:
-                    table.append((pos, svc))
-            if not table or table[0][0] != 0:
-                table.insert(0, (0, self.service(())))
-            got = self.port_cache[key] = self.port_tables(tuple(table))
-        return got
 
 
 def _destination_nodes(rules: list, classes: _Interner) -> list[np.ndarray]:
@@ -186,26 +140,6 @@ def _destination_nodes(rules: list, classes: _Interner) -> list[np.ndarray]:
         for i in range(256):
             node_rows[top + i] = top_view[i * 256:(i + 1) * 256]
     return node_rows
-
-
-def _pack_port_tables(tables: list) -> tuple[np.ndarray, int]:
-    port_slots = max(8, 1 << (max(len(t) for t in tables) - 1).bit_length())
-    pt = np.full((len(tables), 2, port_slots), PORT_END, np.uint32)
-    pt[:, 1, :] = 0
-    for i, table in enumerate(tables):
-        lo, svc = zip(*table)
-        pt[i, 0, :len(lo)] = lo
-        pt[i, 1, :len(svc)] = svc
-    return pt, port_slots
-
-
-def _pack_services(services: list) -> tuple[np.ndarray, int]:
-    max_cands = max(len(c) for c in services)
-    svc_rows = np.zeros((len(services), max_cands), CAND)
-    for i, cands in enumerate(services):
-        for j, c in enumerate(cands):
-            svc_rows[i, j] = c + (0,)
-    return svc_rows, max_cands
 
 
 def _sport_bitmap(sport_sets: list) -> tuple[np.ndarray, int]:
