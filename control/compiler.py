@@ -52,7 +52,8 @@ class Tables:
 
 
 def _interval(net) -> tuple[int, int]:
-    return int(net.network_address), int(net.broadcast_address)
+    lo = int(net.network_address)     # (broadcast_address is a slow cached property)
+    return lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 class _Interner:
@@ -164,8 +165,8 @@ def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
                 lo, hi = _interval(net)
                 events[lo].append((rid, exc, 1))
                 events[hi + 1].append((rid, exc, -1))
-    cover: Counter = Counter()
-    excluded: Counter = Counter()
+    cover: dict[int, int] = {}
+    excluded: dict[int, int] = {}
     members: set[int] = set()
     bounds, cls = [0], [class_of(())]
     end = 1 << span
@@ -173,8 +174,9 @@ def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
         if pos >= end:
             break
         for rid, exc, d in events[pos]:
-            (excluded if exc else cover)[rid] += d
-            if cover[rid] > 0 and excluded[rid] == 0:
+            counts = excluded if exc else cover
+            counts[rid] = counts.get(rid, 0) + d
+            if cover.get(rid, 0) > 0 and not excluded.get(rid, 0):
                 members.add(rid)
             else:
                 members.discard(rid)
@@ -217,11 +219,14 @@ def _fill(view: np.ndarray, base: int, span: int, stride: int, j: int, bounds, c
 def choose_pools(identities: Identities) -> Layout:
     """Pools for a one-off compile (the probes): the 2^20-address blocks holding most devices."""
     best = Layout()
+    blocks: dict[int, Counter] = {4: Counter(), 6: Counter()}
+    for d in identities.devices:
+        if d.enabled:
+            for a in d.addresses:
+                blocks[a.version][int(a) >> POOL_BITS] += 1
     for version, attr in ((4, "pool4_base"), (6, "pool6_base")):
-        blocks = Counter(int(a) >> POOL_BITS << POOL_BITS
-                         for d in identities.devices if d.enabled for a in d.addresses if a.version == version)
-        if blocks:
-            best = replace(best, **{attr: blocks.most_common(1)[0][0]})
+        if blocks[version]:
+            best = replace(best, **{attr: blocks[version].most_common(1)[0][0] << POOL_BITS})
     return best
 
 
@@ -251,13 +256,18 @@ class Sources:
         for g, members in policy.groups.items():
             for email in members:
                 self.local_groups[email].add(g)
+        self.group_bits = {name: bits for (kind, name), bits in self.by_principal.items() if kind == "group"}
         self.idents = _Interner(first=1)                 # who-bits -> identity class id
         self.device_ids = {d.name: i for i, d in enumerate(identities.devices, start=1)}
 
     def user_bits(self, user: User) -> int:
-        bits = self.by_principal.get(("user", user.key), 0)
-        for g in set(user.groups) | self.local_groups.get(user.key, set()):
-            bits |= self.by_principal.get(("group", g), 0)
+        key = user.key
+        bits = self.by_principal.get(("user", key), 0)
+        group_bits = self.group_bits
+        for g in user.groups:
+            bits |= group_bits.get(g, 0)
+        for g in self.local_groups.get(key, ()):
+            bits |= group_bits.get(g, 0)
         return bits
 
     def _bits(self, user_bits: int, device: Device, src_ok: int) -> int:
@@ -273,14 +283,29 @@ class Sources:
             src_hash[(addr.version, addr.packed.rjust(16, b"\0"))] = entry
 
     def all_entries(self, identities: Identities):
-        """Every enabled device's addresses, swept in one pass (the full compile)."""
+        """Every enabled device's addresses, swept in one pass (the full compile). The same
+        as place() and _bits() address by address, with the per-device work done once."""
         user_bits = {u.key: self.user_bits(u) for u in identities.users}
-        addresses = [(a, d) for d in identities.devices if d.enabled for a in d.addresses]
-        src_ok = _source_bits([a for a, _ in addresses], self.src_nets) if self.src_conditional else {}
+        devices = [d for d in identities.devices if d.enabled]
+        src_ok = _source_bits([a for d in devices for a in d.addresses], self.src_nets) if self.src_conditional else {}
         pool4, pool6, src_hash = {}, {}, {}
-        for addr, d in addresses:
-            ident = self.idents(self._bits(user_bits[d.user], d, src_ok.get(addr, 0)))
-            self.place(addr, (ident, self.device_ids[d.name]), pool4, pool6, src_hash)
+        pools = {4: (pool4, self.layout.pool4_base), 6: (pool6, self.layout.pool6_base)}
+        ids, values, by_principal, any_bits, cond = self.idents.ids, self.idents.values, self.by_principal, \
+            self.any_principal, self.src_conditional
+        for d in devices:
+            bits = user_bits[d.user] | by_principal.get(("device", d.name), 0) | any_bits
+            device = self.device_ids[d.name]
+            for addr in d.addresses:
+                mine = bits & ~(cond & ~src_ok.get(addr, 0)) if cond else bits
+                ident = ids.get(mine)
+                if ident is None:                       # (the _Interner's call, inlined)
+                    ident = ids[mine] = len(values) + 1
+                    values.append(mine)
+                pool, base = pools[addr.version]
+                if int(addr) >> POOL_BITS << POOL_BITS == base:
+                    pool[int(addr) - base] = (ident, device)
+                else:
+                    src_hash[(addr.version, addr.packed.rjust(16, b"\0"))] = (ident, device)
         return pool4, pool6, src_hash
 
     def entries(self, identities: Identities, devices: list[Device]) -> list[tuple[Address, int, int]]:
