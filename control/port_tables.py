@@ -175,13 +175,9 @@ class _Sweep:
     pair_b: np.ndarray           # (boundary, rule) pairs kept after the cut at the first
     pair_rid: np.ndarray         #   unconditional rule
 
-    @property
-    def key_of_b(self) -> np.ndarray:
-        return (self.bounds >> 16).astype(IDX)
-
-    @property
-    def port_of_b(self) -> np.ndarray:
-        return (self.bounds & 0xFFFF).astype(IDX)
+    def __post_init__(self):
+        self.key_of_b = (self.bounds >> 16).astype(IDX)
+        self.port_of_b = (self.bounds & 0xFFFF).astype(IDX)
 
 
 def _sweep(keys: _PortKeys, facts: RuleFacts) -> _Sweep:
@@ -213,7 +209,9 @@ class _Rows:
 
     def __init__(self, sweep: _Sweep, keys: _PortKeys, facts: RuleFacts, ptr: np.ndarray, flat: np.ndarray):
         n_b = len(sweep.bounds)
-        order = [keys.calls[sweep.key_of_b] << ORDER_SHIFT | sweep.port_of_b]
+        order = [np.take(keys.calls, sweep.key_of_b)]
+        order[0] <<= ORDER_SHIFT
+        order[0] |= sweep.port_of_b
         self.leading = _leading_keys(sweep, len(keys.calls))
         order.append(keys.calls[self.leading] << ORDER_SHIFT | PORTS)
         self.icmp_first = n_b + len(self.leading)
@@ -249,25 +247,17 @@ def _intern(rows: _Rows) -> tuple[np.ndarray, "_Lists"]:
     and sum when three or fewer, else sorted), longer ones by a dict."""
     n = len(rows.order)
     row, rid = rows.pair_row, rows.pair_rid
-    count = np.bincount(row, minlength=n)
+    count = np.bincount(row, minlength=n).astype(IDX)
     low = np.full(n, NO_RULE, IDX)
     np.minimum.at(low, row, rid)
-    high = np.zeros(n, IDX)
-    np.maximum.at(high, row, rid)
-    label = np.where(count == 1, low, 0).astype(np.int64)
-    words = np.zeros(n, np.uint64)
-    size = count[row]
-    three = size == 3
-    middle = np.zeros(n, IDX)                        # a three-rule row's: its sum less both ends
-    np.add.at(middle, row[three], rid[three])
-    for k, parts in ((2, (low, high)), (3, (low, middle - low - high, high))):
-        at = np.flatnonzero(count == k)
-        for i, part in enumerate(parts):
-            words[at] |= part[at].astype(np.uint64) << np.uint64(48 - 16 * i)
+    label = np.where(count == 1, low, 0)
+    packed = np.flatnonzero((count >= 2) & (count <= 4))      # rows whose lists fit a word
+    words = _words(rows, count, low, packed)
+    size = np.take(count, row)
     sel = size >= 4
-    long_rows, long_labels, long_lists = _sorted_lists(np.sort(row[sel].astype(np.int64) << 16 | rid[sel]), count, words)
-    packed = np.flatnonzero((count >= 2) & (count <= 4))
-    codes, inverse = _factorize(words[packed])
+    long_rows, long_labels, long_lists = _sorted_lists(np.sort(row[sel].astype(np.int64) << 16 | rid[sel]),
+                                                       count, words, packed)
+    codes, inverse = _factorize(words)
     label[packed] = PORTS + inverse
     label[long_rows] = PORTS + len(codes) + long_labels
     first = np.full(PORTS + len(codes) + len(long_lists), np.iinfo(np.int64).max)
@@ -279,16 +269,36 @@ def _intern(rows: _Rows) -> tuple[np.ndarray, "_Lists"]:
     return svc_of_label[label], _Lists(used, codes, long_lists)
 
 
-def _sorted_lists(pairs: np.ndarray, count: np.ndarray, words: np.ndarray):
+def _words(rows: _Rows, count: np.ndarray, low: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """The lists of the rows `packed` with two or three rules, their rule ids in a word
+    (16 bits each from the top): the smallest, the sum less both ends, the largest."""
+    n = len(count)
+    high = np.zeros(n, IDX)
+    np.maximum.at(high, rows.pair_row, rows.pair_rid)
+    three = np.take(count, rows.pair_row) == 3
+    middle = np.zeros(n, IDX)
+    np.add.at(middle, rows.pair_row[three], rows.pair_rid[three])
+    c, lo, hi, mid = count[packed], low[packed].astype(np.uint64), high[packed].astype(np.uint64), \
+        (middle[packed] - low[packed] - high[packed]).astype(np.uint64)
+    words = lo << np.uint64(48)
+    words |= np.where(c == 2, hi, mid) << np.uint64(32)
+    words |= np.where(c == 3, hi, 0).astype(np.uint64) << np.uint64(16)
+    return words
+
+
+def _sorted_lists(pairs: np.ndarray, count: np.ndarray, words: np.ndarray, packed: np.ndarray):
     """From the sorted (row << 16 | rule) of the rows with four rules or more: pack the
-    four-rule ones into `words`; the longer ones' rows, their labels and the distinct lists."""
+    four-rule ones into `words` (one per row of `packed`); the longer ones' rows, their
+    labels and the distinct lists."""
     p_row, p_rid = pairs >> 16, pairs & 0xFFFF
     new = np.concatenate(([True], p_row[1:] != p_row[:-1])) if len(pairs) else np.zeros(0, bool)
     index = np.arange(len(pairs))
     place = index - np.maximum.accumulate(np.where(new, index, 0))
     four = count[p_row] == 4
     shift = (np.uint64(48) - np.uint64(16) * place[four].astype(np.uint64))
-    np.bitwise_or.at(words, p_row[four], p_rid[four].astype(np.uint64) << shift)
+    four_rows = np.searchsorted(packed, p_row[four])
+    words[four_rows] = 0                         # (the two-three formula wrote nonsense there)
+    np.bitwise_or.at(words, four_rows, p_rid[four].astype(np.uint64) << shift)
     rows_l, rids_l = p_row[~four].tolist(), p_rid[~four].tolist()
     bounds = np.flatnonzero(new[~four]).tolist() + [len(rows_l)]
     ids: dict[tuple, int] = {}
@@ -363,15 +373,15 @@ def _port_tables(sweep: _Sweep, n_keys: int, rows: _Rows, row_svc: np.ndarray):
         got = table_of_key[k] = ids.setdefault(entries[bounds[k]:bounds[k + 1]].tobytes(), len(ids))
         if got == len(firsts):
             firsts.append(k)
-    longest = int(np.diff(key_ptr)[firsts].max())
+    longest = int(np.diff(key_ptr).max())
     port_slots = max(8, 1 << (longest - 1).bit_length())
     pt = np.full((len(firsts), 2, port_slots), PORT_END, np.uint32)
     pt[:, 1, :] = 0
-    is_first = np.zeros(n_keys, bool)
-    is_first[firsts] = True
-    mine = np.flatnonzero(is_first[ent_key])
-    at = table_of_key[ent_key[mine]] * (2 * port_slots) + (mine - key_ptr[ent_key[mine]])
+    # Every key's entries to its table's row (a repeated table's are the same: written twice).
+    at = np.take(table_of_key.astype(IDX) * IDX(2 * port_slots) - key_ptr[:-1].astype(IDX), ent_key)
+    at += np.arange(len(ent_key), dtype=IDX)
     flat = pt.reshape(-1)
-    flat[at] = entries[mine, 0]
-    flat[at + port_slots] = entries[mine, 1]
+    flat[at] = entries[:, 0]
+    at += port_slots
+    flat[at] = entries[:, 1]
     return table_of_key, pt, port_slots
