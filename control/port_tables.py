@@ -26,6 +26,7 @@ PROTO_BITS = {"tcp": 1, "udp": 2, "icmp": 4, "other": 8}
 PORTS = 1 << 16
 NO_RULE = 0xFFFF             # above every rule id (a policy holds fewer than 65535 rules)
 ORDER_SHIFT = 17             # a row's place in the calls: call index << 17 | port (65536: after the sweep)
+SWEEP_KEYS = 1024           # port-table keys swept per pass (see _sweep)
 IDX = np.int32               # rule ids, ports and element indexes: half the memory of int64 (and so faster)
 
 
@@ -181,25 +182,62 @@ class _Sweep:
 
 
 def _sweep(keys: _PortKeys, facts: RuleFacts) -> _Sweep:
-    """Every key's boundaries and, at each, the rules its service lists."""
-    member_key, member = _runs(keys.starts, keys.lengths)
+    """Every key's boundaries and, at each, the rules its service lists: SWEEP_KEYS keys at a
+    time, so that each pass's arrays stay in the caches and reuse the last pass's memory (on
+    this host, fresh pages cost as much as the arithmetic)."""
+    wide = np.uint32 if len(keys.calls) < NO_RULE else np.int64    # room for (key + 1) << 16
+    parts = [_sweep_keys(keys, facts, k, min(k + SWEEP_KEYS, len(keys.calls)), wide)
+             for k in range(0, len(keys.calls), SWEEP_KEYS)]
+    offsets = np.cumsum([0] + [len(bounds) for bounds, _, _ in parts])
+    bounds = np.concatenate([bounds for bounds, _, _ in parts])
+    pair_b = np.concatenate([pair_b + IDX(offset) for (_, pair_b, _), offset in zip(parts, offsets)])
+    pair_rid = np.concatenate([pair_rid for _, _, pair_rid in parts])
+    key_first = np.searchsorted(bounds, np.arange(len(keys.calls) + 1).astype(wide) << wide(16))
+    return _Sweep(bounds, key_first, pair_b, pair_rid)
+
+
+def _sweep_keys(keys: _PortKeys, facts: RuleFacts, k0: int, k1: int, wide):
+    """The sweep of keys k0..k1-1: their boundaries, and (boundary index, rule) pairs."""
+    member_key, member = _runs(keys.starts[k0:k1], keys.lengths[k0:k1])
     rid = keys.rids[member]
     seg_rule, seg = _runs(facts.seg_ptr[rid], facts.seg_ptr[rid + 1] - facts.seg_ptr[rid])
-    wide = np.uint32 if len(keys.calls) < NO_RULE else np.int64    # room for (key + 1) << 16
-    base = member_key[seg_rule].astype(wide) << wide(16)
+    key = member_key[seg_rule]
     lo, end = facts.seg_lo[seg], facts.seg_end[seg]
-    starts, ends = base + lo.astype(wide), base + end.astype(wide)    # an end of 65536 is the next key's 0
-    bounds = _distinct(np.concatenate((starts, ends[end < PORTS])))
-    first_b = np.searchsorted(bounds, starts).astype(IDX)
-    pair_seg, pair_b = _runs(first_b, np.searchsorted(bounds, ends).astype(IDX) - first_b)
+    bounds, first_b, end_b = _boundaries(key, lo, end, k0, k1 - k0, wide)
+    pair_seg, pair_b = _runs(first_b, end_b - first_b)
     pair_rid = rid[seg_rule][pair_seg]
     # The cut: a service lists the matching rules up to the first unconditional one.
     cut = np.full(len(bounds), NO_RULE, IDX)
     uncond = facts.uncond[pair_rid]
     np.minimum.at(cut, pair_b[uncond], pair_rid[uncond])
     kept = pair_rid <= cut[pair_b]
-    key_first = np.searchsorted(bounds, np.arange(len(keys.calls) + 1).astype(wide) << wide(16))
-    return _Sweep(bounds, key_first, pair_b[kept], pair_rid[kept])
+    return bounds, pair_b[kept], pair_rid[kept]
+
+
+def _boundaries(key: np.ndarray, lo: np.ndarray, end: np.ndarray, k0: int, n_keys: int, wide):
+    """The sorted distinct key << 16 | port where the segments [lo, end) of these keys (numbered
+    from 0 here, from k0 in the result) start or end; each segment's first boundary and the one
+    past its last. One sort, of (key, port, event number) words, so that each event learns its
+    boundary's index; in segment order a member's ports ascend, and timsort takes such runs fast."""
+    events = np.empty(2 * len(key), np.uint64)
+    events[0::2], events[1::2] = lo, end
+    events <<= np.uint64(32)
+    events[0::2] |= key.astype(np.uint64) << np.uint64(48)
+    events[1::2] |= key.astype(np.uint64) << np.uint64(48)
+    events |= np.arange(len(events), dtype=np.uint64)
+    real = np.ones(len(events), bool)
+    real[1::2] = end < PORTS                   # an end at 65536 is the key's end, not a boundary
+    events = np.sort(events[real], kind="stable")
+    value = (events >> np.uint64(32)).astype(np.int64)
+    new = np.ones(len(events), bool)
+    new[1:] = value[1:] != value[:-1]
+    index = np.empty(len(real), IDX)
+    index[(events & np.uint64(0xFFFFFFFF)).astype(np.int64)] = np.cumsum(new, dtype=IDX) - 1
+    bounds = (value[new] + (k0 << 16)).astype(wide)
+    key_end = np.searchsorted(bounds, (np.arange(1, n_keys + 1) + k0).astype(wide) << wide(16)).astype(IDX)
+    ends = index[1::2]
+    ends[~real[1::2]] = key_end[key[~real[1::2]]]
+    return bounds, index[0::2], ends
 
 
 class _Rows:
