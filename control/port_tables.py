@@ -93,13 +93,6 @@ def _runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.cumsum(step, dtype=IDX), np.cumsum(inc, dtype=IDX)
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values. Not np.unique: its hash table is several times slower here, and
-    a stable sort (timsort) is faster on values that come in sorted runs, as the sweep's do."""
-    values = np.sort(values, kind="stable")
-    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
-
-
 def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sorted distinct values and, for each value, the index of its own among them."""
     order = np.argsort(values)
@@ -170,11 +163,59 @@ class _PortKeys:
 
 
 @dataclass
+class _Described:
+    """Rows' rule lists (ascending rule ids), described so that equal lists can be found:
+    `count` rules; up to four of them packed in `word`, 16 bits each from the top; the rows
+    with more (`long_rows`) have their lists in `long_lists`."""
+
+    count: np.ndarray
+    word: np.ndarray
+    long_rows: np.ndarray
+    long_lists: list
+
+    @staticmethod
+    def join(parts: list, offsets: list) -> "_Described":
+        return _Described(np.concatenate([p.count for p in parts]), np.concatenate([p.word for p in parts]),
+                          np.concatenate([p.long_rows + o for p, o in zip(parts, offsets)]),
+                          [x for p in parts for x in p.long_lists])
+
+
+def _describe(row: np.ndarray, rid: np.ndarray, n: int) -> _Described:
+    """The lists of rows 0..n-1 from their (row, rule) pairs, in any order: a list of three
+    or fewer is read off its smallest, largest and sum; longer ones are sorted."""
+    count = np.bincount(row, minlength=n).astype(IDX)
+    low = np.full(n, NO_RULE, IDX)
+    np.minimum.at(low, row, rid)
+    high = np.zeros(n, IDX)
+    np.maximum.at(high, row, rid)
+    size = count[row]
+    middle = np.zeros(n, IDX)
+    np.add.at(middle, row[size == 3], rid[size == 3])
+    middle -= low + high
+    word = np.zeros(n, np.uint64)
+    for k, parts in ((1, (low,)), (2, (low, high)), (3, (low, middle, high))):
+        at = np.flatnonzero(count == k)
+        for i, part in enumerate(parts):
+            word[at] |= part[at].astype(np.uint64) << np.uint64(48 - 16 * i)
+    pairs = np.sort(row[size >= 4].astype(np.int64) << 16 | rid[size >= 4])
+    p_row, p_rid = pairs >> 16, pairs & 0xFFFF
+    new = np.ones(len(pairs), bool)
+    new[1:] = p_row[1:] != p_row[:-1]
+    index = np.arange(len(pairs))
+    place = (index - np.maximum.accumulate(np.where(new, index, 0))).astype(np.uint64)
+    four = count[p_row] == 4
+    np.bitwise_or.at(word, p_row[four], p_rid[four].astype(np.uint64) << (np.uint64(48) - np.uint64(16) * place[four]))
+    starts = np.flatnonzero(new & ~four)
+    rids = p_rid.tolist()
+    lists = [tuple(rids[a:a + count[p_row[a]]]) for a in starts.tolist()]
+    return _Described(count, word, p_row[starts], lists)
+
+
+@dataclass
 class _Sweep:
     bounds: np.ndarray           # key << 16 | port, sorted: every key's boundaries
     key_first: np.ndarray        # per key: index of its first boundary (== next key's when none)
-    pair_b: np.ndarray           # (boundary, rule) pairs kept after the cut at the first
-    pair_rid: np.ndarray         #   unconditional rule
+    lists: list                  # per boundary, in _Described parts: the rules its service lists
 
     def __post_init__(self):
         self.key_of_b = (self.bounds >> 16).astype(IDX)
@@ -188,30 +229,26 @@ def _sweep(keys: _PortKeys, facts: RuleFacts) -> _Sweep:
     wide = np.uint32 if len(keys.calls) < NO_RULE else np.int64    # room for (key + 1) << 16
     parts = [_sweep_keys(keys, facts, k, min(k + SWEEP_KEYS, len(keys.calls)), wide)
              for k in range(0, len(keys.calls), SWEEP_KEYS)]
-    offsets = np.cumsum([0] + [len(bounds) for bounds, _, _ in parts])
-    bounds = np.concatenate([bounds for bounds, _, _ in parts])
-    pair_b = np.concatenate([pair_b + IDX(offset) for (_, pair_b, _), offset in zip(parts, offsets)])
-    pair_rid = np.concatenate([pair_rid for _, _, pair_rid in parts])
+    bounds = np.concatenate([bounds for bounds, _ in parts])
     key_first = np.searchsorted(bounds, np.arange(len(keys.calls) + 1).astype(wide) << wide(16))
-    return _Sweep(bounds, key_first, pair_b, pair_rid)
+    return _Sweep(bounds, key_first, [lists for _, lists in parts])
 
 
 def _sweep_keys(keys: _PortKeys, facts: RuleFacts, k0: int, k1: int, wide):
-    """The sweep of keys k0..k1-1: their boundaries, and (boundary index, rule) pairs."""
+    """The sweep of keys k0..k1-1: their boundaries and, at each, the rules matching there
+    (the pairs of a boundary and a rule whose ports hold it) up to the first unconditional."""
     member_key, member = _runs(keys.starts[k0:k1], keys.lengths[k0:k1])
     rid = keys.rids[member]
     seg_rule, seg = _runs(facts.seg_ptr[rid], facts.seg_ptr[rid + 1] - facts.seg_ptr[rid])
-    key = member_key[seg_rule]
-    lo, end = facts.seg_lo[seg], facts.seg_end[seg]
-    bounds, first_b, end_b = _boundaries(key, lo, end, k0, k1 - k0, wide)
+    bounds, first_b, end_b = _boundaries(member_key[seg_rule], facts.seg_lo[seg], facts.seg_end[seg],
+                                         k0, k1 - k0, wide)
     pair_seg, pair_b = _runs(first_b, end_b - first_b)
     pair_rid = rid[seg_rule][pair_seg]
-    # The cut: a service lists the matching rules up to the first unconditional one.
     cut = np.full(len(bounds), NO_RULE, IDX)
     uncond = facts.uncond[pair_rid]
     np.minimum.at(cut, pair_b[uncond], pair_rid[uncond])
     kept = pair_rid <= cut[pair_b]
-    return bounds, pair_b[kept], pair_rid[kept]
+    return bounds, _describe(pair_b[kept], pair_rid[kept], len(bounds))
 
 
 def _boundaries(key: np.ndarray, lo: np.ndarray, end: np.ndarray, k0: int, n_keys: int, wide):
@@ -252,9 +289,9 @@ class _Rows:
         order[0] |= sweep.port_of_b
         self.leading = _leading_keys(sweep, len(keys.calls))
         order.append(keys.calls[self.leading] << ORDER_SHIFT | PORTS)
+        parts = sweep.lists + [_describe(np.zeros(0, IDX), np.zeros(0, IDX), len(self.leading))]
         self.icmp_first = n_b + len(self.leading)
         n_classes = len(ptr) - 1
-        rows, rids = [sweep.pair_b], [sweep.pair_rid]
         for j, proto in ((2, "icmp"), (3, "other")):
             fptr, frids = _filtered(ptr, flat, (facts.protos[flat] & PROTO_BITS[proto]) != 0)
             cls, _ = _runs(fptr[:-1], np.diff(fptr))
@@ -262,12 +299,10 @@ class _Rows:
             uncond = facts.uncond[frids]
             np.minimum.at(cut, cls[uncond], frids[uncond])
             kept = frids <= cut[cls]
-            rows.append(self.icmp_first + (j - 2) * n_classes + cls[kept])
-            rids.append(frids[kept])
+            parts.append(_describe(cls[kept], frids[kept], n_classes))
             order.append((4 * np.arange(n_classes, dtype=np.int64) + j) << ORDER_SHIFT)
         self.order = np.concatenate(order)
-        self.pair_row = np.concatenate(rows).astype(IDX)
-        self.pair_rid = np.concatenate(rids).astype(IDX)
+        self.lists = _Described.join(parts, np.cumsum([0] + [len(p.count) for p in parts]).tolist())
 
 
 def _leading_keys(sweep: _Sweep, n_keys: int) -> np.ndarray:
@@ -280,71 +315,22 @@ def _leading_keys(sweep: _Sweep, n_keys: int) -> np.ndarray:
 
 def _intern(rows: _Rows) -> tuple[np.ndarray, "_Lists"]:
     """Each row's service id (distinct rule lists numbered in first-seen order) and the rule
-    lists of the services. A list is labelled by its content: the empty one 0, one rule its
-    id, two to four rules their ids packed in a word (read off the row's smallest, largest
-    and sum when three or fewer, else sorted), longer ones by a dict."""
-    n = len(rows.order)
-    row, rid = rows.pair_row, rows.pair_rid
-    count = np.bincount(row, minlength=n).astype(IDX)
-    low = np.full(n, NO_RULE, IDX)
-    np.minimum.at(low, row, rid)
-    label = np.where(count == 1, low, 0)
-    packed = np.flatnonzero((count >= 2) & (count <= 4))      # rows whose lists fit a word
-    words = _words(rows, count, low, packed)
-    size = np.take(count, row)
-    sel = size >= 4
-    long_rows, long_labels, long_lists = _sorted_lists(np.sort(row[sel].astype(np.int64) << 16 | rid[sel]),
-                                                       count, words, packed)
-    codes, inverse = _factorize(words)
+    lists of the services. A list's label: the empty one 0, one rule its id, two to four
+    rules PORTS + the index of their word among the distinct words, longer ones after those."""
+    d = rows.lists
+    label = np.where(d.count == 1, d.word >> np.uint64(48), 0).astype(IDX)
+    packed = np.flatnonzero((d.count >= 2) & (d.count <= 4))
+    codes, inverse = _factorize(d.word[packed])
     label[packed] = PORTS + inverse
-    label[long_rows] = PORTS + len(codes) + long_labels
-    first = np.full(PORTS + len(codes) + len(long_lists), np.iinfo(np.int64).max)
+    ids: dict[tuple, int] = {}
+    label[d.long_rows] = [PORTS + len(codes) + ids.setdefault(x, len(ids)) for x in d.long_lists]
+    first = np.full(PORTS + len(codes) + len(ids), np.iinfo(np.int64).max)
     np.minimum.at(first, label, rows.order)
     used = np.flatnonzero(first < np.iinfo(np.int64).max)
     used = used[np.argsort(first[used])]
     svc_of_label = np.empty(len(first), IDX)
     svc_of_label[used] = np.arange(len(used))
-    return svc_of_label[label], _Lists(used, codes, long_lists)
-
-
-def _words(rows: _Rows, count: np.ndarray, low: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """The lists of the rows `packed` with two or three rules, their rule ids in a word
-    (16 bits each from the top): the smallest, the sum less both ends, the largest."""
-    n = len(count)
-    high = np.zeros(n, IDX)
-    np.maximum.at(high, rows.pair_row, rows.pair_rid)
-    three = np.take(count, rows.pair_row) == 3
-    middle = np.zeros(n, IDX)
-    np.add.at(middle, rows.pair_row[three], rows.pair_rid[three])
-    c, lo, hi, mid = count[packed], low[packed].astype(np.uint64), high[packed].astype(np.uint64), \
-        (middle[packed] - low[packed] - high[packed]).astype(np.uint64)
-    words = lo << np.uint64(48)
-    words |= np.where(c == 2, hi, mid) << np.uint64(32)
-    words |= np.where(c == 3, hi, 0).astype(np.uint64) << np.uint64(16)
-    return words
-
-
-def _sorted_lists(pairs: np.ndarray, count: np.ndarray, words: np.ndarray, packed: np.ndarray):
-    """From the sorted (row << 16 | rule) of the rows with four rules or more: pack the
-    four-rule ones into `words` (one per row of `packed`); the longer ones' rows, their
-    labels and the distinct lists."""
-    p_row, p_rid = pairs >> 16, pairs & 0xFFFF
-    new = np.concatenate(([True], p_row[1:] != p_row[:-1])) if len(pairs) else np.zeros(0, bool)
-    index = np.arange(len(pairs))
-    place = index - np.maximum.accumulate(np.where(new, index, 0))
-    four = count[p_row] == 4
-    shift = (np.uint64(48) - np.uint64(16) * place[four].astype(np.uint64))
-    four_rows = np.searchsorted(packed, p_row[four])
-    words[four_rows] = 0                         # (the two-three formula wrote nonsense there)
-    np.bitwise_or.at(words, four_rows, p_rid[four].astype(np.uint64) << shift)
-    rows_l, rids_l = p_row[~four].tolist(), p_rid[~four].tolist()
-    bounds = np.flatnonzero(new[~four]).tolist() + [len(rows_l)]
-    ids: dict[tuple, int] = {}
-    long_rows, long_labels = [], []
-    for a, b in zip(bounds, bounds[1:]):
-        long_rows.append(rows_l[a])
-        long_labels.append(ids.setdefault(tuple(rids_l[a:b]), len(ids)))
-    return np.array(long_rows, np.int64), np.array(long_labels, np.int64), list(ids)
+    return svc_of_label[label], _Lists(used, codes, list(ids))
 
 
 @dataclass
