@@ -8,11 +8,12 @@ the service changes, and starts at port 0 (the empty service before the first ra
 are given in first-seen order (services and port tables both), in the order of the calls
 the sweeps make: class by class, tcp table, udp table, icmp service, other service.
 
-Here the sweeps of all distinct tables are one array computation: each table's boundaries
-come out of one sort, each rule's port ranges become the runs of boundaries they cover (the
-(boundary, rule) pairs), and the services are interned by their rule lists in that same
-first-seen order. The large deployment's 5 million (boundary, rule) pairs take well under a
-second this way, against most of the compile's time in the sweeps.
+Here the sweeps of all distinct tables are array computations, a thousand tables a pass:
+the tables' boundaries come out of one sort, each rule's port ranges become the runs of
+boundaries they cover (the (boundary, rule) pairs), and each boundary's rule list is
+described by values that equal lists share (_describe). The services are then numbered by
+those values in the same first-seen order. The bench's large deployment (46,000 tables,
+5 million boundaries) takes about a second this way; the sweeps in Python took eight.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ PROTO_BITS = {"tcp": 1, "udp": 2, "icmp": 4, "other": 8}
 PORTS = 1 << 16
 NO_RULE = 0xFFFF             # above every rule id (a policy holds fewer than 65535 rules)
 ORDER_SHIFT = 17             # a row's place in the calls: call index << 17 | port (65536: after the sweep)
-SWEEP_KEYS = 1024           # port-table keys swept per pass (see _sweep)
+SWEEP_KEYS = 1024            # port-table keys swept per pass (see _sweep)
 IDX = np.int32               # rule ids, ports and element indexes: half the memory of int64 (and so faster)
 
 
