@@ -13,18 +13,21 @@ bit) is set. Everything the walk reads was decided here.
 """
 from __future__ import annotations
 
+import gc
 import ipaddress
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.mirrors import CAND, CLASS, FIRST_CHILD_NODE, NODE_FLAG, PORT_END, V4_TOP, V6_TOP
+from dataplane.mirrors import FIRST_CHILD_NODE, NODE_FLAG, V4_TOP, V6_TOP
 
 from .errors import InputError
 from .model import Address, Device, Identities, Policy, Rule, User
+from .port_tables import build_services, rule_facts
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
 ACTION_CODE = {"allow": 0, "block": 1}   # == enum zt_verdict
@@ -51,7 +54,8 @@ class Tables:
 
 
 def _interval(net) -> tuple[int, int]:
-    return int(net.network_address), int(net.broadcast_address)
+    lo = int(net.network_address)     # (broadcast_address is a slow cached property)
+    return lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 class _Interner:
@@ -70,8 +74,27 @@ class _Interner:
         return got
 
 
+@contextmanager
+def _no_collections():
+    """The compile makes hundreds of thousands of small objects and keeps them: the cyclic
+    collector would walk the whole deployment again and again for nothing (a tenth of the
+    large compile). Reference counting still frees everything as usual."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layout] = None) -> Tables:
     """Compile; `layout` gives the pools (and the ethernet flag) to compile for, when set."""
+    with _no_collections():
+        return _compile(policy, identities, layout)
+
+
+def _compile(policy: Policy, identities: Identities, layout: Optional[Layout]) -> Tables:
     base = layout or choose_pools(identities)
     rules = policy.ordered_rules
     if len(rules) >= U16_MAX:
@@ -80,13 +103,8 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
     classes = _Interner()   # a destination class: the rules (ids) whose destination holds it
     node_rows = _destination_nodes(rules, classes)
 
-    class_rows = np.zeros(len(classes.values), CLASS)
-    for cid, rids in enumerate(classes.values):
-        class_rows[cid]["ports"] = (cands.port_table(rids, "tcp"), cands.port_table(rids, "udp"))
-        class_rows[cid]["svc_icmp"] = cands.service([r for r in rids if "icmp" in cands.rid_protos[r]])
-        class_rows[cid]["svc_other"] = cands.service([r for r in rids if "other" in cands.rid_protos[r]])
-    pt, port_slots = _pack_port_tables(cands.port_tables.values)
-    svc_rows, max_cands = _pack_services(cands.services.values)
+    facts = rule_facts(rules, cands.rid_who, cands.rid_sport, cands.rid_action, cands.rid_protos, cands.default)
+    svc = build_services(facts, classes.values)
 
     # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
     sources = Sources(policy, identities, cands.who_tokens.values, base)
@@ -97,16 +115,16 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
     need = replace(
         base,
         max_rules=len(rules) + 1, max_nodes=len(node_rows), max_classes=len(classes.values),
-        max_port_tables=len(cands.port_tables.values), port_slots=port_slots,
-        max_services=len(cands.services.values), max_cands=max_cands, max_idents=len(ident_rows),
+        max_port_tables=len(svc.port_tables), port_slots=svc.port_slots,
+        max_services=len(svc.services), max_cands=svc.max_cands, max_idents=len(ident_rows),
         who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
     )
     return Tables(
         need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
-        nodes=np.stack(node_rows), classes=class_rows, port_tables=pt, services=svc_rows,
+        nodes=np.stack(node_rows), classes=svc.classes, port_tables=svc.port_tables, services=svc.services,
         idents=ident_rows, sport=sport, sources=sources,
         stats={"rules": len(rules), "who_tokens": len(cands.who_tokens.values), "classes": len(classes.values),
-               "services": len(cands.services.values), "port_tables": len(cands.port_tables.values),
+               "services": len(svc.services), "port_tables": len(svc.port_tables),
                "nodes": len(node_rows), "idents": len(ident_rows) - 1},
     )
 
@@ -114,7 +132,8 @@ def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layo
 class _Candidates:
     """Per rule id (1-based; 0: the default action): its who-token (principals and source
     prefixes, a property of the source address), its source-port set, its action and the
-    protocol classes it can match; and the services and port tables built from them."""
+    protocol classes it can match. control/port_tables.py builds the services and port
+    tables from them."""
 
     def __init__(self, rules: list, default: int):
         self.rules, self.default = rules, default
@@ -131,49 +150,6 @@ class _Candidates:
             self.rid_protos.append(frozenset(protos))
         if len(self.who_tokens.values) >= U16_MAX or len(self.sport_sets.values) >= U16_MAX:
             raise InputError("policy: more than 65534 distinct principal or source-port conditions")
-        self.services, self.services_cache = _Interner(), {}
-        self.port_tables, self.port_cache = _Interner(), {}
-
-    def service(self, rids) -> int:
-        """The candidate list for these matching rules (ascending ids = precedence order)."""
-        key = tuple(rids)
-        got = self.services_cache.get(key)
-        if got is None:
-            cands = []
-            for rid in key:
-                cands.append((rid, self.rid_who[rid], self.rid_sport[rid], self.rid_action[rid]))
-                if not self.rid_who[rid] and not self.rid_sport[rid]:
-                    break
-            else:
-                cands.append((0, 0, 0, self.default))
-            got = self.services_cache[key] = self.services(tuple(cands))
-        return got
-
-    def port_table(self, rids, proto: str) -> int:
-        key = tuple(r for r in rids if proto in self.rid_protos[r])
-        got = self.port_cache.get(key)
-        if got is None:
-            events = defaultdict(list)
-            for rid in key:
-                for lo, hi in (self.rules[rid - 1].dst_ports or ((0, 65535),)):
-                    events[lo].append((rid, 1))
-                    events[hi + 1].append((rid, -1))
-            count: Counter = Counter()
-            table = []
-            for pos in sorted(events):
-                if pos > 65535:
-                    break
-                for rid, d in events[pos]:
-                    count[rid] += d
-                    if not count[rid]:
-                        del count[rid]
-                svc = self.service(sorted(count))
-                if not table or table[-1][1] != svc:
-                    table.append((pos, svc))
-            if not table or table[0][0] != 0:
-                table.insert(0, (0, self.service(())))
-            got = self.port_cache[key] = self.port_tables(tuple(table))
-        return got
 
 
 def _destination_nodes(rules: list, classes: _Interner) -> list[np.ndarray]:
@@ -186,26 +162,6 @@ def _destination_nodes(rules: list, classes: _Interner) -> list[np.ndarray]:
         for i in range(256):
             node_rows[top + i] = top_view[i * 256:(i + 1) * 256]
     return node_rows
-
-
-def _pack_port_tables(tables: list) -> tuple[np.ndarray, int]:
-    port_slots = max(8, 1 << (max(len(t) for t in tables) - 1).bit_length())
-    pt = np.full((len(tables), 2, port_slots), PORT_END, np.uint32)
-    pt[:, 1, :] = 0
-    for i, table in enumerate(tables):
-        lo, svc = zip(*table)
-        pt[i, 0, :len(lo)] = lo
-        pt[i, 1, :len(svc)] = svc
-    return pt, port_slots
-
-
-def _pack_services(services: list) -> tuple[np.ndarray, int]:
-    max_cands = max(len(c) for c in services)
-    svc_rows = np.zeros((len(services), max_cands), CAND)
-    for i, cands in enumerate(services):
-        for j, c in enumerate(cands):
-            svc_rows[i, j] = c + (0,)
-    return svc_rows, max_cands
 
 
 def _sport_bitmap(sport_sets: list) -> tuple[np.ndarray, int]:
@@ -230,8 +186,8 @@ def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
                 lo, hi = _interval(net)
                 events[lo].append((rid, exc, 1))
                 events[hi + 1].append((rid, exc, -1))
-    cover: Counter = Counter()
-    excluded: Counter = Counter()
+    cover: dict[int, int] = {}
+    excluded: dict[int, int] = {}
     members: set[int] = set()
     bounds, cls = [0], [class_of(())]
     end = 1 << span
@@ -239,8 +195,9 @@ def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
         if pos >= end:
             break
         for rid, exc, d in events[pos]:
-            (excluded if exc else cover)[rid] += d
-            if cover[rid] > 0 and excluded[rid] == 0:
+            counts = excluded if exc else cover
+            counts[rid] = counts.get(rid, 0) + d
+            if cover.get(rid, 0) > 0 and not excluded.get(rid, 0):
                 members.add(rid)
             else:
                 members.discard(rid)
@@ -283,11 +240,14 @@ def _fill(view: np.ndarray, base: int, span: int, stride: int, j: int, bounds, c
 def choose_pools(identities: Identities) -> Layout:
     """Pools for a one-off compile (the probes): the 2^20-address blocks holding most devices."""
     best = Layout()
+    blocks: dict[int, Counter] = {4: Counter(), 6: Counter()}
+    for d in identities.devices:
+        if d.enabled:
+            for a in d.addresses:
+                blocks[a.version][int(a) >> POOL_BITS] += 1
     for version, attr in ((4, "pool4_base"), (6, "pool6_base")):
-        blocks = Counter(int(a) >> POOL_BITS << POOL_BITS
-                         for d in identities.devices if d.enabled for a in d.addresses if a.version == version)
-        if blocks:
-            best = replace(best, **{attr: blocks.most_common(1)[0][0]})
+        if blocks[version]:
+            best = replace(best, **{attr: blocks[version].most_common(1)[0][0] << POOL_BITS})
     return best
 
 
@@ -317,13 +277,18 @@ class Sources:
         for g, members in policy.groups.items():
             for email in members:
                 self.local_groups[email].add(g)
+        self.group_bits = {name: bits for (kind, name), bits in self.by_principal.items() if kind == "group"}
         self.idents = _Interner(first=1)                 # who-bits -> identity class id
         self.device_ids = {d.name: i for i, d in enumerate(identities.devices, start=1)}
 
     def user_bits(self, user: User) -> int:
-        bits = self.by_principal.get(("user", user.key), 0)
-        for g in set(user.groups) | self.local_groups.get(user.key, set()):
-            bits |= self.by_principal.get(("group", g), 0)
+        key = user.key
+        bits = self.by_principal.get(("user", key), 0)
+        group_bits = self.group_bits
+        for g in user.groups:
+            bits |= group_bits.get(g, 0)
+        for g in self.local_groups.get(key, ()):
+            bits |= group_bits.get(g, 0)
         return bits
 
     def _bits(self, user_bits: int, device: Device, src_ok: int) -> int:
@@ -339,14 +304,30 @@ class Sources:
             src_hash[(addr.version, addr.packed.rjust(16, b"\0"))] = entry
 
     def all_entries(self, identities: Identities):
-        """Every enabled device's addresses, swept in one pass (the full compile)."""
+        """Every enabled device's addresses, swept in one pass (the full compile): place()
+        and _bits() address by address, the same identity classes in the same order, with
+        the work done once per user where the device adds no bits of its own."""
         user_bits = {u.key: self.user_bits(u) for u in identities.users}
-        addresses = [(a, d) for d in identities.devices if d.enabled for a in d.addresses]
-        src_ok = _source_bits([a for a, _ in addresses], self.src_nets) if self.src_conditional else {}
+        devices = [d for d in identities.devices if d.enabled]
+        src_ok = _source_bits([a for d in devices for a in d.addresses], self.src_nets) if self.src_conditional else {}
         pool4, pool6, src_hash = {}, {}, {}
-        for addr, d in addresses:
-            ident = self.idents(self._bits(user_bits[d.user], d, src_ok.get(addr, 0)))
-            self.place(addr, (ident, self.device_ids[d.name]), pool4, pool6, src_hash)
+        pools = {4: (pool4, self.layout.pool4_base), 6: (pool6, self.layout.pool6_base)}
+        by_user: dict[str, int] = {}        # email -> identity class, for devices with no bits of their own
+        for d in devices:
+            extra = self.by_principal.get(("device", d.name), 0) | self.any_principal
+            device = self.device_ids[d.name]
+            ident = None if extra or self.src_conditional else by_user.get(d.user)
+            for addr in d.addresses:
+                if ident is None or self.src_conditional:
+                    ident = self.idents(self._bits(user_bits[d.user], d, src_ok.get(addr, 0)))
+                    if not extra and not self.src_conditional:
+                        by_user[d.user] = ident
+                pool, base = pools[addr.version]
+                number = int(addr)
+                if number >> POOL_BITS << POOL_BITS == base:
+                    pool[number - base] = (ident, device)
+                else:
+                    src_hash[(addr.version, addr.packed.rjust(16, b"\0"))] = (ident, device)
         return pool4, pool6, src_hash
 
     def entries(self, identities: Identities, devices: list[Device]) -> list[tuple[Address, int, int]]:
