@@ -60,6 +60,13 @@ struct zt_pkt {
 	__u32 frag_id;  /* its identification (IPv4: 16 bits), as on the wire */
 	__u16 frag_offset; /* in 8-byte units */
 	__u16 l4_off;   /* where the transport header starts, from the start of the frame */
+	__u16 frag_skip; /* a fragment: bytes of its fragmentable part before the transport header
+			  * (IPv6: the extension headers after the Fragment header; IPv4: none) */
+	__u8 frag_nh;   /* a fragment: the protocol its header names, as every fragment of the
+			 * datagram carries it (IPv4: the protocol; IPv6: the Fragment header's next
+			 * header, the first header of the fragmentable part) */
+	__u8 pad;
+	__u32 l4_present; /* bytes from the transport header to the end of the IP payload */
 };
 
 #define ZT_FRAG_PART 1 /* a fragment: the first (offset 0, more to come) or a later one */
@@ -140,12 +147,14 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 	if (iph->frag_off & bpf_htons(ZT_IP_MF | ZT_IP_OFFSET)) { /* more fragments, or an offset */
 		p->frag = ZT_FRAG_PART | (iph->frag_off & bpf_htons(ZT_IP_MF) ? ZT_FRAG_MORE : 0);
 		p->frag_id = iph->id;
+		p->frag_nh = iph->protocol;
 		p->frag_offset = bpf_ntohs(iph->frag_off) & ZT_IP_OFFSET;
 		if (p->frag_offset)
 			return ZT_REASON_IPV4_FRAGMENT;   /* no ports: conntrack may know its datagram */
 	}
 	/* ihl <= 60: options are skipped, never read */
 	p->l4_off += ihl & 0x3c;
+	p->l4_present = total - ihl;
 	return parse_l4(p, ip + (ihl & 0x3c), data_end, total - ihl);
 }
 
@@ -169,6 +178,7 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 		return ZT_REASON_IPV6_TRUNCATED;
 	__u32 end = sizeof(*ip6) + payload; /* <= 65575 */
 	__u32 off = sizeof(*ip6);
+	__u32 fragmentable = 0; /* where the fragmentable part starts: after the Fragment header */
 	__u8 nh = ip6->nexthdr;
 
 #pragma unroll
@@ -193,7 +203,9 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 			__u16 fo = bpf_ntohs(fh->frag_off);
 			p->frag = ZT_FRAG_PART | (fo & ZT_IP6_MF ? ZT_FRAG_MORE : 0);
 			p->frag_id = fh->identification;
+			p->frag_nh = fh->nexthdr;
 			p->frag_offset = fo >> ZT_IP6_OFFSET_SHIFT;
+			fragmentable = off + size;
 			if (p->frag_offset) { /* no ports: conntrack may know its datagram */
 				p->family = 6;
 				p->proto = fh->nexthdr;
@@ -213,6 +225,9 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 	__builtin_memcpy(p->src, &ip6->saddr, 16);
 	__builtin_memcpy(p->dst, &ip6->daddr, 16);
 	p->l4_off += off & 0xffff;
+	p->l4_present = end - off;
+	if (fragmentable)
+		p->frag_skip = off - fragmentable;
 	return parse_l4(p, ip + (off & 0xffff), data_end, end - off);
 }
 
