@@ -86,6 +86,10 @@ static __always_inline __u8 icmp_proto(__u8 family)
  * many bytes of it the IP length covers (never more than data_end allows). */
 static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, __u32 present)
 {
+	/* (opaque to clang: it would otherwise compute l4 again from the IP header where it reads
+	 * it, into a register the verifier knows no bound of) */
+	asm volatile("" : "+r"(l4));
+	p->l4_present = present;
 	if (p->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 		if (present < sizeof(*th) || (void *)(th + 1) > data_end)
@@ -154,7 +158,6 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 	}
 	/* ihl <= 60: options are skipped, never read */
 	p->l4_off += ihl & 0x3c;
-	p->l4_present = total - ihl;
 	return parse_l4(p, ip + (ihl & 0x3c), data_end, total - ihl);
 }
 
@@ -225,7 +228,6 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 	__builtin_memcpy(p->src, &ip6->saddr, 16);
 	__builtin_memcpy(p->dst, &ip6->daddr, 16);
 	p->l4_off += off & 0xffff;
-	p->l4_present = end - off;
 	if (fragmentable)
 		p->frag_skip = off - fragmentable;
 	return parse_l4(p, ip + (off & 0xffff), data_end, end - off);
@@ -291,23 +293,52 @@ static __always_inline int parse_frame(struct zt_pkt *p, void *data, void *data_
 #endif
 }
 
+/* Where a transport header can lie, from the start of the frame: at most two VLAN tags, the
+ * IPv6 header and 8 extension headers of at most 2048 bytes each (22 + 40 + 8 * 2048 = 16446).
+ * A mask of it keeps the verifier's bound on l4_off without folding any real offset back. */
+#define ZT_L4_OFF_MASK 0x7fff
+
+/* What an ICMP error says, and so who may send it (see icmp_error_of_flow). */
+#define ZT_QUOTE_PATH 1 /* the way to the destination failed: a router on it may say so */
+#define ZT_QUOTE_END 2  /* the destination itself refused (port or protocol unreachable, its
+			 * reassembly timed out): only the destination knows that */
+
+static __always_inline int icmp_error_kind(__u8 family, __u8 type, __u8 code)
+{
+	if (family == 4) {
+		if (type == ICMP_DEST_UNREACH)
+			return code == ICMP_PROT_UNREACH || code == ICMP_PORT_UNREACH ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+		if (type == ICMP_TIME_EXCEEDED)
+			return code == ICMP_EXC_FRAGTIME ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+		return type == ICMP_PARAMETERPROB ? ZT_QUOTE_PATH : 0;
+	}
+	if (type == ICMPV6_DEST_UNREACH)
+		return code == ICMPV6_PORT_UNREACH ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+	if (type == ICMPV6_TIME_EXCEED)
+		return code == ICMPV6_EXC_FRAGTIME ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+	return type == ICMPV6_PKT_TOOBIG || type == ICMPV6_PARAMPROB ? ZT_QUOTE_PATH : 0;
+}
+
 /* An ICMP error (ICMP: destination unreachable, time exceeded, parameter problem; ICMPv6: the
  * same and packet too big), parsed as `p`, quotes the start of the packet that caused it.
- * 1 if it is such an error and the quote can be read: then `quoted` holds that packet's family,
- * protocol, addresses and ports (TCP, UDP) or echo id (an echo request), as parse_l4 reads
- * them; IPv4 options beyond 20 bytes are not followed. */
+ * Its kind (ZT_QUOTE_PATH or ZT_QUOTE_END) if it is such an error and the quote can be read
+ * within the IP payload (bytes past the IP length are padding, as everywhere); then `quoted`
+ * holds that packet's family, protocol, addresses and ports (TCP, UDP) or echo id (an echo
+ * request), as parse_l4 reads them; IPv4 options beyond 20 bytes are not followed. 0 else. */
 static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct zt_pkt *p, void *data,
 					    void *data_end)
 {
-	struct icmphdr *ic = data + (p->l4_off & 0x3ff);   /* (l4_off < 1024: a bound for the verifier) */
+	struct icmphdr *ic = data + (p->l4_off & ZT_L4_OFF_MASK);
 	void *q = ic + 1;   /* the quote follows the 8-byte header (ICMPv6's is as long) */
-	if (q + sizeof(struct iphdr) > data_end)   /* the shortest quote: an IPv4 header */
+	__u32 present = p->l4_present;
+	/* the shortest quote: an IPv4 header */
+	if (q + sizeof(struct iphdr) > data_end || present < sizeof(*ic) + sizeof(struct iphdr))
 		return 0;
+	int kind = icmp_error_kind(p->family, ic->type, ic->code);
 	__u32 hdr;
 	if (p->family == 4) {
 		struct iphdr *iph = q;
-		if (!(ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED ||
-		      ic->type == ICMP_PARAMETERPROB) || iph->version != 4)
+		if (!kind || iph->version != 4)
 			return 0;
 		hdr = iph->ihl * 4;
 		quoted->proto = iph->protocol;
@@ -315,8 +346,7 @@ static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct 
 		quoted->dst[0] = iph->daddr;
 	} else {
 		struct ipv6hdr *ip6 = q;
-		if (ic->type < ICMPV6_DEST_UNREACH || ic->type > ICMPV6_PARAMPROB || ip6->version != 6 ||
-		    (void *)(ip6 + 1) > data_end)
+		if (!kind || ip6->version != 6 || (void *)(ip6 + 1) > data_end)
 			return 0;
 		hdr = sizeof(*ip6);
 		quoted->proto = ip6->nexthdr;
@@ -326,21 +356,22 @@ static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct 
 	if (hdr < sizeof(struct iphdr) || hdr > sizeof(struct ipv6hdr))
 		return 0;
 	void *l4 = q + hdr;
-	if (l4 + sizeof(struct icmphdr) > data_end)   /* 8 bytes: ports, or an echo's id */
+	/* 8 bytes: ports, or an echo's id */
+	if (l4 + sizeof(struct icmphdr) > data_end || present < sizeof(*ic) + hdr + sizeof(struct icmphdr))
 		return 0;
 	quoted->family = p->family;
 	if (quoted->proto == IPPROTO_TCP || quoted->proto == IPPROTO_UDP) {
 		struct udphdr *ports = l4;   /* (TCP's ports are where UDP's are) */
 		quoted->sport = bpf_ntohs(ports->source);
 		quoted->dport = bpf_ntohs(ports->dest);
-		return 1;
+		return kind;
 	}
 	struct icmphdr *echo = l4;
 	if (quoted->proto == icmp_proto(p->family) &&
 	    echo->type == (p->family == 4 ? ICMP_ECHO : ICMPV6_ECHO_REQUEST)) {
 		quoted->icmp_echo = ZT_ICMP_ECHO_REQUEST;
 		quoted->icmp_id = bpf_ntohs(echo->un.echo.id);
-		return 1;
+		return kind;
 	}
 	return 0;
 }
