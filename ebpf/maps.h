@@ -371,8 +371,11 @@ ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRA
 #define ZT_KILL_BITS 16
 ZT_SHARED_TABLE("array", __u32, __u64, zt_epoch, 1);
 
-/* The connector side's tail call into xdp_ztgate_redecide (slot 0), when a flow must be
- * decided again (see xdp_ztgate_reply). */
-BPF_PROG_ARRAY(zt_reply_slow, 1);
+/* The connector side's tail calls (see xdp_ztgate_reply): into xdp_ztgate_redecide when a
+ * flow must be decided again, into xdp_ztgate_icmp_error for an ICMP error. Slots in the order
+ * of dataplane/program.py's TAIL_CALLS. */
+#define ZT_SLOW_REDECIDE 0
+#define ZT_SLOW_ICMP_ERROR 1
+BPF_PROG_ARRAY(zt_reply_slow, 2);
 
 #endif

@@ -86,9 +86,6 @@ static __always_inline __u8 icmp_proto(__u8 family)
  * many bytes of it the IP length covers (never more than data_end allows). */
 static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, __u32 present)
 {
-	/* (opaque to clang: it would otherwise compute l4 again from the IP header where it reads
-	 * it, into a register the verifier knows no bound of) */
-	asm volatile("" : "+r"(l4));
 	p->l4_present = present;
 	if (p->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
@@ -100,7 +97,12 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 			return ZT_REASON_TCP_TRUNCATED;
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
-		p->tcp_flags = ((__u8 *)th)[ZT_TCP_FLAGS_BYTE];
+		__u8 flags = ((__u8 *)th)[ZT_TCP_FLAGS_BYTE];
+		/* (read here, under the bound just checked: clang would otherwise sink the read to
+		 * where the flags are tested, through a pointer it computes again, which the verifier
+		 * knows no bound of) */
+		asm volatile("" : "+r"(flags));
+		p->tcp_flags = flags;
 		p->l4_len = th->doff * 4;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
