@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from dataplane.reasons import Reason
 
@@ -97,6 +98,59 @@ def parse_raw(data: bytes) -> Packet:
         sport, dport = struct.unpack_from("!HH", data, l4)
         return Packet(src, dst, proto, sport, dport)
     return Packet(src, dst, proto)
+
+
+@dataclass(frozen=True)
+class FragmentPart:
+    """A packet's place in a fragmented datagram, as POLICY.md's fragments read it."""
+
+    datagram: tuple     # family, addresses, identification, and the protocol its header names
+                        # (IPv4's protocol; IPv6's Fragment header's next header)
+    offset: int         # bytes from the start of the fragmentable part
+    more: bool          # more fragments follow
+    headers_end: int    # a first fragment: where its headers end in the fragmentable part (IPv6:
+                        # the extension headers after the Fragment header, then the transport header)
+
+
+def _transport_len(data: bytes, l4: int, end: int, proto: int) -> int:
+    """The transport header a first fragment holds (parse_raw read it whole)."""
+    if proto == TCP:
+        return (data[l4 + 12] >> 4) * 4
+    if proto == UDP or (proto in (ICMP, ICMPV6) and end - l4 >= 8):
+        return 8
+    return 0
+
+
+def fragment_of(data: bytes) -> Optional[FragmentPart]:
+    """Where a packet lies in its fragmented datagram; None if it is no fragment, or a first
+    fragment that cannot be read."""
+    try:
+        parse_raw(data)
+        first = True
+    except Unreadable as e:
+        if e.reason not in (Reason.IPV4_FRAGMENT, Reason.IPV6_FRAGMENT):
+            return None
+        first = False
+    if data[0] >> 4 == 4:
+        flags = struct.unpack_from("!H", data, 6)[0]
+        if not flags & 0x3FFF:
+            return None
+        ihl, total, proto = (data[0] & 0x0F) * 4, struct.unpack_from("!H", data, 2)[0], data[9]
+        return FragmentPart((4, data[12:20], data[4:6], proto), (flags & 0x1FFF) * 8, bool(flags & 0x2000),
+                            _transport_len(data, ihl, total, proto) if first else 0)
+    end, proto, off, frag, start = 40 + struct.unpack_from("!H", data, 4)[0], data[6], 40, None, 0
+    while proto in EXT_OCTETS or proto in (EXT_AUTH, EXT_FRAGMENT):    # (parse_raw walked it)
+        size = 8 if proto == EXT_FRAGMENT else (data[off + 1] + 2) * 4 if proto == EXT_AUTH else (data[off + 1] + 1) * 8
+        if proto == EXT_FRAGMENT:
+            frag, start = (data[off], struct.unpack_from("!H", data, off + 2)[0], data[off + 4:off + 8]), off + 8
+            if frag[1] >> 3:
+                break           # a later fragment: what follows is its datagram's payload
+        proto, off = data[off], off + size
+    if frag is None:
+        return None
+    nh, word, ident = frag
+    headers = off - start + _transport_len(data, off, end, proto) if first else 0
+    return FragmentPart((6, data[8:40], ident, nh), (word >> 3) * 8, bool(word & 1), headers)
 
 
 def build_raw(pkt: Packet) -> bytes:

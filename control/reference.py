@@ -10,7 +10,7 @@ from typing import Optional
 from dataplane.reasons import Reason
 
 from .model import Address, Decision, Device, Identities, Packet, Policy, Rule
-from .packets import Probe, Unreadable, parse_raw
+from .packets import FragmentPart, Probe, Unreadable, parse_raw
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,13 @@ def trace(policy: Policy, identities: Identities, probe: Probe):
             return Decision(rule.action, rule.name, Reason.RULE.label), misses
         misses.append((rule, reason))
     return Decision(policy.default_action, None, Reason.DEFAULT.label), misses
+
+
+def later_fragment(first: FragmentPart, allowed: bool, later: FragmentPart) -> Optional[Reason]:
+    """What a running gateway does with a later fragment after the first fragment of a datagram
+    went by (POLICY.md, fragments): it follows an allowed first of its datagram (the same
+    addresses, identification and named protocol), unless it would overwrite the headers the
+    first carried; None: it stays dropped as a fragment."""
+    if not allowed or not first.more or first.offset or later.datagram != first.datagram:
+        return None
+    return Reason.FRAGMENT_OVERLAP if later.offset < first.headers_end else Reason.FRAGMENT_FOLLOWS

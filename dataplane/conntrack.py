@@ -111,7 +111,9 @@ class Conntrack:
         self._count_kill()
         time.sleep(SETTLE)    # (a first fragment decided before the kill has tracked its datagram)
         frags = self.bpf["zt_frags"]
-        delete_keys(frags, [k for k, _ in frags.items_lookup_batch() if (k.family, k.proto, *ends(k)) in between])
+        # (by the protocol its first fragment was decided on: the key's names IPv6's first
+        # header after the Fragment header, which may be an extension header)
+        delete_keys(frags, [k for k, v in frags.items_lookup_batch() if (k.family, v.proto, *ends(k)) in between])
         return killed
 
     def clear_flows(self) -> None:

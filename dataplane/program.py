@@ -31,6 +31,8 @@ EBPF_DIR = Path(os.environ.get("ZTGATE_EBPF_DIR", Path(__file__).resolve().paren
 ENTRY = "xdp_ztgate"
 REPLY_ENTRY = "xdp_ztgate_reply"   # for connector interfaces: replies of tracked flows only
 REDECIDE_ENTRY = "xdp_ztgate_redecide"
+# The reply entry's tail calls, by their slot in zt_reply_slow (ebpf/maps.h ZT_SLOW_*).
+TAIL_CALLS = (REDECIDE_ENTRY, "xdp_ztgate_icmp_error")
 # The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
 POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
@@ -90,9 +92,11 @@ class Program:
                 self._check_shared()
             self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
             self.reply_fn = self.bpf.load_func(REPLY_ENTRY, BPF.XDP)
-            # the reply entry's tail call, when a flow must be decided again (ebpf/ztgate.c)
+            # the reply entry's tail calls (ebpf/ztgate.c); a build from an older tree (the
+            # bench's --against-source) may have fewer slots
             slow = self.bpf["zt_reply_slow"]
-            slow[ctypes.c_int(0)] = ctypes.c_int(self.bpf.load_func(REDECIDE_ENTRY, BPF.XDP).fd)
+            for slot, entry in enumerate(TAIL_CALLS[:len(slow)]):
+                slow[ctypes.c_int(slot)] = ctypes.c_int(self.bpf.load_func(entry, BPF.XDP).fd)
         except BaseException:
             self.bpf.cleanup()
             raise

@@ -113,6 +113,13 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
 				     __u64 bytes, __u64 now)
 {
+	/* Only an echo request opens an ICMP flow: another ICMP message carries no id, and its
+	 * entry (id 0) would let echo replies with id 0 back. It is reported, as a new flow. */
+	if ((p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) && p->icmp_echo != ZT_ICMP_ECHO_REQUEST) {
+		frag_track(p, d->epoch, now);
+		event(cpu, d, p, bytes, now);
+		return;
+	}
 	struct zt_ct_key key = {};
 	ct_key_of(&key, p);
 	struct zt_ct *ct = zt_ct.lookup(&key);

@@ -1,5 +1,5 @@
 /* What a decision is, and how one is kept: the per-CPU counters by reason and the last
- * decision, which BPF_PROG_TEST_RUN callers read back. Shared by the three entries. */
+ * decision, which BPF_PROG_TEST_RUN callers read back. Shared by the entries. */
 #ifndef ZT_DECISION_H
 #define ZT_DECISION_H
 

@@ -2,8 +2,13 @@
  * packet, from its ports; if it passes, zt_frags remembers the datagram, and its later
  * fragments (which carry no ports) follow that decision for ZT_FRAG_SECONDS, in the same
  * epoch. A later fragment whose first was never seen (or was dropped) stays dropped, and one
- * that would overlap the transport header the first carried is dropped as an attack (RFC
- * 1858: a fragment that rewrites the ports or the TCP flags after the decision). */
+ * that would overlap the headers the first carried is dropped as an attack (RFC 1858: a
+ * fragment that rewrites the ports or the TCP flags after the decision). Offsets count from
+ * the start of the fragmentable part: IPv4's payload; in IPv6 what follows the Fragment
+ * header, extension headers included, so the headers end after those (zt_pkt.frag_skip). A
+ * datagram is known by the protocol its fragments' headers name (IPv6: the Fragment header's
+ * next header), which a receiver takes from the first fragment: a later fragment that names
+ * another is no part of it. */
 #ifndef ZT_FRAGMENTS_H
 #define ZT_FRAGMENTS_H
 
@@ -18,7 +23,7 @@ static __always_inline void frag_key_of(struct zt_frag_key *key, const struct zt
 	__builtin_memcpy(key->dst, p->dst, 16);
 	key->id = p->frag_id;
 	key->family = p->family;
-	key->proto = p->proto;
+	key->proto = p->frag_nh;
 }
 
 /* A first fragment passed: remember its datagram. */
@@ -27,7 +32,8 @@ static __always_inline void frag_track(const struct zt_pkt *p, __u64 epoch, __u6
 	if ((p->frag & ZT_FRAG_MORE) && !p->frag_offset) {
 		struct zt_frag_key key = {};
 		frag_key_of(&key, p);
-		struct zt_frag f = {.seen_ns = now, .epoch = epoch, .l4_len = p->l4_len};
+		struct zt_frag f = {.seen_ns = now, .epoch = epoch, .l4_end = p->frag_skip + p->l4_len,
+				    .proto = p->proto};
 		zt_frags.update(&key, &f);
 	}
 }
@@ -42,7 +48,7 @@ static __always_inline int frag_follows(const struct zt_pkt *p, __u64 epoch, __u
 	struct zt_frag *f = zt_frags.lookup(&key);
 	if (!f || !same_policy(f->epoch, epoch) || now >= f->seen_ns + ZT_FRAG_SECONDS * ZT_NSEC_PER_SEC)
 		return 0;
-	if ((__u32)p->frag_offset * ZT_FRAG_UNIT < f->l4_len)
+	if ((__u32)p->frag_offset * ZT_FRAG_UNIT < f->l4_end)
 		return ZT_REASON_FRAGMENT_OVERLAP;
 	return ZT_REASON_FRAGMENT_FOLLOWS;
 }

@@ -343,15 +343,21 @@ struct zt_frag_key {
 	__u8 dst[16];
 	__u32 id; /* the identification, as on the wire (IPv4: 16 bits) */
 	__u8 family;
-	__u8 proto;
+	__u8 proto; /* the protocol every fragment's header names (zt_pkt.frag_nh): IPv6's Fragment
+		     * header names the first header of the fragmentable part, which a later fragment
+		     * cannot change (RFC 8200: the receiver takes the first fragment's) */
 	__u16 pad;
 };
 
 struct zt_frag {
 	__u64 seen_ns; /* its first fragment (coarse clock): later ones follow for ZT_FRAG_SECONDS */
 	__u64 epoch;   /* decided in this epoch: after a change, its later fragments drop */
-	__u8 l4_len;   /* the transport header the first fragment held: a later one may not overlap it */
-	__u8 pad[7];
+	/* Where the first fragment's headers end in the fragmentable part (IPv6: the extension
+	 * headers after the Fragment header, then the transport header; IPv4: the transport
+	 * header): a later fragment may not overlap them. */
+	__u16 l4_end;
+	__u8 proto;    /* the transport protocol the first fragment was decided on */
+	__u8 pad[5];
 };
 
 ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRAG_ENTRIES);
@@ -365,8 +371,11 @@ ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRA
 #define ZT_KILL_BITS 16
 ZT_SHARED_TABLE("array", __u32, __u64, zt_epoch, 1);
 
-/* The connector side's tail call into xdp_ztgate_redecide (slot 0), when a flow must be
- * decided again (see xdp_ztgate_reply). */
-BPF_PROG_ARRAY(zt_reply_slow, 1);
+/* The connector side's tail calls (see xdp_ztgate_reply): into xdp_ztgate_redecide when a
+ * flow must be decided again, into xdp_ztgate_icmp_error for an ICMP error. Slots in the order
+ * of dataplane/program.py's TAIL_CALLS. */
+#define ZT_SLOW_REDECIDE 0
+#define ZT_SLOW_ICMP_ERROR 1
+BPF_PROG_ARRAY(zt_reply_slow, 2);
 
 #endif

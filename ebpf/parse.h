@@ -60,6 +60,13 @@ struct zt_pkt {
 	__u32 frag_id;  /* its identification (IPv4: 16 bits), as on the wire */
 	__u16 frag_offset; /* in 8-byte units */
 	__u16 l4_off;   /* where the transport header starts, from the start of the frame */
+	__u16 frag_skip; /* a fragment: bytes of its fragmentable part before the transport header
+			  * (IPv6: the extension headers after the Fragment header; IPv4: none) */
+	__u8 frag_nh;   /* a fragment: the protocol its header names, as every fragment of the
+			 * datagram carries it (IPv4: the protocol; IPv6: the Fragment header's next
+			 * header, the first header of the fragmentable part) */
+	__u8 pad;
+	__u32 l4_present; /* bytes from the transport header to the end of the IP payload */
 };
 
 #define ZT_FRAG_PART 1 /* a fragment: the first (offset 0, more to come) or a later one */
@@ -79,6 +86,7 @@ static __always_inline __u8 icmp_proto(__u8 family)
  * many bytes of it the IP length covers (never more than data_end allows). */
 static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, __u32 present)
 {
+	p->l4_present = present;
 	if (p->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 		if (present < sizeof(*th) || (void *)(th + 1) > data_end)
@@ -89,7 +97,12 @@ static __always_inline int parse_l4(struct zt_pkt *p, void *l4, void *data_end, 
 			return ZT_REASON_TCP_TRUNCATED;
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
-		p->tcp_flags = ((__u8 *)th)[ZT_TCP_FLAGS_BYTE];
+		__u8 flags = ((__u8 *)th)[ZT_TCP_FLAGS_BYTE];
+		/* (read here, under the bound just checked: clang would otherwise sink the read to
+		 * where the flags are tested, through a pointer it computes again, which the verifier
+		 * knows no bound of) */
+		asm volatile("" : "+r"(flags));
+		p->tcp_flags = flags;
 		p->l4_len = th->doff * 4;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
@@ -140,6 +153,7 @@ static __always_inline int parse_ipv4(struct zt_pkt *p, void *ip, void *data_end
 	if (iph->frag_off & bpf_htons(ZT_IP_MF | ZT_IP_OFFSET)) { /* more fragments, or an offset */
 		p->frag = ZT_FRAG_PART | (iph->frag_off & bpf_htons(ZT_IP_MF) ? ZT_FRAG_MORE : 0);
 		p->frag_id = iph->id;
+		p->frag_nh = iph->protocol;
 		p->frag_offset = bpf_ntohs(iph->frag_off) & ZT_IP_OFFSET;
 		if (p->frag_offset)
 			return ZT_REASON_IPV4_FRAGMENT;   /* no ports: conntrack may know its datagram */
@@ -169,6 +183,7 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 		return ZT_REASON_IPV6_TRUNCATED;
 	__u32 end = sizeof(*ip6) + payload; /* <= 65575 */
 	__u32 off = sizeof(*ip6);
+	__u32 fragmentable = 0; /* where the fragmentable part starts: after the Fragment header */
 	__u8 nh = ip6->nexthdr;
 
 #pragma unroll
@@ -193,7 +208,9 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 			__u16 fo = bpf_ntohs(fh->frag_off);
 			p->frag = ZT_FRAG_PART | (fo & ZT_IP6_MF ? ZT_FRAG_MORE : 0);
 			p->frag_id = fh->identification;
+			p->frag_nh = fh->nexthdr;
 			p->frag_offset = fo >> ZT_IP6_OFFSET_SHIFT;
+			fragmentable = off + size;
 			if (p->frag_offset) { /* no ports: conntrack may know its datagram */
 				p->family = 6;
 				p->proto = fh->nexthdr;
@@ -213,6 +230,8 @@ static __always_inline int parse_ipv6(struct zt_pkt *p, void *ip, void *data_end
 	__builtin_memcpy(p->src, &ip6->saddr, 16);
 	__builtin_memcpy(p->dst, &ip6->daddr, 16);
 	p->l4_off += off & 0xffff;
+	if (fragmentable)
+		p->frag_skip = off - fragmentable;
 	return parse_l4(p, ip + (off & 0xffff), data_end, end - off);
 }
 
@@ -276,23 +295,52 @@ static __always_inline int parse_frame(struct zt_pkt *p, void *data, void *data_
 #endif
 }
 
+/* Where a transport header can lie, from the start of the frame: at most two VLAN tags, the
+ * IPv6 header and 8 extension headers of at most 2048 bytes each (22 + 40 + 8 * 2048 = 16446).
+ * A mask of it keeps the verifier's bound on l4_off without folding any real offset back. */
+#define ZT_L4_OFF_MASK 0x7fff
+
+/* What an ICMP error says, and so who may send it (see icmp_error_of_flow). */
+#define ZT_QUOTE_PATH 1 /* the way to the destination failed: a router on it may say so */
+#define ZT_QUOTE_END 2  /* the destination itself refused (port or protocol unreachable, its
+			 * reassembly timed out): only the destination knows that */
+
+static __always_inline int icmp_error_kind(__u8 family, __u8 type, __u8 code)
+{
+	if (family == 4) {
+		if (type == ICMP_DEST_UNREACH)
+			return code == ICMP_PROT_UNREACH || code == ICMP_PORT_UNREACH ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+		if (type == ICMP_TIME_EXCEEDED)
+			return code == ICMP_EXC_FRAGTIME ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+		return type == ICMP_PARAMETERPROB ? ZT_QUOTE_PATH : 0;
+	}
+	if (type == ICMPV6_DEST_UNREACH)
+		return code == ICMPV6_PORT_UNREACH ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+	if (type == ICMPV6_TIME_EXCEED)
+		return code == ICMPV6_EXC_FRAGTIME ? ZT_QUOTE_END : ZT_QUOTE_PATH;
+	return type == ICMPV6_PKT_TOOBIG || type == ICMPV6_PARAMPROB ? ZT_QUOTE_PATH : 0;
+}
+
 /* An ICMP error (ICMP: destination unreachable, time exceeded, parameter problem; ICMPv6: the
  * same and packet too big), parsed as `p`, quotes the start of the packet that caused it.
- * 1 if it is such an error and the quote can be read: then `quoted` holds that packet's family,
- * protocol, addresses and ports (TCP, UDP) or echo id (an echo request), as parse_l4 reads
- * them; IPv4 options beyond 20 bytes are not followed. */
+ * Its kind (ZT_QUOTE_PATH or ZT_QUOTE_END) if it is such an error and the quote can be read
+ * within the IP payload (bytes past the IP length are padding, as everywhere); then `quoted`
+ * holds that packet's family, protocol, addresses and ports (TCP, UDP) or echo id (an echo
+ * request), as parse_l4 reads them; IPv4 options beyond 20 bytes are not followed. 0 else. */
 static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct zt_pkt *p, void *data,
 					    void *data_end)
 {
-	struct icmphdr *ic = data + (p->l4_off & 0x3ff);   /* (l4_off < 1024: a bound for the verifier) */
+	struct icmphdr *ic = data + (p->l4_off & ZT_L4_OFF_MASK);
 	void *q = ic + 1;   /* the quote follows the 8-byte header (ICMPv6's is as long) */
-	if (q + sizeof(struct iphdr) > data_end)   /* the shortest quote: an IPv4 header */
+	__u32 present = p->l4_present;
+	/* the shortest quote: an IPv4 header */
+	if (q + sizeof(struct iphdr) > data_end || present < sizeof(*ic) + sizeof(struct iphdr))
 		return 0;
+	int kind = icmp_error_kind(p->family, ic->type, ic->code);
 	__u32 hdr;
 	if (p->family == 4) {
 		struct iphdr *iph = q;
-		if (!(ic->type == ICMP_DEST_UNREACH || ic->type == ICMP_TIME_EXCEEDED ||
-		      ic->type == ICMP_PARAMETERPROB) || iph->version != 4)
+		if (!kind || iph->version != 4)
 			return 0;
 		hdr = iph->ihl * 4;
 		quoted->proto = iph->protocol;
@@ -300,8 +348,7 @@ static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct 
 		quoted->dst[0] = iph->daddr;
 	} else {
 		struct ipv6hdr *ip6 = q;
-		if (ic->type < ICMPV6_DEST_UNREACH || ic->type > ICMPV6_PARAMPROB || ip6->version != 6 ||
-		    (void *)(ip6 + 1) > data_end)
+		if (!kind || ip6->version != 6 || (void *)(ip6 + 1) > data_end)
 			return 0;
 		hdr = sizeof(*ip6);
 		quoted->proto = ip6->nexthdr;
@@ -311,21 +358,22 @@ static __always_inline int parse_icmp_quote(struct zt_pkt *quoted, const struct 
 	if (hdr < sizeof(struct iphdr) || hdr > sizeof(struct ipv6hdr))
 		return 0;
 	void *l4 = q + hdr;
-	if (l4 + sizeof(struct icmphdr) > data_end)   /* 8 bytes: ports, or an echo's id */
+	/* 8 bytes: ports, or an echo's id */
+	if (l4 + sizeof(struct icmphdr) > data_end || present < sizeof(*ic) + hdr + sizeof(struct icmphdr))
 		return 0;
 	quoted->family = p->family;
 	if (quoted->proto == IPPROTO_TCP || quoted->proto == IPPROTO_UDP) {
 		struct udphdr *ports = l4;   /* (TCP's ports are where UDP's are) */
 		quoted->sport = bpf_ntohs(ports->source);
 		quoted->dport = bpf_ntohs(ports->dest);
-		return 1;
+		return kind;
 	}
 	struct icmphdr *echo = l4;
 	if (quoted->proto == icmp_proto(p->family) &&
 	    echo->type == (p->family == 4 ? ICMP_ECHO : ICMPV6_ECHO_REQUEST)) {
 		quoted->icmp_echo = ZT_ICMP_ECHO_REQUEST;
 		quoted->icmp_id = bpf_ntohs(echo->un.echo.id);
-		return 1;
+		return kind;
 	}
 	return 0;
 }

@@ -41,10 +41,14 @@ static __always_inline int reply_open(struct xdp_md *ctx, struct zt_reply *r)
 	return 1;
 }
 
-/* The conntrack key of the flow a packet from the private side answers; 0 if it answers none. */
+/* The conntrack key of the flow a packet from the private side answers; 0 if it answers none.
+ * A reply never opens a connection: a TCP SYN without ACK from the server's side answers no
+ * flow (the device opened it; it listens on none of its ports through a connector). */
 static __always_inline int reply_key(struct zt_ct_key *key, const struct zt_pkt *p)
 {
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP && p->icmp_echo != ZT_ICMP_ECHO_REPLY)
+		return 0;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN)
 		return 0;
 	key->family = p->family;
 	key->proto = p->proto;
@@ -73,15 +77,27 @@ static __always_inline int is_icmp_error(const struct zt_pkt *p)
 
 /* An ICMP error passes when the packet it quotes is the device's own packet of a live flow of
  * this epoch (path MTU discovery needs "fragmentation needed" and "packet too big"); the
- * quoted packet must come from where the error is going. It does not keep the flow alive. */
+ * quoted packet must come from where the error is going. Who sent it: the routers between the
+ * connector and the server are not known here (WireGuard admits only sources in the
+ * connector's routes, so it is at least a host of that network), so an error from any other
+ * address than the flow's server is taken for a router's, and may say only what a router
+ * says about the way (network or host unreachable, fragmentation needed, time exceeded in
+ * transit, parameter problem); what only the server knows (its port or protocol is closed,
+ * its reassembly timed out: errors that end a connection attempt at once) must come from the
+ * server. It does not keep the flow alive. */
 static __always_inline void icmp_error_of_flow(struct zt_decision *d, const struct zt_pkt *p, void *data,
 					       void *data_end, __u64 now)
 {
 	struct zt_pkt quoted = {};
-	if (!parse_icmp_quote(&quoted, p, data, data_end))
+	int kind = parse_icmp_quote(&quoted, p, data, data_end);
+	if (!kind)
 		return;
 	if (quoted.src[0] != p->dst[0] ||
 	    (p->family != 4 && (quoted.src[1] != p->dst[1] || quoted.src[2] != p->dst[2] || quoted.src[3] != p->dst[3])))
+		return;
+	if (kind == ZT_QUOTE_END &&
+	    (quoted.dst[0] != p->src[0] ||
+	     (p->family != 4 && (quoted.dst[1] != p->src[1] || quoted.dst[2] != p->src[2] || quoted.dst[3] != p->src[3]))))
 		return;
 	struct zt_ct_key key = {};
 	ct_key_of(&key, &quoted);

@@ -4,7 +4,7 @@ import ipaddress
 import struct
 
 from scapy.layers.inet import IP, TCP, UDP, IPOption
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 from scapy.packet import Raw
 
 from control.model import Packet
@@ -72,6 +72,19 @@ UNREADABLE = [
     ("ipv6-non-first-fragment", v6(IPv6ExtHdrFragment(offset=1, nh=6) / SYN), "ipv6-fragment"),
     ("ipv6-non-first-fragment-hand", v6(Raw(ext(44, 6, frag_offset=100) + bytes(SYN)), nh=44), "ipv6-fragment"),
     ("ipv6-fragment-after-ext", v6(Raw(ext(0, 44) + ext(44, 6, frag_offset=1) + bytes(SYN)), nh=0), "ipv6-fragment"),
+    # Extension headers after the Fragment header are its fragmentable part: a later fragment
+    # names the first of them, and nothing after its Fragment header is read.
+    ("ipv6-later-fragment-naming-options", v6(Raw(ext(44, 60, frag_offset=3) + ext(60, 6) + bytes(SYN)), nh=44),
+     "ipv6-fragment"),
+    ("ipv6-later-fragment-after-options", v6(Raw(ext(60, 44) + ext(44, 43, frag_offset=1) + b"\x00" * 16), nh=60),
+     "ipv6-fragment"),
+    ("ipv6-first-fragment-options-cut", v6(IPv6ExtHdrFragment(offset=0, m=1, nh=60) / Raw(ext(60, 6, length=2)[:16])),
+     "ipv6-ext-truncated"),
+    ("ipv6-first-fragment-options-then-tcp-short",
+     v6(IPv6ExtHdrFragment(offset=0, m=1, nh=60) / IPv6ExtHdrDestOpt(nh=6) / Raw(bytes(SYN)[:12])), "tcp-short"),
+    ("ipv6-first-fragment-8-headers-then-a-ninth",
+     v6(Raw(ext(44, 60) + b"".join(ext(60, 60) for _ in range(7)) + ext(60, 6) + bytes(SYN)), nh=44),
+     "ipv6-ext-too-many"),
     ("ipv6-9-extension-headers", chain([(60, 0)] * 9), "ipv6-ext-too-many"),
     ("ipv6-9th-is-fragment", chain([(60, 0)] * 8 + [(44, 0)]), "ipv6-ext-too-many"),
     ("ipv6-ext-longer-than-payload", v6(Raw(ext(0, 6, length=1)[:8]), nh=0), "ipv6-ext-truncated"),
@@ -112,6 +125,12 @@ READABLE = [
     ("ipv6-tcp", v6(), V6_TCP),
     ("ipv6-trailing-padding", bytes(v6()) + b"\xff" * 7, V6_TCP),
     ("ipv6-first-fragment", v6(IPv6ExtHdrFragment(offset=0, m=1, nh=6) / SYN), V6_TCP),
+    ("ipv6-first-fragment-then-options",
+     v6(IPv6ExtHdrFragment(offset=0, m=1, nh=60) / IPv6ExtHdrDestOpt(nh=6) / SYN), V6_TCP),
+    ("ipv6-first-fragment-then-routing-and-options",
+     v6(IPv6ExtHdrFragment(offset=0, m=1, nh=43) / IPv6ExtHdrRouting(nh=60) / IPv6ExtHdrDestOpt(nh=6) / SYN), V6_TCP),
+    ("ipv6-options-first-fragment-options", v6(Raw(ext(60, 44) + ext(44, 60) + ext(60, 6, length=3) + bytes(SYN)), nh=60),
+     V6_TCP),
     ("ipv6-no-next-header", v6(Raw(b"\x00" * 8), nh=59), Packet(V6_TCP.src, V6_TCP.dst, 59)),
     ("ipv6-ext-then-no-next-header", chain([(0, 0)], last=59, l4=b""), Packet(V6_TCP.src, V6_TCP.dst, 59)),
     ("ipv6-8-extension-headers", chain([(0, 0), (43, 1), (60, 2), (51, 1), (44, 3), (60, 0), (43, 0), (51, 4)]), V6_TCP),

@@ -6,10 +6,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control.compiler import compile_policy
+from dataplane.reasons import Reason
 from control.model import ICMP, ICMPV6, TCP, UDP, Device, Identities, Packet, Policy, Principal, Rule, User
-from control.packets import build_raw
+from control.packets import build_raw, fragment_of
 from control.probe import kernel_verdicts, reference_verdicts
-from control.reference import decide
+from control.reference import decide, later_fragment
 
 from tests.programs import TEST_LAYOUT
 
@@ -104,11 +105,43 @@ def packets(draw, ids: Identities, policy: Policy):
     return Packet(src, dst, proto, draw(st.sampled_from(sports)), draw(st.sampled_from(dports)))
 
 
+# IPv6 extension headers that may follow a Fragment header (in the fragmentable part): kind,
+# and the length byte (destination options and routing: (n + 1) * 8 bytes; AH: (n + 2) * 4).
+FRAGMENTABLE_EXT = st.lists(st.tuples(st.sampled_from([60, 43, 51]), st.integers(0, 3)), max_size=3)
+
+
+def v6_fragment(src, dst, l4: bytes, proto: int, exts, offset: int, more: bool, nh=None, ident=7) -> bytes:
+    """IPv6, a Fragment header (offset in 8-byte units), then EXTS and L4 as its fragmentable
+    part; NH: the next header the Fragment header names (default: the first of that part)."""
+    kinds = [k for k, _ in exts] + [proto]
+    body = b"".join(bytes([kinds[i + 1], n]) + bytes((n + 2) * 4 - 2 if k == 51 else (n + 1) * 8 - 2)
+                    for i, (k, n) in enumerate(exts))
+    frag = bytes([kinds[0] if nh is None else nh, 0]) + ((offset << 3) | int(more)).to_bytes(2, "big") \
+        + ident.to_bytes(4, "big")
+    payload = frag + body + l4
+    return (bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([44, 64]) + src.packed + dst.packed
+            + payload)
+
+
+@st.composite
+def probes(draw, ids: Identities, policy: Policy):
+    """A packet by fields, or, for IPv6 TCP and UDP, its bytes as a first fragment with extension
+    headers in its fragmentable part, or as a later fragment after them."""
+    pkt = draw(packets(ids, policy))
+    if pkt.src.version == 4 or pkt.proto not in (TCP, UDP) or draw(st.integers(0, 3)):
+        return pkt
+    l4 = build_raw(pkt)[40:]
+    exts = draw(FRAGMENTABLE_EXT)
+    if draw(st.booleans()):
+        return v6_fragment(pkt.src, pkt.dst, l4, pkt.proto, exts, 0, True)
+    return v6_fragment(pkt.src, pkt.dst, l4, pkt.proto, exts, draw(st.integers(1, 8191)), draw(st.booleans()))
+
+
 @st.composite
 def cases(draw):
     ids = draw(identities())
     policy = draw(policies(ids))
-    pkts = draw(st.lists(packets(ids, policy), min_size=20, max_size=40))
+    pkts = draw(st.lists(probes(ids, policy), min_size=20, max_size=40))
     return policy, ids, pkts
 
 
@@ -157,3 +190,29 @@ def test_odd_word_counts_still_verify():
     assert (layout.who_words, layout.sport_words) == (4, 8)
     with Program(layout) as program:
         assert program.fn.fd > 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(sport=st.integers(1024, 65535), dport=st.sampled_from([22, 23, 5353, 53]), proto=st.sampled_from([TCP, UDP]),
+       exts=FRAGMENTABLE_EXT, offset=st.integers(1, 40), nh=st.sampled_from([None, 6, 17, 60, 43]))
+def test_later_fragments_follow_as_the_reference_says(program, sport, dport, proto, exts, offset, nh):
+    """A running gateway's fragments (conntrack, not a dry run): an IPv6 first fragment with
+    extension headers after its Fragment header, then a later fragment at some offset that names
+    some next header. The kernel follows, drops as an overlap, or leaves it a fragment exactly as
+    the reference's later_fragment says."""
+    from tests.app_policy import ANN6, APP6, IDS, POLICY
+    src, dst = ipaddress.ip_address(ANN6), ipaddress.ip_address(APP6)
+    pkt = Packet(src, dst, proto, sport, dport)
+    first = v6_fragment(src, dst, build_raw(pkt)[40:], proto, exts, 0, True)
+    later = v6_fragment(src, dst, b"\x00" * 24, proto, exts, offset, False, nh=nh if nh is not None else
+                        ([k for k, _ in exts] + [proto])[0])
+    program.load(compile_policy(POLICY, IDS, program.layout))
+    program.clear_flows()
+    with program.on_one_cpu() as cpu:
+        got_first = program.run(first, cpu=cpu)
+        got_later = program.run(later, cpu=cpu)
+    want = decide(POLICY, IDS, first)
+    assert got_first.verdict.label == want.verdict
+    reason = later_fragment(fragment_of(first), want.verdict == "allow", fragment_of(later))
+    assert got_later.reason == (reason or Reason.IPV6_FRAGMENT), (first.hex(), later.hex())

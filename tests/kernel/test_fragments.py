@@ -4,7 +4,7 @@ one that would overwrite the transport header the first carried. IPv4 and IPv6."
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP, fragment
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, PadN, fragment6
 
 from control.compiler import compile_policy
 from control.packets import parse_raw
@@ -95,3 +95,43 @@ def test_a_fragmented_reply_passes_whole_and_only_then(loaded, family):
     assert run(loaded, stranger[1], reply=True).verdict == Verdict.FRAGMENT
     assert run(loaded, answer[0], reply=True).reason == Reason.REPLY
     assert all(run(loaded, p, reply=True).reason == Reason.FRAGMENT_FOLLOWS for p in answer[1:])
+
+
+def v6_first_with_options(ident, dport=22, sport=44010, opts=24):
+    """A first fragment whose fragmentable part starts with OPTS bytes of Destination Options
+    (RFC 8200: headers after the Fragment header are fragmented with the payload), then a TCP SYN."""
+    return (IPv6(src=ANN6, dst=APP6) / IPv6ExtHdrFragment(nh=60, offset=0, m=1, id=ident)
+            / IPv6ExtHdrDestOpt(nh=6, options=[PadN(optdata=b"\0" * (opts - 4))])
+            / TCP(sport=sport, dport=dport, flags="S") / (b"x" * 4))
+
+
+def v6_later(ident, offset, nh, payload, more=False):
+    return IPv6(src=ANN6, dst=APP6) / IPv6ExtHdrFragment(nh=nh, offset=offset, m=int(more), id=ident) / payload
+
+
+def test_ipv6_offsets_count_the_headers_after_the_fragment_header(loaded):
+    """Issue 13, finding 1. Offsets count from the start of the fragmentable part, which holds
+    the Destination Options: with 24 bytes of them, the TCP header lies at bytes 24-43. A
+    later fragment at offset 24 would rewrite it (the ports, the flags) after the decision,
+    whatever next header it claims; one after it follows."""
+    first = v6_first_with_options(4040)
+    assert len(bytes(first[IPv6ExtHdrFragment].payload)) == 48
+    assert run(loaded, first).verdict == Verdict.ALLOW
+    telnet = bytes(TCP(sport=44010, dport=23, flags="S"))
+    assert run(loaded, v6_later(4040, 3, 6, telnet)).verdict == Verdict.FRAGMENT      # claims TCP
+    assert run(loaded, v6_later(4040, 3, 60, telnet)).reason == Reason.FRAGMENT_OVERLAP
+    assert run(loaded, v6_later(4040, 5, 60, b"x" * 16)).reason == Reason.FRAGMENT_OVERLAP
+    assert run(loaded, v6_later(4040, 6, 60, b"x" * 16)).reason == Reason.FRAGMENT_FOLLOWS
+    # the datagram's next header is the first fragment's: a later one that names another
+    # protocol is no part of it
+    assert run(loaded, v6_later(4040, 6, 6, b"x" * 16)).verdict == Verdict.FRAGMENT
+    assert run(loaded, v6_later(4040, 6, 17, b"x" * 16)).verdict == Verdict.FRAGMENT
+
+
+def test_a_kill_forgets_ipv6_datagrams_whose_first_header_is_an_option(loaded):
+    """The datagram's key names its first header after the Fragment header (here 60): the kill
+    finds it by the protocol its first fragment was decided on."""
+    import ipaddress
+    assert run(loaded, v6_first_with_options(4141, sport=44011)).verdict == Verdict.ALLOW
+    assert loaded.kill_flow(6, 6, ipaddress.ip_address(ANN6), ipaddress.ip_address(APP6), 44011, 22)
+    assert run(loaded, v6_later(4141, 6, 60, b"x" * 16)).verdict == Verdict.FRAGMENT

@@ -7,7 +7,8 @@ import ipaddress
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
+                                IPv6ExtHdrRouting)
 from scapy.packet import fuzz
 
 from control.compiler import compile_policy
@@ -34,6 +35,12 @@ VALID = [
     IPv6(src=S6, dst=D6) / TCP(sport=40000, dport=22, flags="S"),
     IPv6(src=S6, dst=D6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(sport=5000, dport=53),
     IPv6(src=S6, dst=D6) / IPv6ExtHdrFragment(offset=0, m=1) / TCP(sport=40000, dport=23),
+    # extension headers in the fragmentable part: a first fragment, and a later one after them
+    IPv6(src=S6, dst=D6) / IPv6ExtHdrFragment(offset=0, m=1, nh=60) / IPv6ExtHdrDestOpt(nh=6)
+    / TCP(sport=40000, dport=22, flags="S"),
+    IPv6(src=S6, dst=D6) / IPv6ExtHdrFragment(offset=0, m=1, nh=43) / IPv6ExtHdrRouting(nh=60)
+    / IPv6ExtHdrDestOpt(nh=17) / UDP(sport=5000, dport=53),
+    IPv6(src=S6, dst=D6) / IPv6ExtHdrFragment(offset=3, m=0, nh=60) / TCP(sport=40000, dport=23),
     IPv6(src=S6, dst=D6) / ICMPv6EchoRequest(id=3),
 ]
 

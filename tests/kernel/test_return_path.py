@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
 
 from control.compiler import compile_policy
 from control.model import Policy
@@ -247,3 +248,93 @@ def test_an_expired_flow_is_not_honoured_before_it_is_evicted(loaded):
     assert reply(loaded, reverse(fwd)).reason == Reason.NOT_REPLY
     assert ingress(loaded, fwd).retval == XDP_PASS          # the device speaks again: it lives
     assert reply(loaded, reverse(fwd)).retval == XDP_PASS
+
+# Issue 13, finding 5: what the connector side lets back, bounded.
+
+def test_a_server_side_syn_opens_nothing(loaded):
+    """A reply never opens a connection: a SYN without ACK from the server's port to the
+    device's port of a tracked flow is no reply (the device did not listen); its SYN-ACK is."""
+    fwd = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="S")
+    assert ingress(loaded, fwd).retval == XDP_PASS
+    for fwd6 in (IPv6(src=ANN6, dst=APP6) / TCP(sport=40006, dport=22, flags="S"),):
+        assert ingress(loaded, fwd6).retval == XDP_PASS
+    for syn in (IP(src=APP4, dst=ANN4) / TCP(sport=22, dport=40000, flags="S"),
+                IP(src=APP4, dst=ANN4) / TCP(sport=22, dport=40000, flags="SE"),
+                IPv6(src=APP6, dst=ANN6) / TCP(sport=22, dport=40006, flags="S")):
+        got = reply(loaded, syn)
+        assert (got.retval, got.reason) == (XDP_DROP, Reason.NOT_REPLY), syn.summary()
+    assert reply(loaded, IP(src=APP4, dst=ANN4) / TCP(sport=22, dport=40000, flags="SA")).reason == Reason.REPLY
+    assert reply(loaded, IP(src=APP4, dst=ANN4) / TCP(sport=22, dport=40000, flags="A")).reason == Reason.REPLY
+
+
+def test_only_an_echo_request_opens_an_icmp_flow(loaded):
+    """Another ICMP message from a device (allowed by the icmp rule) carries no echo id: it
+    must not make a flow that an echo reply with id 0 answers."""
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply
+    udp = IP(src=APP4, dst=ANN4) / UDP(sport=5353, dport=40004)
+    udp6 = IPv6(src=APP6, dst=ANN6) / UDP(sport=5353, dport=40007)
+    for unreach, echo_reply in ((IP(src=ANN4, dst=APP4) / ICMP(type=3, code=3) / bytes(udp),
+                                 IP(src=APP4, dst=ANN4) / ICMP(type=0, id=0, seq=1)),
+                                (IPv6(src=ANN6, dst=APP6) / ICMPv6DestUnreach(code=4) / bytes(udp6),
+                                 IPv6(src=APP6, dst=ANN6) / ICMPv6EchoReply(id=0, seq=1))):
+        assert ingress(loaded, unreach).verdict == Verdict.ALLOW
+        got = reply(loaded, echo_reply)
+        assert (got.retval, got.reason) == (XDP_DROP, Reason.NOT_REPLY), echo_reply.summary()
+
+
+def test_only_the_server_says_its_port_is_closed(loaded):
+    """An error whose sender is not the flow's server is taken for a router's on the way: it
+    may say the path failed (unreachable network or host, fragmentation needed, time exceeded),
+    never what only the server knows (its port or protocol is closed)."""
+    from scapy.layers.inet6 import ICMPv6DestUnreach
+    dns = IP(src=ANN4, dst=APP4) / UDP(sport=40004, dport=5353) / (b"x" * 8)
+    dns6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353) / (b"x" * 8)
+    assert ingress(loaded, dns).retval == XDP_PASS and ingress(loaded, dns6).retval == XDP_PASS
+    router4, router6 = "10.20.0.254", "fd20::fe"
+    for code in (2, 3):                                   # protocol, port unreachable
+        assert reply(loaded, IP(src=router4, dst=ANN4) / ICMP(type=3, code=code) / bytes(dns)).retval == XDP_DROP
+        assert reply(loaded, IP(src=APP4, dst=ANN4) / ICMP(type=3, code=code) / bytes(dns)).reason == Reason.REPLY
+    assert reply(loaded, IP(src=router4, dst=ANN4) / ICMP(type=11, code=1) / bytes(dns)).retval == XDP_DROP
+    assert reply(loaded, IPv6(src=router6, dst=ANN6) / ICMPv6DestUnreach(code=4) / bytes(dns6)).retval == XDP_DROP
+    assert reply(loaded, IPv6(src=APP6, dst=ANN6) / ICMPv6DestUnreach(code=4) / bytes(dns6)).reason == Reason.REPLY
+    for code in (0, 1, 4):                                # network, host unreachable; fragmentation needed
+        assert reply(loaded, IP(src=router4, dst=ANN4) / ICMP(type=3, code=code) / bytes(dns)).reason == Reason.REPLY
+    assert reply(loaded, IPv6(src=router6, dst=ANN6) / ICMPv6DestUnreach(code=3) / bytes(dns6)).reason == Reason.REPLY
+
+
+def test_an_error_s_quote_lies_within_its_ip_length(loaded):
+    """Bytes past the IP length are padding: a quote cut by the IP length is too short, whatever
+    follows it in the frame."""
+    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    assert ingress(loaded, ssh).retval == XDP_PASS
+    err = IP(src="10.20.0.254", dst=ANN4) / ICMP(type=3, code=4) / bytes(ssh)[:28]
+    assert reply(loaded, err).reason == Reason.REPLY
+    cut = bytearray(bytes(err))
+    cut[2:4] = (20 + 8 + 27).to_bytes(2, "big")            # the IP length ends a byte into the ports
+    got = reply(loaded, bytes(cut))
+    assert (got.retval, got.reason) == (XDP_DROP, Reason.NOT_REPLY)
+    ssh6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353)
+    assert ingress(loaded, ssh6).retval == XDP_PASS
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+    err6 = bytearray(bytes(IPv6(src="fd20::fe", dst=ANN6) / ICMPv6PacketTooBig(mtu=1280) / bytes(ssh6)))
+    assert reply(loaded, bytes(err6)).reason == Reason.REPLY
+    err6[4:6] = (8 + 40 + 7).to_bytes(2, "big")
+    assert reply(loaded, bytes(err6)).retval == XDP_DROP
+
+
+def test_an_error_after_long_extension_headers_is_read_where_it_lies(loaded):
+    """The ICMPv6 header may lie past 1 KiB of extension headers: the quote is read there, not
+    at an offset folded back into the headers (where a sender could place a quote of its choice)."""
+    dns6 = IPv6(src=ANN6, dst=APP6) / UDP(sport=40007, dport=5353)
+    assert ingress(loaded, dns6).retval == XDP_PASS
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+    fake = bytes(ICMPv6PacketTooBig(mtu=1280) / bytes(dns6))[:56]
+    options = bytes([58, 128]) + b"\x00" * 6 + fake                  # 1032 bytes of Destination Options
+    options += b"\x00" * (1032 - len(options))
+    unknown_type = bytes([200, 0, 0, 0]) + b"\x00" * 4               # an ICMPv6 informational type
+    pkt = IPv6(src="fd20::fe", dst=ANN6, nh=60) / Raw(options + unknown_type)
+    assert (40 + 1032) & 0x3ff == 48                                 # where the folded offset pointed
+    got = reply(loaded, pkt)
+    assert got.retval == XDP_DROP, got
+    real = IPv6(src="fd20::fe", dst=ANN6, nh=60) / Raw(options + bytes(ICMPv6PacketTooBig(mtu=1280) / bytes(dns6)))
+    assert reply(loaded, real).reason == Reason.REPLY

@@ -67,3 +67,27 @@ def test_ipv6_extension_header_numbers_need_raw_bytes(proto):
     with pytest.raises(InputError, match="raw"):
         packet_from_fields({"src": S6, "dst": D6, "proto": proto})
     assert packet_from_fields({"src": "100.96.0.2", "dst": "10.0.0.1", "proto": proto}).proto == proto
+
+
+def test_a_fragment_s_place_in_its_datagram():
+    """IPv6 offsets count from the end of the Fragment header, so the extension headers after it
+    are part of what a later fragment may not overwrite; the datagram is known by the next header
+    its Fragment header names."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
+    from control.packets import fragment_of
+    from control.reference import later_fragment
+    from dataplane.reasons import Reason
+    first = fragment_of(bytes(IPv6(src=S6, dst=D6) / IPv6ExtHdrFragment(nh=60, m=1, id=9) / IPv6ExtHdrDestOpt(nh=6)
+                              / TCP(dport=22)))
+    assert (first.offset, first.more, first.headers_end, first.datagram[-1]) == (0, True, 8 + 20, 60)
+
+    def later(offset, nh):
+        return fragment_of(bytes(IPv6(src=S6, dst=D6) / IPv6ExtHdrFragment(nh=nh, offset=offset, id=9) / bytes(8)))
+    assert later_fragment(first, True, later(3, 60)) == Reason.FRAGMENT_OVERLAP
+    assert later_fragment(first, True, later(4, 60)) == Reason.FRAGMENT_FOLLOWS
+    assert later_fragment(first, True, later(4, 6)) is None              # names another protocol
+    assert later_fragment(first, False, later(4, 60)) is None            # its first was not allowed
+    v4 = fragment_of(bytes(IP(src=S4, dst=D4, flags="MF", id=3) / TCP(dport=22)))
+    assert (v4.headers_end, v4.datagram[-1]) == (20, 6)
+    assert fragment_of(bytes(IP(src=S4, dst=D4) / TCP(dport=22))) is None
