@@ -7,6 +7,7 @@
  *   parse.h      reading a packet (the only code that reads packet bytes)
  *   policy.h     identify the source, classify the destination, walk the candidates
  *   conntrack.h  the established path and the flows the policy allowed (zt_ct)
+ *   kills.h      kills that outlast their flow's entry (zt_killed)
  *   fcache.h     the per-CPU flow cache in front of zt_ct
  *   fragments.h  later fragments follow their datagram's first
  *   events.h     flow events and their limiter
@@ -24,6 +25,7 @@
 #include "fragments.h"
 #include "fcache.h"
 #include "events.h"
+#include "kills.h"
 #include "conntrack.h"
 #include "reply.h"
 
@@ -112,6 +114,8 @@ int xdp_ztgate_reply(struct xdp_md *ctx)
 				zt_reply_slow.call(ctx, 0);
 				r.d.reason = ZT_REASON_INTERNAL;   /* the tail call failed: fail closed */
 			}
+		} else if (key.family && kill_of(&key, r.now)) {
+			r.d.reason = ZT_REASON_KILLED;   /* a killed flow whose entry is gone (kills.h) */
 		}
 	}
 	return reply_record(ctx, &r);
