@@ -38,6 +38,10 @@ class Conntrack:
         # as ct_alive() times an open flow out (any protocol but TCP and UDP: ICMP's).
         self._holds = {6: layout.ct_tcp_seconds, 17: layout.ct_udp_seconds}
         self._icmp_hold = layout.ct_icmp_seconds
+        try:    # (a build from an ebpf/ tree older than kills.h has none: scripts/bench --against-source)
+            self._kills = bpf["zt_killed"], bpf["zt_kills_until"]
+        except KeyError:
+            self._kills = None
 
     def kill_hold(self, proto: int) -> int:
         """Seconds a kill of a flow of this protocol holds after it is made."""
@@ -154,10 +158,12 @@ class Conntrack:
     def clear_flows(self) -> None:
         """Forget every flow, kill and fragmented datagram (the epoch moves on, so no slot of
         the flow cache holds a flow either): each flow's next packet is decided by the policy."""
-        for name in ("zt_ct", "zt_frags", "zt_killed"):
+        for name in ("zt_ct", "zt_frags"):
             self.bpf[name].items_delete_batch()     # clear() deletes key by key: seconds when full
-        gate = self.bpf["zt_kills_until"]
-        gate[0] = gate.Leaf(0)
+        if self._kills:
+            kills, gate = self._kills
+            kills.items_delete_batch()
+            gate[0] = gate.Leaf(0)
         self.next_epoch()
 
     def forget_flows(self, addresses: Iterable[Address]) -> int:

@@ -176,6 +176,10 @@ class Program:
         """End one flow: Conntrack.kill_flow."""
         return self.conntrack.kill_flow(family, proto, src, dst, sport, dport)
 
+    def kill_hold(self, proto: int) -> int:
+        """Seconds a kill holds: Conntrack.kill_hold."""
+        return self.conntrack.kill_hold(proto)
+
     def kill_flows(self, flows: Iterable[tuple]) -> int:
         """End these flows: Conntrack.kill_flows."""
         return self.conntrack.kill_flows(flows)

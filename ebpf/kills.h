@@ -21,7 +21,7 @@ static __always_inline int kills_hold(__u64 now)
 
 /* The kill that holds on this flow's tuple at `now`, or NULL. (An expired record is left for
  * userspace to sweep at its next kill: no write on this path.) */
-static __always_inline struct zt_kill *kill_of(const struct zt_ct_key *key, __u64 now)
+static __always_inline struct zt_kill *kill_of(struct zt_ct_key *key, __u64 now)
 {
 	if (!kills_hold(now))
 		return NULL;
@@ -30,7 +30,7 @@ static __always_inline struct zt_kill *kill_of(const struct zt_ct_key *key, __u6
 }
 
 /* A new connection on the tuple (a SYN the policy allowed): its kill is over. */
-static __always_inline void kill_forget(const struct zt_ct_key *key, __u64 now)
+static __always_inline void kill_forget(struct zt_ct_key *key, __u64 now)
 {
 	if (kills_hold(now))
 		zt_killed.delete(key);
