@@ -186,3 +186,16 @@ def test_a_kill_that_does_not_fit_is_refused_whole(loaded):
     assert kill(loaded, SSH)
     assert run(loaded, SSH).reason == Reason.KILLED
     assert len(list(loaded.bpf["zt_killed"].items_lookup_batch())) == 1
+
+
+def test_flows_kill_help_says_how_long_a_kill_holds_and_how_many_fit():
+    from control.cli.parser import build_parser
+    from dataplane.layout import Layout
+
+    parser = build_parser()
+    flows = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "flows")[1]
+    text = " ".join(flows._subparsers._group_actions[0].choices["kill"].format_help().split())
+    d = Layout()
+    for words in (f"TCP {d.ct_tcp_seconds} s", f"UDP {d.ct_udp_seconds} s", f"ICMP {d.ct_icmp_seconds} s",
+                  f"up to {KILL_ENTRIES} kills"):
+        assert words in text
