@@ -162,6 +162,16 @@ def test_a_kill_outlives_its_entry_s_timeout_and_ends_when_told(short, pkt, back
     assert [f["state"] for f in tracked(short, pkt)] != [CT_KILLED]
 
 
+def test_a_device_s_flows_forgotten_take_their_kills_with_them(loaded):
+    """forget_flows (a device removed or disabled: its address may go to another device): its
+    kills go too, so the address's next owner does not inherit them."""
+    assert run(loaded, SSH).retval == XDP_PASS
+    assert kill(loaded, SSH)
+    assert loaded.forget_flows([ipaddress.ip_address(ANN4)]) == 1
+    assert list(loaded.bpf["zt_killed"].items_lookup_batch()) == []
+    assert run(loaded, SSH).retval == XDP_PASS               # decided by the policy
+
+
 def _fill_kills(program, until_ns: int) -> None:
     """zt_killed full of other tuples' kills, each holding until until_ns."""
     kills = program.bpf["zt_killed"]
