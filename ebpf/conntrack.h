@@ -136,11 +136,14 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 	if (ct && ct->state == ZT_CT_KILLED && !syn && ct_alive(ct, p->proto, now))
 		return;
 	/* Nor once the killed flow's entry is gone (evicted, timed out: kills.h), while the kill
-	 * holds; a SYN ends the kill. */
-	if (syn)
-		kill_forget(&key, now);
-	else if ((!ct || !ct_alive(ct, p->proto, now)) && kill_of(&key, now))
-		return;
+	 * holds; a SYN ends the kill. (A live entry that is not killed has no kill that holds:
+	 * nothing writes one for a tuple with a kill but a SYN, which ends it.) */
+	if (!ct || !ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED) {
+		if (syn)
+			kill_forget(&key, now);
+		else if (kill_of(&key, now))
+			return;
+	}
 	/* an entry that timed out, or a killed flow's tuple opened again, starts anew */
 	if (ct && (!ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED)) {
 		zt_ct.delete(&key);
