@@ -3,9 +3,10 @@
  * an LRU and its entries time out, and a packet whose flow has no entry is decided by the
  * policy, which would open the flow again. So each kill is also written here, in a hash that
  * nothing evicts, for the hold userspace gives it (the protocol's conntrack timeout, from the
- * kill). It is read only by packets that found no live zt_ct entry (about to take the policy
- * path, or a reply about to be dropped as not-reply), and only while some kill holds
- * (zt_kills_until: one array slot, the latest hold): the established path never reads it. */
+ * kill). It is read only by device packets that found no live zt_ct entry (about to take the
+ * policy path), and only while some kill holds (zt_kills_until: one array slot, the latest
+ * hold): the established path never reads it. The connector side needs it not: a reply with
+ * no entry is dropped as not-reply, and no entry comes back while the kill holds. */
 #ifndef ZT_KILLS_H
 #define ZT_KILLS_H
 

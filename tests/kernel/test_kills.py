@@ -104,7 +104,7 @@ def test_a_killed_flow_whose_entry_is_evicted_stays_killed_both_ways(loaded, pkt
     got = run(loaded, pkt)
     assert (got.retval, got.reason, got.device) == (XDP_DROP, Reason.KILLED, first.device)
     got = run(loaded, back, reply=True)
-    assert (got.retval, got.reason) == (XDP_DROP, Reason.KILLED)
+    assert (got.retval, got.reason) == (XDP_DROP, Reason.NOT_REPLY)   # no entry: no way back
     assert tracked(loaded, pkt) == []                       # nothing brought the flow back
 
 
@@ -120,7 +120,7 @@ def test_a_killed_flow_stays_killed_when_other_flows_churn_conntrack(loaded):
             assert [loaded.run(churn, cpu=cpu).retval for _ in range(2)] == [XDP_PASS] * 2
     assert tracked(loaded, SSH) == []                       # evicted
     assert run(loaded, SSH).reason == Reason.KILLED
-    assert run(loaded, reverse(SSH), reply=True).reason == Reason.KILLED
+    assert run(loaded, reverse(SSH), reply=True).reason == Reason.NOT_REPLY
     assert tracked(loaded, SSH) == []
 
 
@@ -133,7 +133,7 @@ def test_only_a_syn_opens_the_tuple_again_after_eviction(loaded):
     synack = IP(src=ANN4, dst=APP4) / TCP(sport=41000, dport=22, flags="SA")
     assert run(loaded, synack).retval == XDP_PASS           # the policy allows it, as in flight
     assert run(loaded, SSH).reason == Reason.KILLED
-    assert run(loaded, reverse(SSH), reply=True).reason == Reason.KILLED
+    assert run(loaded, reverse(SSH), reply=True).reason == Reason.NOT_REPLY
     assert run(loaded, IP(src=ANN4, dst=APP4) / TCP(sport=41000, dport=22, flags="S")).retval == XDP_PASS
     assert run(loaded, SSH).retval == XDP_PASS
     assert run(loaded, reverse(SSH), reply=True).reason == Reason.REPLY
@@ -155,7 +155,7 @@ def test_a_kill_outlives_its_entry_s_timeout_and_ends_when_told(short, pkt, back
     time.sleep(max(0.0, last + HOLD + 0.3 - time.monotonic()))     # the entry has timed out
     assert time.monotonic() < killed_at + HOLD - 0.2, "the host was too slow for this test's timing"
     assert run(short, pkt).reason == Reason.KILLED
-    assert run(short, back, reply=True).reason == Reason.KILLED
+    assert run(short, back, reply=True).reason == Reason.NOT_REPLY
     time.sleep(max(0.0, killed_at + HOLD + 0.3 - time.monotonic()))   # the kill has ended
     assert run(short, pkt).retval == XDP_PASS
     assert run(short, back, reply=True).reason == Reason.REPLY
