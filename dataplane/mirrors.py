@@ -38,6 +38,7 @@ COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                      
 DRY_RUN_MAGIC = 0x5A544452   # ZT_DRY_RUN_MAGIC: a test run's metadata asking to decide only
 CT_OPEN, CT_CLOSING, CT_KILLED = 0, 1, 2   # enum zt_ct_state: ZT_CT_OPEN, ZT_CT_CLOSING, ZT_CT_KILLED
 KILL_BITS = 16               # ZT_KILL_BITS: the epoch's low bits count kills, the bits above the policy
+KILL_ENTRIES = 65536         # ZT_KILL_ENTRIES: kills that hold at once (zt_killed); `flows kill --help` says it
 
 CT_KEY = np.dtype([("src", "V16"), ("dst", "V16"), ("sport", "<u2"), ("dport", "<u2"), ("family", "u1"),
                    ("proto", "u1"), ("pad", "<u2")])                                       # struct zt_ct_key

@@ -37,7 +37,8 @@ TAIL_CALLS = (REDECIDE_ENTRY, "xdp_ztgate_icmp_error")
 POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
-SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags")
+SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags", "zt_killed",
+               "zt_kills_until")
 MAPS = POLICY_MAPS + SHARED_MAPS
 
 
@@ -103,7 +104,7 @@ class Program:
         self.build_seconds = time.perf_counter() - started
         self._ncpu = possible_cpus()
         self.policy_tables = PolicyTables(self.bpf, layout)
-        self.conntrack = Conntrack(self.bpf, self._ncpu)
+        self.conntrack = Conntrack(self.bpf, self._ncpu, layout)
 
     def _check_shared(self) -> None:
         """bcc reuses a pinned map without comparing it with the source: refuse one whose shape
@@ -178,6 +179,10 @@ class Program:
     def kill_flow(self, family: int, proto: int, src: Address, dst: Address, sport: int, dport: int) -> bool:
         """End one flow: Conntrack.kill_flow."""
         return self.conntrack.kill_flow(family, proto, src, dst, sport, dport)
+
+    def kill_hold(self, proto: int) -> int:
+        """Seconds a kill holds: Conntrack.kill_hold."""
+        return self.conntrack.kill_hold(proto)
 
     def kill_flows(self, flows: Iterable[tuple]) -> int:
         """End these flows: Conntrack.kill_flows."""

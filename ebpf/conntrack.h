@@ -10,6 +10,7 @@
 #include "events.h"
 #include "fcache.h"
 #include "fragments.h"
+#include "kills.h"
 #include "maps.h"
 #include "parse.h"
 
@@ -43,11 +44,21 @@ static __always_inline void ct_touch(struct zt_ct *ct, const struct zt_pkt *p, _
 		ct->state = ZT_CT_CLOSING;
 }
 
+/* A killed flow's packet: dropped, named as its device's. */
+static __always_inline void killed(struct zt_decision *d, __u32 device, __u32 ident)
+{
+	d->device = device;
+	d->ident = ident;
+	d->verdict = ZT_VERDICT_BLOCK;
+	d->reason = ZT_REASON_KILLED;
+}
+
 /* The established path: a TCP segment without SYN, a UDP datagram or an ICMP echo request of a
  * live flow that this build allowed in this epoch is allowed again by that decision, and a
- * killed flow's packet is dropped. One lookup: the flow cache's slot on this CPU, or zt_ct
- * when the slot holds another flow or is due for its check (which refills it). A SYN (a new
- * connection) and everything else is decided by the policy. Returns 1 when it decided. */
+ * killed flow's packet is dropped (also once its entry is gone: kills.h). One lookup: the
+ * flow cache's slot on this CPU, or zt_ct when the slot holds another flow or is due for its
+ * check (which refills it). A SYN (a new connection) and everything else is decided by the
+ * policy. Returns 1 when it decided. */
 static __always_inline int established(struct zt_decision *d, const struct zt_pkt *p, struct zt_cpu *cpu,
 				       __u64 bytes, int dry)
 {
@@ -78,13 +89,16 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	struct zt_ct_key key = {};
 	ct_key_of(&key, p);
 	struct zt_ct *ct = zt_ct.lookup(&key);
-	if (!ct || !ct_alive(ct, p->proto, now))
-		return 0;
+	if (!ct || !ct_alive(ct, p->proto, now)) {
+		/* no live entry: the policy decides, unless a kill outlived the entry (kills.h) */
+		struct zt_kill *k = kill_of(&key, now);
+		if (!k)
+			return 0;
+		killed(d, k->device, k->ident);
+		return 1;
+	}
 	if (ct->state == ZT_CT_KILLED) {
-		d->device = ct->device;
-		d->ident = ct->ident;
-		d->verdict = ZT_VERDICT_BLOCK;
-		d->reason = ZT_REASON_KILLED;
+		killed(d, ct->device, ct->ident);
 		return 1;
 	}
 	/* another epoch or build: decided again; a non-TCP flow due to be reported: reported */
@@ -128,6 +142,15 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 	 * would, but revives nothing) unless its tuple opens a new connection (a SYN). */
 	if (ct && ct->state == ZT_CT_KILLED && !syn && ct_alive(ct, p->proto, now))
 		return;
+	/* Nor once the killed flow's entry is gone (evicted, timed out: kills.h), while the kill
+	 * holds; a SYN ends the kill. (A live entry that is not killed has no kill that holds:
+	 * nothing writes one for a tuple with a kill but a SYN, which ends it.) */
+	if (!ct || !ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED) {
+		if (syn)
+			kill_forget(&key, now);
+		else if (kill_of(&key, now))
+			return;
+	}
 	/* an entry that timed out, or a killed flow's tuple opened again, starts anew */
 	if (ct && (!ct_alive(ct, p->proto, now) || ct->state == ZT_CT_KILLED)) {
 		zt_ct.delete(&key);

@@ -237,7 +237,8 @@ struct zt_ct_key {
 enum zt_ct_state {
 	ZT_CT_OPEN = 0,
 	ZT_CT_CLOSING = 1, /* a FIN or RST went by: ZT_CT_TCP_CLOSING_SECONDS left */
-	ZT_CT_KILLED = 2,  /* ended by `ztgate flows kill`: its packets drop until it times out */
+	ZT_CT_KILLED = 2,  /* ended by `ztgate flows kill`: its packets drop (zt_killed holds the kill
+			    * when the entry is gone) */
 };
 
 struct zt_ct {
@@ -370,6 +371,25 @@ ZT_SHARED_TABLE("lru_hash", struct zt_frag_key, struct zt_frag, zt_frags, ZT_FRA
  * compare only the bits above (same_policy). */
 #define ZT_KILL_BITS 16
 ZT_SHARED_TABLE("array", __u32, __u64, zt_epoch, 1);
+
+/* Kills that outlast their flow's entry (kills.h): the tuple (as zt_ct keys it) -> until when
+ * the kill holds. A hash, not an LRU: nothing evicts a kill. Userspace writes it (the only
+ * writer but for a SYN that reopens the tuple, which deletes its record), sweeps the expired
+ * records before each kill, and refuses a kill that does not fit: at most ZT_KILL_ENTRIES
+ * unexpired kills at once. zt_kills_until holds the latest until_ns of any kill written, so
+ * that packets read zt_killed only while some kill holds. */
+#ifndef ZT_KILL_ENTRIES
+#define ZT_KILL_ENTRIES 65536
+#endif
+
+struct zt_kill {
+	__u64 until_ns; /* coarse clock: the kill holds while now < until_ns */
+	__u32 device;   /* whose flow it was (zt_ct's device and identity class at the kill) */
+	__u32 ident;
+};
+
+ZT_SHARED_TABLE("hash", struct zt_ct_key, struct zt_kill, zt_killed, ZT_KILL_ENTRIES);
+ZT_SHARED_TABLE("array", __u32, __u64, zt_kills_until, 1);
 
 /* The connector side's tail calls (see xdp_ztgate_reply): into xdp_ztgate_redecide when a
  * flow must be decided again, into xdp_ztgate_icmp_error for an ICMP error. Slots in the order

@@ -258,10 +258,13 @@ def _flows(nouns) -> None:
     gw(fl, reads=True, run=cmd_flows)
     fk_parent = fl.add_subparsers(dest="verb", metavar="VERB")
     fk = verb(fk_parent, "kill", "end a flow, or every flow of a user or device, at once, both ways",
-        "End a tracked flow: its packets are dropped both ways (reason `killed`) until it times out "
-        "or its device opens a new connection on the same ports (decided by the policy). Give it as "
-        "`ztgate flows` prints it, or give --user or --device to end all of theirs (they stay "
-        "enrolled; to keep them out, `device disable`).",
+        "End a tracked flow: its packets are dropped both ways (reason `killed`) for its protocol's "
+        "conntrack timeout from the kill (`conntrack:` in the gateway config; by default TCP 3600 s, "
+        "UDP 120 s, ICMP 30 s), however full the flow table gets, unless its device opens a new "
+        "connection on the same ports first (a SYN, decided by the policy). Give it as `ztgate flows` "
+        "prints it, or give --user or --device to end all of theirs (they stay enrolled; to keep them "
+        "out, `device disable`). The gateway holds up to 65536 kills at once: a kill that does not fit "
+        "is refused, and nothing of it is done.",
         "ztgate flows kill tcp 100.96.0.3:40522 10.20.0.10:22\nztgate flows kill udp [fd00:5a::3]:5000 [fd20::10]:53\n"
         "ztgate flows kill --device bob-laptop")
     fk.add_argument("proto", nargs="?", choices=("tcp", "udp", "icmp"))

@@ -68,8 +68,10 @@ class FlowOps(Core):
             return {"generation": self.store.generation(), "killed": killed}
 
     def flows_kill(self, uid: int, proto: str, src: str, sport: int, dst: str, dport: int) -> dict:
-        """End one flow: its packets drop both ways until it times out or its device opens the
-        tuple again with a SYN (a new connection, decided by the policy)."""
+        """End one flow: its packets drop both ways for its protocol's conntrack timeout from the
+        kill, whatever becomes of its conntrack entry, unless its device opens the tuple again
+        with a SYN (a new connection, decided by the policy). A kill that does not fit the
+        kernel's table of kills is refused (KernelError), and nothing of it is done."""
         with self.lock:
             try:
                 s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)

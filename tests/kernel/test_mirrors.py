@@ -26,6 +26,7 @@ CONSTANTS = {
     "CT_CLOSING": "ZT_CT_CLOSING == {v}",
     "CT_KILLED": "ZT_CT_KILLED == {v}",
     "KILL_BITS": "ZT_KILL_BITS == {v}",
+    "KILL_ENTRIES": "ZT_KILL_ENTRIES == {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -576,6 +577,55 @@ def test_an_ipv4_icmp_flow_is_killed_by_its_tuple(site, alice):
         assert [f["state"] for f in icmp()] == ["killed"]
     finally:
         site.ztgate("rule", "remove", "ping-app")
+
+
+def _evict(pin_dir: str, flow: dict) -> None:
+    """Delete a flow's zt_ct entry from the gateway's pinned conntrack, as the LRU does when the
+    table is full of other flows (or as a timed-out entry is no longer honoured)."""
+    import ipaddress
+
+    import numpy as np
+
+    from dataplane.libbpf import check, libbpf, obj_get
+    from dataplane.mirrors import CT_KEY
+
+    src, dst = ipaddress.ip_address(flow["src"]), ipaddress.ip_address(flow["dst"])
+    key = np.zeros(1, CT_KEY)
+    key["src"], key["dst"] = src.packed.ljust(16, b"\0"), dst.packed.ljust(16, b"\0")
+    key["sport"], key["dport"], key["family"], key["proto"] = flow["sport"], flow["dport"], src.version, 6
+    fd = obj_get(f"{pin_dir}/zt_ct")
+    try:
+        check(libbpf().bpf_map_delete_elem(fd, key.ctypes.data), "delete the flow's zt_ct entry")
+    finally:
+        os.close(fd)
+
+
+def test_a_killed_connection_stays_killed_when_its_conntrack_entry_goes(site, alice):
+    """A real TCP connection killed with `flows kill`, whose zt_ct entry then goes (deleted as
+    eviction would): the device's next segment does not pass (without the kill table it was
+    decided by the policy and opened the flow again), nor brings the flow back; a new
+    connection to the same server passes. (This site's replies come back through an
+    unfiltered route: the connector side's half is tests/kernel/test_kills.py's.)"""
+    s = site.tcp(APP_WEB, 8080)
+    assert s is not None and site.echo(s)
+    try:
+        sport = s.getsockname()[1]
+        mine = lambda: [f for f in site.json("flows", "--device", "alice-laptop")
+                        if f["proto"] == "tcp" and f["sport"] == sport and f["dport"] == 8080]
+        (flow,) = wait_until(mine, timeout=5, what="the connection's flow")
+        site.ztgate("flows", "kill", "tcp", f"{flow['src']}:{sport}", f"{APP_WEB}:8080")
+        _evict(site.pin_dir, flow)
+        assert mine() == []
+        assert not site.echo(s, b"after the kill")
+        assert mine() == []                               # not opened again
+    finally:
+        # an abort (RST), not a close: a FIN would be retransmitted into the kill for minutes,
+        # moving the peer's counters under the tests that follow
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    fresh = site.tcp(APP_WEB, 8080)
+    assert fresh is not None and site.echo(fresh)
+    fresh.close()
 
 
 def test_identities_apply_checks_keys_and_moved_addresses_lose_their_flows(site, alice):
