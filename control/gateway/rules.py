@@ -21,7 +21,7 @@ class RuleOps(Core):
         identities = None
         if identities_text is not None:
             identities = parse_identities(parse_yaml(identities_text, identities_name), identities_name)
-            self._check_pools(identities, identities_name)
+            self._check_not_the_gateways(identities, identities_name)
         with self.lock:
             changes = policy_diff(self.policy, policy)
             if identities is not None:
@@ -52,7 +52,7 @@ class RuleOps(Core):
             out = self._commit(uid, plan)
             return {"changes": changes, "applied": True, "generation": out["generation"]}
 
-    def _check_pools(self, identities: Identities, source: str) -> None:
+    def _check_not_the_gateways(self, identities: Identities, source: str) -> None:
         """Tunnel addresses and keys must not be the gateway's own."""
         own = {a.ip for a in self.config.gateway_addresses}
         for d in identities.devices:
