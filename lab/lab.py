@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Optional
 
 from control.config import socket_path
+from lab.idp import lab as idp_lab
 
 RUN = Path("/run/ztgate-lab")
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "examples" / "lab" / "policy.yaml"
 NS_NET, NS_GW, NS_ALICE, NS_BOB, NS_CONN, NS_APP = "zt-net", "zt-gw", "zt-alice", "zt-bob", "zt-conn", "zt-app"
-NAMESPACES = (NS_NET, NS_GW, NS_ALICE, NS_BOB, NS_CONN, NS_APP)
-UNDERLAY = {NS_GW: "198.18.0.1", NS_ALICE: "198.18.0.11", NS_BOB: "198.18.0.12", NS_CONN: "198.18.0.20"}
+NS_IDP = idp_lab.NS_IDP             # the identity provider (lab/idp), 198.18.0.30
+NAMESPACES = (NS_NET, NS_GW, NS_ALICE, NS_BOB, NS_CONN, NS_APP, NS_IDP)
+UNDERLAY = {NS_GW: "198.18.0.1", NS_ALICE: "198.18.0.11", NS_BOB: "198.18.0.12", NS_CONN: "198.18.0.20",
+            NS_IDP: idp_lab.ADDRESS}
 GW_IF = "ztlab-gw"                  # WireGuard interface names are unique across namespaces
 CONNECTOR = "lab"                   # on the gateway: ztc-lab; in zt-conn: ztr-lab
 PRIVATE = "10.20.0.0/16"
@@ -34,7 +37,7 @@ USERS = (("alice@example.com", ("developers", "staff")), ("bob@example.com", ("s
 DEVICES = (("alice-laptop", "alice@example.com", NS_ALICE, "ztlab-alice"),   # enrolled in this order:
            ("bob-laptop", "bob@example.com", NS_BOB, "ztlab-bob"))           # 100.96.0.2, 100.96.0.3
 WG_IFACES = (GW_IF, f"ztc-{CONNECTOR}", f"ztr-{CONNECTOR}") + tuple(d[3] for d in DEVICES)
-PROCESSES = (("gateway", NS_GW), ("connector", NS_CONN), ("services", NS_APP))
+PROCESSES = (("gateway", NS_GW), ("connector", NS_CONN), ("services", NS_APP), ("idp", NS_IDP))
 GATEWAY_CONFIG = """\
 # the lab's gateway (spec/LAB.md); every setting: control/config.py
 socket: {socket}
@@ -187,7 +190,7 @@ def up() -> int:
 
 
 def _build() -> None:
-    total = 8
+    total = 9
     RUN.mkdir(mode=0o700, parents=True, exist_ok=True)
     _step(1, total, "namespaces, the underlay bridge (198.18.0.0/24) and the private LAN (10.20.0.0/24)")
     for ns in NAMESPACES:
@@ -213,22 +216,27 @@ def _build() -> None:
     ip("-n", NS_APP, "link", "set", "eth0", "up")
     ip("-n", NS_APP, "route", "add", "default", "via", "10.20.0.1")   # the LAN's router is the connector
 
-    _step(2, total, f"the gateway daemon in {NS_GW} (ztgate gateway run: WireGuard {GW_IF} on "
+    _step(2, total, f"the lab's CA ({RUN}/ca.pem), certificates for the IdP and the enrollment service, "
+                    f"and the identity provider in {NS_IDP} (issuer {idp_lab.ISSUER})")
+    start("idp", NS_IDP, idp_lab.prepare(RUN, USERS))
+    wait_for("the IdP serving", lambda: idp_lab.serving(RUN), log="idp")
+
+    _step(3, total, f"the gateway daemon in {NS_GW} (ztgate gateway run: WireGuard {GW_IF} on "
                     f"{UNDERLAY[NS_GW]}:51820, XDP, store, socket {socket_path()})")
     (RUN / "gateway.yaml").write_text(GATEWAY_CONFIG.format(socket=socket_path(), gw_if=GW_IF, endpoint=UNDERLAY[NS_GW],
                                                             run=RUN, pin_dir=PIN_DIR))
     start("gateway", NS_GW, ztgate() + ["gateway", "run", "--config", str(RUN / "gateway.yaml")])
     wait_for("the gateway answering on its socket", gateway_status, log="gateway")
 
-    _step(3, total, "users and groups (ztgate user add)")
+    _step(4, total, "users and groups (ztgate user add)")
     for email, groups in USERS:
         zt("user", "add", email, *[a for g in groups for a in ("--group", g)])
         print(f"      {email}: {', '.join(groups)}")
 
-    _step(4, total, f"the demo policy (ztgate policy apply {POLICY.relative_to(REPO)})")
+    _step(5, total, f"the demo policy (ztgate policy apply {POLICY.relative_to(REPO)})")
     zt("policy", "apply", str(POLICY))
 
-    _step(5, total, f"the connector: `ztgate connector add {CONNECTOR}` on the gateway, "
+    _step(6, total, f"the connector: `ztgate connector add {CONNECTOR}` on the gateway, "
                     f"`ztgate route add {PRIVATE} --connector {CONNECTOR}`, `ztgate connector run` in {NS_CONN}")
     (RUN / "connector.yaml").write_text(zt("connector", "add", CONNECTOR).stdout)
     os.chmod(RUN / "connector.yaml", 0o600)
@@ -237,7 +245,7 @@ def _build() -> None:
     wait_for("the connector's handshake with the gateway", lambda: _handshake("connector.list", CONNECTOR),
              log="connector")
 
-    _step(6, total, "devices: `ztgate device add` on the gateway, `wg-quick up` in each device namespace")
+    _step(7, total, "devices: `ztgate device add` on the gateway, `wg-quick up` in each device namespace")
     for name, email, ns, ifname in DEVICES:
         conf = RUN / f"{ifname}.conf"
         conf.write_text(zt("device", "add", name, "--user", email).stdout)
@@ -246,12 +254,12 @@ def _build() -> None:
         wait_for(f"{name}'s handshake", lambda: _handshake("device.list", name))
         print(f"      {name} ({email}) in {ns}: {_device_address(name)}")
 
-    _step(7, total, f"services on {NS_APP}: http 10.20.0.10:8080, tcp echo :22, udp echo :5353, "
+    _step(8, total, f"services on {NS_APP}: http 10.20.0.10:8080, tcp echo :22, udp echo :5353, "
                     "tcp 10.20.0.11:3389")
     start("services", NS_APP, [sys.executable, "-m", "lab.services"])
     wait_for("the services listening", lambda: "services up" in _tail(RUN / "services.log"), log="services")
 
-    _step(8, total, "a first packet: alice fetches http://10.20.0.10:8080/ through her tunnel")
+    _step(9, total, "a first packet: alice fetches http://10.20.0.10:8080/ through her tunnel")
     page = wait_for("alice's first page", lambda: http_get(NS_ALICE, "10.20.0.10", 8080), timeout=15)
     print(f"      {page.strip()}")
 
@@ -296,7 +304,9 @@ def status(as_json: bool = False) -> int:
                                   for row in json.loads(zt(noun, "list", "--json").stdout)}
         page = http_get(NS_ALICE, "10.20.0.10", 8080)
         report["check"] = {"alice_http_8080": page.strip() if page else None}
-    healthy_now = lab_gateway and bool(report["check"]["alice_http_8080"]) and all(report["processes"].values())
+    report["idp"] = _idp_status(present)
+    healthy_now = (lab_gateway and bool(report["check"]["alice_http_8080"]) and all(report["processes"].values())
+                   and report["idp"]["discovery_from_gateway"])
     report["healthy"] = healthy_now
     if as_json:
         print(json.dumps(report, indent=2))
@@ -319,7 +329,17 @@ def status(as_json: bool = False) -> int:
             print(f"{noun + ':':<11} {name:<13} {seen}")
     page = report["check"]["alice_http_8080"]
     print(f"check:      alice -> http://10.20.0.10:8080/ {'answers: ' + page if page else 'does NOT answer'}")
+    idp = report["idp"]
+    print(f"idp:        {idp['issuer']} {'answers the gateway' if idp['discovery_from_gateway'] else 'does NOT answer'}"
+          f", signing key {idp['current_kid'] or '(admin socket not answering)'}, CA {idp['ca']}")
     return 0 if healthy_now else 1
+
+
+def _idp_status(present: set[str]) -> dict:
+    keys = idp_lab.current_kids(RUN)
+    reached = NS_GW in present and sh(idp_lab.discovery_check(RUN), ns=NS_GW, check=False).returncode == 0
+    return {"issuer": idp_lab.ISSUER, "ca": str(idp_lab.Paths(RUN).ca), "discovery_from_gateway": reached,
+            "current_kid": keys["current"] if keys else None, "kids": keys["kids"] if keys else []}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,3 +307,24 @@ def cmd_lab(args) -> int:
     if args.verb == "status":
         return lab.status(as_json=args.json)
     return {"up": lab.up, "down": lab.down}[args.verb]()
+
+
+def cmd_lab_token(args) -> int:
+    from lab.idp.admin import AdminError
+    from lab.idp.lab import Paths, admin
+    from lab.lab import RUN
+
+    if not Paths(RUN).admin.exists():
+        print(f"ztgate lab token: the lab's IdP is not running (no {Paths(RUN).admin}): ztgate lab up",
+              file=sys.stderr)
+        return 1
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups is not None else None
+    client = admin(RUN)
+    try:
+        print(client.token(args.email, groups, args.ttl))
+    except AdminError as e:
+        print(f"ztgate lab token: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0

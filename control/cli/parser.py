@@ -15,6 +15,7 @@ from .changes import (cmd_connector_add, cmd_connector_list, cmd_connector_remov
                       cmd_policy_show, cmd_route_add, cmd_route_list, cmd_route_remove, cmd_rule_add,
                       cmd_rule_disable, cmd_rule_enable, cmd_rule_list, cmd_rule_move, cmd_rule_remove,
                       cmd_user_add, cmd_user_list, cmd_user_remove)
+from .changes import cmd_lab_token
 from .offline import cmd_check, cmd_explain, cmd_verdicts
 from .watch import cmd_audit, cmd_flows, cmd_flows_kill, cmd_logs, cmd_status, cmd_trace
 
@@ -345,6 +346,18 @@ def _lab_logs_trace(nouns) -> None:
         if name == "status":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.set_defaults(run=cmd_lab)
+    tk = verb(lab, "token", "print a valid ID token of the lab's IdP for a lab user",
+              "Print an ID token for EMAIL, minted and signed (current key) by the lab's identity "
+              "provider in zt-idp (spec/IDENTITY.md), so that scripts and tests enroll without a browser. "
+              "--groups sets this token's groups claim (default: the user's groups at the IdP).",
+              """
+                  ztgate lab token alice@example.com
+                  ztgate lab token bob@example.com --groups staff,developers --ttl 120
+              """)
+    tk.add_argument("email", metavar="EMAIL")
+    tk.add_argument("--groups", metavar="G,..", help="comma-separated groups for this token")
+    tk.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: the IdP's, 600 s)")
+    tk.set_defaults(run=cmd_lab_token)
 
     lg = verb(nouns, "logs", "flow events: who, what, verdict, rule, reason",
         "Flow events of the running gateway: every drop and every new allowed flow, with the "

@@ -27,6 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 import yaml
 
@@ -417,6 +418,22 @@ def test_metrics_count_passed_replies_as_passed_not_as_drops(up):
 
 
 # ---------------------------------------------------------------------------------------------
+# the lab's identity provider
+
+def test_lab_token_is_an_id_token_of_the_lab_idp(up):
+    """`ztgate lab token` prints a token the IdP in zt-idp signed: it verifies against the JWKS
+    that the IdP serves over HTTPS (the lab's CA) to the gateway's namespace."""
+    token = cli("lab", "token", "bob@example.com", "--groups", "staff,developers", "--ttl", "120").stdout.strip()
+    jwks = subprocess.run(["nsenter", f"--net=/run/netns/{NS_GW}", "curl", "-sf", "--max-time", "5", "--cacert",
+                           str(RUN / "ca.pem"), "https://198.18.0.30:8443/jwks"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout
+    key = jwt.PyJWKSet.from_dict(json.loads(jwks))[jwt.get_unverified_header(token)["kid"]]
+    claims = jwt.decode(token, key, algorithms=["RS256"], audience="ztgate", issuer="https://198.18.0.30:8443")
+    assert claims["email"] == "bob@example.com" and claims["groups"] == ["staff", "developers"]
+    assert claims["exp"] - claims["iat"] == 120 and claims["email_verified"] is True
+    assert cli_json("lab", "status")["idp"]["discovery_from_gateway"]
+
+
 # up again changes nothing; down leaves nothing
 
 def test_lab_up_again_is_idempotent(up):
@@ -433,7 +450,7 @@ def test_lab_up_again_is_idempotent(up):
 
 
 def lab_processes() -> list[str]:
-    """Live (not zombie) processes of the lab: its wireguard-go daemons, gateway, connector, services."""
+    """Live (not zombie) processes of the lab: its wireguard-go daemons, gateway, connector, services, IdP."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -449,7 +466,7 @@ def lab_processes() -> list[str]:
         if (Path(argv[0].decode(errors="replace")).name == "wireguard-go" and len(argv) > 1
                 and argv[1].decode(errors="replace") in WG_IFACES) \
                 or (("gateway run" in line or "connector run" in line) and str(RUN) in line) \
-                or "lab.services" in line:
+                or "lab.services" in line or "lab.idp serve" in line:
             found.append(f"{entry}: {line}")
     return found
 

@@ -1,0 +1,109 @@
+"""The IdP's part of the lab (spec/IDENTITY.md, "The lab"): the lab's CA, the certificates of
+the IdP (198.18.0.30) and of the gateway's enrollment service (198.18.0.1), the SCIM bearer
+token both sides share, the lab's users with their passwords, and the command that runs the
+provider in zt-idp. lab/lab.py runs that command like its other processes; `down` removes all
+of it with /run/ztgate-lab. Every path is named here (and in docs/lab.md).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from . import pki
+from .admin import AdminClient
+
+NS_IDP = "zt-idp"
+ADDRESS = "198.18.0.30"
+PORT = 8443
+ISSUER = f"https://{ADDRESS}:{PORT}"
+GATEWAY = "198.18.0.1"
+ENROLL_URL = f"https://{GATEWAY}:8443"           # the gateway's enrollment service (branch enroll)
+
+
+class Paths:
+    """Under the lab's run directory (/run/ztgate-lab)."""
+
+    def __init__(self, run: Path):
+        self.ca, self.ca_key = run / "ca.pem", run / "ca.key"
+        self.idp_cert, self.idp_key = run / "idp.pem", run / "idp.key"
+        self.enroll_cert, self.enroll_key = run / "enroll.pem", run / "enroll.key"
+        self.scim_token = run / "scim-token"
+        self.users = run / "idp-users.yaml"
+        self.state = run / "idp"                 # keys.json, users.json, issuer, admin.sock
+        self.admin = self.state / "admin.sock"
+
+
+def password(email: str) -> str:
+    """The lab users' login-form passwords: alice@example.com logs in with alice-password."""
+    return f"{email.split('@')[0]}-password"
+
+
+def _secret_file(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+def prepare(run: Path, users) -> list[str]:
+    """Make the CA, the certificates, the SCIM token and the users file; return the command
+    that serves the IdP (to run in zt-idp). users: ((email, groups), ...)."""
+    p = Paths(run)
+    pki.make_ca(p.ca, p.ca_key)
+    pki.issue(p.ca, p.ca_key, p.idp_cert, p.idp_key, [ADDRESS])
+    pki.issue(p.ca, p.ca_key, p.enroll_cert, p.enroll_key, [GATEWAY])
+    _secret_file(p.scim_token, secrets.token_urlsafe(32))
+    _secret_file(p.users, yaml.safe_dump({"users": [{"email": e, "password": password(e), "groups": list(g)}
+                                                    for e, g in users]}))
+    return [sys.executable, "-m", "lab.idp", "serve", "--listen", f"{ADDRESS}:{PORT}", "--issuer", ISSUER,
+            "--state", str(p.state), "--users", str(p.users), "--tls-cert", str(p.idp_cert),
+            "--tls-key", str(p.idp_key), "--redirect-prefix", f"{ENROLL_URL}/",
+            "--scim-url", f"{ENROLL_URL}/scim/v2", "--scim-token-file", str(p.scim_token), "--scim-ca", str(p.ca)]
+
+
+def serving(run: Path) -> bool:
+    """The IdP has bound its HTTPS port and its admin socket (it writes `issuer` after both)."""
+    return (Paths(run).state / "issuer").exists()
+
+
+def admin(run: Path) -> AdminClient:
+    return AdminClient(Paths(run).admin)
+
+
+def current_kids(run: Path) -> Optional[dict]:
+    """{"kids", "current"} from the running IdP, or None when its admin socket does not answer."""
+    if not Paths(run).admin.exists():
+        return None
+    client = admin(run)
+    try:
+        return client.keys()
+    except Exception:       # noqa: BLE001 (any failure of a status probe means "not answering")
+        return None
+    finally:
+        client.close()
+
+
+def discovery_check(run: Path) -> list[str]:
+    """curl, in the gateway's namespace, of the IdP's discovery document, checked against the
+    lab's CA: the way the gateway will reach it."""
+    return ["curl", "-sf", "--max-time", "5", "--cacert", str(Paths(run).ca),
+            f"{ISSUER}/.well-known/openid-configuration"]
+
+
+# What the lab's gateway configuration gains once the gateway has an enrollment service
+# (spec/IDENTITY.md; branch enroll): not written by the lab yet.
+GATEWAY_IDENTITY = """\
+identity:
+  issuer: {issuer}
+  client_id: ztgate
+  ca_file: {run}/ca.pem
+  session: 24h
+  listen: {gateway}:8443
+  tls_cert: {run}/enroll.pem
+  tls_key: {run}/enroll.key
+  scim_token_file: {run}/scim-token
+"""
