@@ -9,4 +9,5 @@ side and run as its own process over real HTTPS:
     admin.py      the admin channel (HTTP over a Unix socket) and its client
     scim.py       deprovisioning as a SCIM 2.0 client
     server.py     the process: `python -m lab.idp serve`
+    lab.py        its place in `ztgate lab` (zt-idp, 198.18.0.30): CA, certificates, users
 """

@@ -76,7 +76,7 @@ def serve(s: Settings) -> int:
     admin = make_server(f"unix://{sock}", 0, create_admin_app(provider, s.scim), threaded=True)
     os.chmod(sock, 0o600)
     for server in (web, admin):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     (s.state / "issuer").write_text(issuer + "\n")
     print(f"idp up: issuer {issuer}, admin {sock}, keys {', '.join(provider.keys.kids())}", flush=True)
     stop = threading.Event()

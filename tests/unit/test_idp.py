@@ -1,10 +1,14 @@
 """The lab's OpenID provider (lab/idp), as a client sees it: real HTTPS on loopback (httpx),
-tokens checked with PyJWT against the published JWKS. No root needed."""
+tokens checked with PyJWT against the published JWKS; its SCIM client against an independent
+SCIM server (the scim2-server package). No root needed."""
 import base64
 import hashlib
 import re
 import secrets
+import socket
 import ssl
+import subprocess
+import sys
 import time
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -153,3 +157,48 @@ def test_groups_and_deprovisioning(idp):
         refused = http.post(url, data={"csrf_token": _csrf(form.text), "email": "bob@example.com",
                                        "password": idp.passwords["bob@example.com"]})
         assert refused.status_code == 401
+
+
+@pytest.fixture
+def scim_server(tmp_path):
+    """An independent SCIM 2.0 service provider (the scim2-server package's own server, in
+    memory, over http on loopback) with a bearer token: (base_url, token_file)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = tmp_path / "scim-token"
+    token_file.write_text(secrets.token_urlsafe(24) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "scim2_server.testserver.cli", "--port", str(port),
+                             "--bearer-token", token_file.read_text().strip()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v2"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/ServiceProviderConfig", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline and proc.poll() is None, "scim2-server did not start"
+                time.sleep(0.1)
+        yield base, token_file
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_deprovisioning_tells_the_scim_service_provider(idp, scim_server, tmp_path):
+    base, token_file = scim_server
+    auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+    made = httpx.post(f"{base}/Users", headers=auth, json={
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "bob@example.com", "active": True})
+    assert made.status_code == 201, made.text
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    idp.set_scim(base, wrong)
+    refused = idp.deprovision("bob@example.com")["scim"]
+    assert refused["sent"] is False and refused["status"] == 401
+    idp.set_scim(base, token_file)
+    told = idp.deprovision("bob@example.com")["scim"]
+    assert told["sent"] is True and told["id"] == made.json()["id"], told
+    assert httpx.get(f"{base}/Users/{told['id']}", headers=auth).json()["active"] is False
