@@ -88,10 +88,13 @@ def current_kids(run: Path) -> Optional[dict]:
 
 
 def discovery_check(run: Path) -> list[str]:
-    """curl, in the gateway's namespace, of the IdP's discovery document, checked against the
-    lab's CA: the way the gateway will reach it."""
-    return ["curl", "-sf", "--max-time", "5", "--cacert", str(Paths(run).ca),
-            f"{ISSUER}/.well-known/openid-configuration"]
+    """A fetch, to run in the gateway's namespace, of the IdP's discovery document over HTTPS
+    checked against the lab's CA: the way the gateway will reach it (python's urllib, as
+    lab.http_get: nothing else to install)."""
+    code = ("import ssl, sys, urllib.request\n"
+            f"ctx = ssl.create_default_context(cafile={str(Paths(run).ca)!r})\n"
+            f"urllib.request.urlopen({ISSUER + '/.well-known/openid-configuration'!r}, timeout=5, context=ctx)")
+    return [sys.executable, "-c", code]
 
 
 def gateway_identity(run: Path) -> str:
