@@ -66,6 +66,17 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "trace": ("trace", {"packet": (_D, True)}, False),
     "logs": ("logs", {"cursor": (_L, False), "user": (_S, False), "verdict": (_S, False),
                       "device": (_S, False), "limit": (_I, False)}, False),
+    # sessions (spec/IDENTITY.md): the verbs, and login and renewal as the enrollment service
+    # calls them (on the socket for operators' scripts and the tests: no token is checked here;
+    # whole seconds here)
+    "device.expire": ("device_expire", {"name": (_S, True)}, True),
+    "user.expire": ("user_expire", {"email": (_S, True)}, True),
+    "session.login": ("login", {"issuer": (_S, True), "subject": (_S, True), "email": (_S, True),
+                                "provider_groups": (_L, True), "device": (_S, True), "public_key": (_S, True),
+                                "session_seconds": (_I, True)}, True),
+    "session.renew": ("renew", {"issuer": (_S, True), "subject": (_S, True), "email": (_S, True),
+                                "provider_groups": (_L, True), "device": (_S, True),
+                                "session_seconds": (_I, True)}, True),
 }
 DEFAULTS = {"dry_run": False, "with_devices": False, "limit": 50, "listen_port": None}
 
