@@ -67,8 +67,8 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "logs": ("logs", {"cursor": (_L, False), "user": (_S, False), "verdict": (_S, False),
                       "device": (_S, False), "limit": (_I, False)}, False),
     # sessions (spec/IDENTITY.md): the verbs, and login and renewal as the enrollment service
-    # calls them (on the socket for operators' scripts and the tests: no token is checked here;
-    # whole seconds here)
+    # and SCIM call them (on the socket for operators' scripts and the tests: no token is checked
+    # here; whole seconds here)
     "device.expire": ("device_expire", {"name": (_S, True)}, True),
     "user.expire": ("user_expire", {"email": (_S, True)}, True),
     "session.login": ("login", {"issuer": (_S, True), "subject": (_S, True), "email": (_S, True),
@@ -77,6 +77,8 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "session.renew": ("renew", {"issuer": (_S, True), "subject": (_S, True), "email": (_S, True),
                                 "provider_groups": (_L, True), "device": (_S, True),
                                 "session_seconds": (_I, True)}, True),
+    "user.deprovision": ("deprovision", {"email": (_S, True), "active": (_B, True)}, True),
+    "provider_group.members": ("provider_group_members", {"group": (_S, True), "emails": (_L, True)}, True),
 }
 DEFAULTS = {"dry_run": False, "with_devices": False, "limit": 50, "listen_port": None}
 

@@ -111,3 +111,33 @@ def test_a_restart_keeps_sessions_and_their_ends(site, carol):
     assert site.tcp(APP_WEB, 8080, timeout=1) is None
     login(site, carol, 3600)
     assert wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=3, what="carol after renewal")
+
+
+def call(site: Site, op: str, **args):
+    with Client(site.sock) as client:
+        return client.call(op, **args)
+
+
+def test_provider_groups_and_deprovisioning_cut_open_connections(site, carol):
+    ssh = wait_until(lambda: site.tcp(APP_WEB, 22), timeout=5, what="carol's ssh (developers)")
+    assert site.echo(ssh)
+    # SCIM Groups: developers has no members at the provider any more; carol's flows follow at once
+    assert call(site, "provider_group.members", group="developers", emails=[])["changed"] == ["carol@example.com"]
+    assert not site.echo(ssh)
+    assert site.tcp(APP_WEB, 22, timeout=1) is None
+    call(site, "provider_group.members", group="developers", emails=["carol@example.com", "nobody@example.com"])
+    ssh = wait_until(lambda: site.tcp(APP_WEB, 22), timeout=3, what="carol's ssh, a developer again")
+    # deprovisioned: her open connection ends at once, and she may not log in again
+    call(site, "user.deprovision", email="carol@example.com", active=False)
+    assert not site.echo(ssh)
+    generation = site.json("status")["generation"]
+    with pytest.raises(InputError, match="deprovisioned"):
+        login(site, carol, 3600)
+    assert site.json("status")["generation"] == generation
+    assert [u["active"] for u in site.json("user", "list") if u["email"] == "carol@example.com"] == [False]
+    assert "deprovision" in [a["what"] for a in site.json("audit", "--limit", "5")]
+    # active again: her session ended with the deprovisioning, so she logs in again
+    call(site, "user.deprovision", email="carol@example.com", active=True)
+    assert site.tcp(APP_WEB, 22, timeout=1) is None
+    login(site, carol, 3600)
+    assert wait_until(lambda: site.tcp(APP_WEB, 22), timeout=3, what="carol after logging in again")
