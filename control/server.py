@@ -79,6 +79,9 @@ OPS: dict[str, tuple[str, dict, bool]] = {
                                 "session_seconds": (_I, True)}, True),
     "user.deprovision": ("deprovision", {"email": (_S, True), "active": (_B, True)}, True),
     "provider_group.members": ("provider_group_members", {"group": (_S, True), "emails": (_L, True)}, True),
+    "scim.user": ("scim_user", {"scim_id": (_S, True), "email": (_S, True), "external_id": (_S, False),
+                                "active": (_B, True)}, True),
+    "scim.user_delete": ("scim_user_delete", {"scim_id": (_S, True)}, True),
 }
 DEFAULTS = {"dry_run": False, "with_devices": False, "limit": 50, "listen_port": None}
 

@@ -141,3 +141,22 @@ def test_provider_groups_and_deprovisioning_cut_open_connections(site, carol):
     assert site.tcp(APP_WEB, 22, timeout=1) is None
     login(site, carol, 3600)
     assert wait_until(lambda: site.tcp(APP_WEB, 22), timeout=3, what="carol after logging in again")
+
+
+def test_scim_deactivation_and_deletion(site, carol):
+    """Last: carol goes. SCIM binds her by email, deactivating her cuts her open connection at
+    once, and deleting her removes her devices."""
+    created = call(site, "scim.user", scim_id="scim-erin", email="erin@example.com", active=True)
+    assert created["created"] and "erin@example.com" in [u["email"] for u in site.json("user", "list")]
+    bound = call(site, "scim.user", scim_id="scim-carol", email="carol@example.com", external_id="c-1", active=True)
+    assert not bound["created"]
+    with pytest.raises(InputError, match="another SCIM user"):
+        call(site, "scim.user", scim_id="scim-other", email="carol@example.com", active=True)
+    web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=5, what="carol's connection")
+    assert site.echo(web)
+    call(site, "scim.user", scim_id="scim-carol", email="carol@example.com", external_id="c-1", active=False)
+    assert not site.echo(web)
+    out = call(site, "scim.user_delete", scim_id="scim-carol")
+    assert out["devices_removed"] == ["carol-laptop"]
+    assert "carol-laptop" not in [d["name"] for d in site.json("device", "list")]
+    assert {"scim user", "deprovision", "scim user delete"} <= {a["what"] for a in site.json("audit", "--limit", "10")}
