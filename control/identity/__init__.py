@@ -1,0 +1,1 @@
+"""Identity from the IdP (issue 14): config, token verification, the enrollment service."""
