@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.mirrors import FIRST_CHILD_NODE, NODE_FLAG, V4_TOP, V6_TOP
+from dataplane.mirrors import FIRST_CHILD_NODE, IDENT_EXPIRED, NODE_FLAG, V4_TOP, V6_TOP
 
 from .errors import InputError
 from .model import Address, Device, Identities, Policy, Rule, User
@@ -285,7 +286,7 @@ class Sources:
         key = user.key
         bits = self.by_principal.get(("user", key), 0)
         group_bits = self.group_bits
-        for g in user.groups:
+        for g in user.all_groups:
             bits |= group_bits.get(g, 0)
         for g in self.local_groups.get(key, ()):
             bits |= group_bits.get(g, 0)
@@ -313,9 +314,14 @@ class Sources:
         pool4, pool6, src_hash = {}, {}, {}
         pools = {4: (pool4, self.layout.pool4_base), 6: (pool6, self.layout.pool6_base)}
         by_user: dict[str, int] = {}        # email -> identity class, for devices with no bits of their own
+        now = time.time()
         for d in devices:
             extra = self.by_principal.get(("device", d.name), 0) | self.any_principal
             device = self.device_ids[d.name]
+            if identities.session_expired(d, now):
+                for addr in d.addresses:
+                    self.place(addr, (IDENT_EXPIRED, device), pool4, pool6, src_hash)
+                continue
             ident = None if extra or self.src_conditional else by_user.get(d.user)
             for addr in d.addresses:
                 if ident is None or self.src_conditional:
@@ -335,11 +341,15 @@ class Sources:
         disabled device's addresses get ident 0 (unknown). New devices get new ids, new
         bit patterns new identity classes (ident_row() gives their rows)."""
         out = []
+        now = time.time()
         for d in devices:
             if d.name not in self.device_ids:
                 self.device_ids[d.name] = len(self.device_ids) + 1
             if not d.enabled:
                 out += [(a, 0, 0) for a in d.addresses]
+                continue
+            if identities.session_expired(d, now):   # its packets drop as session-expired
+                out += [(a, IDENT_EXPIRED, self.device_ids[d.name]) for a in d.addresses]
                 continue
             ub = self.user_bits(identities.user(d.user))
             for a in d.addresses:

@@ -31,7 +31,7 @@ from dataplane.conntrack import SETTLE
 from dataplane.errors import KernelError, ZtError
 from dataplane.layout import POOL_BITS, Layout
 from dataplane.libbpf import unpin_all
-from dataplane.mirrors import CT_CLOSING, CT_KILLED, CT_OPEN
+from dataplane.mirrors import CT_CLOSING, CT_KILLED, CT_OPEN, IDENT_EXPIRED
 from dataplane.program import Program
 from dataplane.testrun import RunResult
 
@@ -177,6 +177,13 @@ class Kernel:
             build.program.next_epoch()
             build.program.forget_flows(addr for addr, ident, _ in entries if not ident)
         return Staged(apply, lambda: None)
+
+    def expired_devices(self, devices: list[Device]) -> set[str]:
+        """The names of these devices whose source entries in the build in force say their
+        session is over (what the session clock has written already)."""
+        program = self.build.program
+        return {d.name for d in devices
+                if all(ident == IDENT_EXPIRED for _, ident, _ in program.sources_of(d.addresses))}
 
     @staticmethod
     def _next_epoch(program: Program) -> None:

@@ -15,11 +15,24 @@ from .protocols import ICMP, ICMPV6, PROTOCOL_NAMES, TCP, UDP  # noqa: F401 (imp
 @dataclass(frozen=True)
 class User:
     email: str                 # as written; compare with .key
-    groups: tuple[str, ...]    # identity-provider groups
+    groups: tuple[str, ...]    # the gateway's groups (`ztgate user add --groups`, group member)
+    # From the identity provider (IDENTITY.md): who the user is there, the groups its tokens
+    # and SCIM name, and whether it may log in. A user made by hand has none of them.
+    provider_groups: tuple[str, ...] = ()
+    issuer: Optional[str] = None
+    subject: Optional[str] = None
+    active: bool = True
+    scim_id: Optional[str] = None
+    external_id: Optional[str] = None
 
     @property
     def key(self) -> str:
         return self.email.lower()
+
+    @property
+    def all_groups(self) -> tuple[str, ...]:
+        """The groups rules see: the gateway's and the identity provider's."""
+        return tuple(dict.fromkeys(self.groups + self.provider_groups))
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,10 @@ class Device:
     tunnel_ipv6: Optional[ipaddress.IPv6Address] = None
     public_key: Optional[str] = None
     enabled: bool = True
+    session_expires: Optional[float] = None   # unix seconds; None: enrolled by hand, never expires
+
+    def session_over(self, now: float) -> bool:
+        return self.session_expires is not None and self.session_expires <= now
 
     @property
     def addresses(self) -> tuple[Address, ...]:
@@ -47,6 +64,12 @@ class Identities:
     def find_user(self, email: str) -> Optional[User]:
         """The user with this email (compared case-insensitively), or None."""
         return self._users_by_key.get(email.lower())
+
+    def session_expired(self, device: Device, now: float) -> bool:
+        """An enabled device whose packets drop as session-expired at NOW: its session is
+        over, or its user was deprovisioned (inactive)."""
+        user = self._users_by_key.get(device.user)
+        return device.session_over(now) or (user is not None and not user.active)
 
     @property
     def _users_by_key(self) -> dict[str, User]:
@@ -101,7 +124,7 @@ class Policy:
     def groups_of(self, user: User) -> frozenset[str]:
         """Identity-provider groups plus every local group that lists the user."""
         local = {g for g, members in self.groups.items() if user.key in members}
-        return frozenset(user.groups) | local
+        return frozenset(user.all_groups) | local
 
 
 @dataclass(frozen=True)

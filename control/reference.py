@@ -4,6 +4,7 @@ Every kernel test compares the eBPF data plane against decide().
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +80,8 @@ def trace(policy: Policy, identities: Identities, probe: Probe):
     who = identify(policy, identities, probe.src)
     if who is None:
         return Decision("unknown", None, Reason.UNKNOWN_SOURCE.label), []
+    if identities.session_expired(who.device, time.time()):
+        return Decision("block", None, Reason.SESSION_EXPIRED.label), []
     misses = []
     for rule in policy.ordered_rules:
         reason = why_not(rule, who, probe)

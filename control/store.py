@@ -51,6 +51,26 @@ CREATE TABLE routes (
 # What each schema version adds to the one before (a database is migrated in place on open).
 MIGRATIONS = {2: SCHEMA[SCHEMA.index("CREATE TABLE connectors"):]}
 
+# Schema 3: users and devices from the identity provider (IDENTITY.md). A user is keyed there
+# by (issuer, subject), unique when set (SQLite's unique indexes let NULLs repeat); its
+# provider groups are a JSON list; `active` 0: deprovisioned (its devices' packets drop and
+# it may not log in). A device's session_expires: unix seconds; NULL: no session.
+IDP_COLUMNS = """
+ALTER TABLE users ADD COLUMN issuer TEXT;
+ALTER TABLE users ADD COLUMN subject TEXT;
+ALTER TABLE users ADD COLUMN provider_groups TEXT;
+ALTER TABLE users ADD COLUMN active INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE users ADD COLUMN scim_id TEXT;
+ALTER TABLE users ADD COLUMN external_id TEXT;
+CREATE UNIQUE INDEX users_idp_subject ON users(issuer, subject);
+CREATE UNIQUE INDEX users_scim_id ON users(scim_id);
+ALTER TABLE devices ADD COLUMN session_expires REAL;
+"""
+SCHEMA += IDP_COLUMNS
+MIGRATIONS[3] = IDP_COLUMNS
+SCHEMA_VERSION = 3
+USER_COLUMNS = "email, issuer, subject, provider_groups, active, scim_id, external_id"
+
 
 class Store:
     """One database file. Not thread-safe by itself: the daemon serialises calls."""
@@ -110,13 +130,15 @@ class Store:
         groups: dict[str, list[str]] = {}
         for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY grp"):
             groups.setdefault(user.lower(), []).append(grp)
-        users = tuple(User(email, tuple(groups.get(email.lower(), ())))
-                      for (email,) in self.db.execute("SELECT email FROM users ORDER BY rowid"))
+        users = tuple(User(email, tuple(groups.get(email.lower(), ())), tuple(json.loads(pg or "[]")), issuer,
+                           subject, bool(active), scim_id, external_id)
+                      for email, issuer, subject, pg, active, scim_id, external_id in self.db.execute(
+                          f"SELECT {USER_COLUMNS} FROM users ORDER BY rowid"))
         devices = tuple(
             Device(name, user.lower(), ipaddress.IPv4Address(v4), ipaddress.IPv6Address(v6) if v6 else None,
-                   key, bool(enabled))
-            for name, user, key, v4, v6, enabled in self.db.execute(
-                "SELECT name, user, public_key, tunnel_ipv4, tunnel_ipv6, enabled FROM devices "
+                   key, bool(enabled), expires)
+            for name, user, key, v4, v6, enabled, expires in self.db.execute(
+                "SELECT name, user, public_key, tunnel_ipv4, tunnel_ipv6, enabled, session_expires FROM devices "
                 "ORDER BY rowid"))
         return Identities(users, devices)
 
@@ -188,7 +210,7 @@ class Change:
             raise InputError(f"store refused the change: {e}") from None
 
     def add_user(self, email: str, groups=()) -> None:
-        self._exec("INSERT INTO users VALUES (?, ?)", (email, time.time()))
+        self._exec("INSERT INTO users (email, created) VALUES (?, ?)", (email, time.time()))
         self.set_user_groups(email, groups)
 
     def remove_user(self, email: str) -> None:
@@ -207,9 +229,9 @@ class Change:
         self._exec("DELETE FROM groups WHERE name=?", (name,))
 
     def add_device(self, d: Device) -> None:
-        self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (d.name, d.user, d.public_key, str(d.tunnel_ipv4),
-                    str(d.tunnel_ipv6) if d.tunnel_ipv6 else None, int(d.enabled), time.time()))
+                    str(d.tunnel_ipv6) if d.tunnel_ipv6 else None, int(d.enabled), time.time(), d.session_expires))
 
     def set_device_enabled(self, name: str, enabled: bool) -> None:
         self._exec("UPDATE devices SET enabled=? WHERE name=?", (int(enabled), name))
@@ -245,13 +267,32 @@ class Change:
         for table in ("devices", "members", "users", "groups"):
             self._exec(f"DELETE FROM {table}")
         now = time.time()
-        self.db.executemany("INSERT INTO users VALUES (?, ?)", [(u.email, now) for u in identities.users])
+        self.db.executemany(f"INSERT INTO users ({USER_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [_user_row(u) + (now,) for u in identities.users])
         groups = sorted({g for u in identities.users for g in u.groups})
         self.db.executemany("INSERT INTO groups VALUES (?, ?)", [(g, now) for g in groups])
         self.db.executemany("INSERT INTO members VALUES (?, ?)",
                             [(g, u.email) for u in identities.users for g in dict.fromkeys(u.groups)])
         for d in identities.devices:
-            self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (d.name, d.user, d.public_key, str(d.tunnel_ipv4),
                         str(d.tunnel_ipv6) if d.tunnel_ipv6 else None, int(d.enabled),
-                        created.get(d.name, now)))
+                        created.get(d.name, now), d.session_expires))
+
+    # users and devices from the identity provider (schema 3)
+
+    def put_idp_user(self, u: User) -> None:
+        """Add U, or write its identity-provider fields (not its gateway groups) if it exists."""
+        row = _user_row(u)
+        self._exec(f"INSERT INTO users ({USER_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                   "ON CONFLICT(email) DO UPDATE SET issuer=?, subject=?, provider_groups=?, active=?, scim_id=?, "
+                   "external_id=?", row + (time.time(),) + row[1:])
+
+    def set_session(self, device: str, expires: Optional[float]) -> None:
+        self._exec("UPDATE devices SET session_expires=? WHERE name=?", (expires, device))
+
+
+def _user_row(u: User) -> tuple:
+    """A user's USER_COLUMNS values."""
+    return (u.email, u.issuer, u.subject, json.dumps(list(u.provider_groups)), int(u.active), u.scim_id,
+            u.external_id)

@@ -27,6 +27,7 @@ FIRST_CHILD_NODE = 512       # past both first strides (V6_TOP + 256): where chi
 PORT_END = 0x10000           # port-table padding (struct zt_ports lo[]): above every port
 
 SRC = np.dtype([("ident", "<u4"), ("device", "<u4")])                                     # struct zt_src
+IDENT_EXPIRED = 0xFFFFFFFF    # ZT_IDENT_EXPIRED: a source entry's ident for a device whose session is over
 SRC_KEY = Packed((("family", "I"), ("addr", "16s")))                                      # struct zt_src_key
 CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])  # zt_cand
 CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp

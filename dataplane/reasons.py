@@ -45,6 +45,7 @@ class Reason(IntEnum):
     KILLED = 26
     FRAGMENT_FOLLOWS = 27
     FRAGMENT_OVERLAP = 28
+    SESSION_EXPIRED = 29
 
     @property
     def label(self) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import TablesDoNotFit
 from .layout import POOL_BITS, Layout
-from .mirrors import PORT_END, SRC_KEY
+from .mirrors import IDENT_EXPIRED, PORT_END, SRC_KEY
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -105,7 +105,7 @@ class PolicyTables:
         8-byte load. A hash entry is one bpf_map_update_elem or delete_elem, which replaces
         the element under RCU. Entries are written one after another, not as a transaction."""
         for addr, ident, device in entries:
-            if not 0 <= ident < self.layout.max_idents:
+            if not 0 <= ident < self.layout.max_idents and ident != IDENT_EXPIRED:
                 raise ValueError(f"{addr}: identity class {ident} is outside 0..{self.layout.max_idents - 1}")
             if not 0 <= device < 1 << 32:
                 raise ValueError(f"{addr}: device id {device} does not fit 32 bits")

@@ -64,6 +64,9 @@ struct zt_src {
 	__u32 ident;
 	__u32 device;
 };
+/* The ident of a device whose session is over (or whose user was deprovisioned): its packets
+ * drop as session-expired, naming the device; no identity class has this id. */
+#define ZT_IDENT_EXPIRED 0xFFFFFFFFU
 
 /* Tunnel addresses outside the pools. family first so that v4 and v6 keys never collide. */
 struct zt_src_key {

@@ -148,6 +148,11 @@ static __always_inline void decide(struct zt_decision *d, const struct zt_pkt *p
 		return;
 	}
 	d->device = src.device;
+	if (src.ident == ZT_IDENT_EXPIRED) {
+		d->verdict = ZT_VERDICT_BLOCK;
+		d->reason = ZT_REASON_SESSION_EXPIRED;
+		return;
+	}
 	d->ident = src.ident;
 	__u32 ident = src.ident;
 	struct zt_ident *who = zt_idents.lookup(&ident);

@@ -44,6 +44,7 @@ enum zt_reason {
 	ZT_REASON_KILLED = 26,            /* a packet of a flow ended by `ztgate flows kill` */
 	ZT_REASON_FRAGMENT_FOLLOWS = 27,  /* a later fragment of a datagram whose first was allowed */
 	ZT_REASON_FRAGMENT_OVERLAP = 28,  /* a later fragment that would overwrite the transport header */
+	ZT_REASON_SESSION_EXPIRED = 29,   /* to or from a device whose session with the identity provider is over */
 	ZT_REASON__MAX
 };
 

@@ -149,7 +149,7 @@ static __always_inline void decide_again(struct zt_decision *d, struct zt_ct *ct
 	} else {
 		if (!dry)
 			zt_ct.delete(key);
-		d->reason = ZT_REASON_REVOKED;
+		d->reason = again.reason == ZT_REASON_SESSION_EXPIRED ? ZT_REASON_SESSION_EXPIRED : ZT_REASON_REVOKED;
 		d->rule = again.rule;
 	}
 }
@@ -166,6 +166,10 @@ static __always_inline int reply_record(struct xdp_md *ctx, struct zt_reply *r)
 		__u64 both = to ? *(const __u64 *)to : 0;
 		d->ident = (__u32)both;
 		d->device = (__u32)(both >> 32);
+		/* (on the drop path only: a reply towards a device whose session is over, once
+		 * its flow is gone, is named for the session, not as not-reply) */
+		if (d->ident == ZT_IDENT_EXPIRED && d->reason == ZT_REASON_NOT_REPLY)
+			d->reason = ZT_REASON_SESSION_EXPIRED;
 	}
 	account(r->cpu, d, bytes, r->dry);
 	if (d->verdict == ZT_VERDICT_ALLOW || d->verdict == ZT_VERDICT_PASS)

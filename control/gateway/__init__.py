@@ -6,6 +6,8 @@ and only validates a request and states its Plan:
 
   rules.py        policy apply and the rule verbs (diff.py: what policy apply prints)
   identities.py   users, groups, devices and their pool addresses
+  sessions.py     users and devices from the identity provider: login, renewal, expiry, SCIM
+                  (expiry.py: the clock that ends sessions at their time)
   connectors.py   connectors and the routes of private prefixes to them
   flows.py        conntrack's flows: list and kill
   views.py        status, the lists, policy/identities show, audit, trace
@@ -21,10 +23,11 @@ from .core import ONLINE_SECONDS
 from .flows import FlowOps
 from .identities import IdentityOps
 from .rules import RuleOps
+from .sessions import SessionOps, SessionRefused
 from .views import Views
 
-__all__ = ["Gateway", "ONLINE_SECONDS"]
+__all__ = ["Gateway", "ONLINE_SECONDS", "SessionRefused"]
 
 
-class Gateway(RuleOps, IdentityOps, ConnectorOps, FlowOps, Views):
+class Gateway(RuleOps, SessionOps, IdentityOps, ConnectorOps, FlowOps, Views):
     """One gateway: Core's state and transaction, with every operation family's methods."""

@@ -12,6 +12,7 @@ from ..yamlfile import parse_yaml
 from . import steps
 from .core import Core, Plan
 from .diff import identities_diff, policy_diff
+from .sessions import kept_from_provider
 
 
 class RuleOps(Core):
@@ -23,6 +24,8 @@ class RuleOps(Core):
             identities = parse_identities(parse_yaml(identities_text, identities_name), identities_name)
             self._check_not_the_gateways(identities, identities_name)
         with self.lock:
+            if identities is not None:
+                identities = kept_from_provider(self.identities, identities)
             changes = policy_diff(self.policy, policy)
             if identities is not None:
                 changes += identities_diff(self.identities, identities)
