@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.programs", "tests.fixtures.lab"]
+pytest_plugins = ["tests.fixtures.programs", "tests.fixtures.lab", "tests.fixtures.idp"]
 
 
 def kernel_missing() -> str:
