@@ -17,6 +17,7 @@ the rest of the file: every refusal names the key.
       tls_key: /etc/ztgate/enroll.key
       scim_token_file: /etc/ztgate/scim-token   # optional: enables /scim/v2
       public_url: https://gw.example.com:8443   # optional: the page's own URL (its redirect URI)
+      rate_limit: 20                        # requests a second per client address (3 s of them at once)
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 
 REQUIRED = ("issuer", "client_id", "listen", "tls_cert", "tls_key")
 OPTIONAL = ("client_secret_file", "audiences", "ca_file", "email_claim", "groups_claim", "allowed_domains",
-            "session", "scim_token_file", "public_url")
+            "session", "scim_token_file", "public_url", "rate_limit")
 DURATION = re.compile(r"(\d+)([smhd]?)\Z")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 SESSION_MIN, SESSION_MAX = 60, 365 * 86400
@@ -52,6 +53,7 @@ class IdentityConfig:
     session: int = 86400
     scim_token_file: Optional[Path] = None
     public_url: Optional[str] = None
+    rate_limit: int = 20
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -155,4 +157,9 @@ def parse_identity(doc: Any, bad: Callable[[str, str], Exception]) -> IdentityCo
             raise bad("identity.session", f"must be a duration from 1m to 365d (such as 90s, 15m, 24h, 7d), "
                                           f"got {doc['session']!r}")
         values["session"] = seconds
+    if "rate_limit" in doc:
+        v = doc["rate_limit"]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 100_000:
+            raise bad("identity.rate_limit", f"must be requests a second from 1 to 100000, got {v!r}")
+        values["rate_limit"] = v
     return IdentityConfig(**values)

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 log = logging.getLogger("ztgate.enroll")
 
 MAX_BODY = 256 << 10          # bytes: a SCIM group of a few thousand members; a device is ~100
-RATE = 20.0                   # requests a second per client address, sustained
+RATE = 20.0                   # requests a second per client address, sustained (identity.rate_limit)
 BURST = 60                    # and at once
 MAX_CLIENTS = 10_000          # rate buckets kept; idle ones are forgotten first
 

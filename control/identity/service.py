@@ -48,7 +48,7 @@ class EnrollmentService:
         app = Starlette(routes=routes, exception_handlers={
             Refusal: on_refusal, BodyTooLarge: on_too_large, HTTPException: on_http, Exception: on_crash})
         app.state.service = self
-        self.app = Limits(app)
+        self.app = Limits(app, rate=self.cfg.rate_limit, burst=3 * self.cfg.rate_limit)
         host, port = self.cfg.listen_address
         self.uvicorn = uvicorn.Config(self.app, host=host, port=port, ssl_certfile=str(self.cfg.tls_cert),
                                       ssl_keyfile=str(self.cfg.tls_key), log_level="warning", access_log=False,

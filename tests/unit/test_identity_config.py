@@ -45,6 +45,7 @@ def test_defaults_and_every_key():
     ({"session": "1w"}, "identity.session: must be a duration from 1m to 365d"),
     ({"session": 10}, "identity.session: must be a duration from 1m to 365d"),
     ({"public_url": "http://gw.example.com"}, "identity.public_url: 'http://gw.example.com': the enrollment page"),
+    ({"rate_limit": 0}, "identity.rate_limit: must be requests a second from 1 to 100000, got 0"),
     ({"scim_token": "/t"}, "identity: unknown setting 'scim_token' (known: issuer, client_id,"),
 ])
 def test_refusals_name_the_key(changes, message):
