@@ -63,6 +63,7 @@ class EnrollmentService:
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
+        t0 = time.monotonic()
         self.thread = threading.Thread(target=self._serve, name="enroll", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + START_SECONDS
@@ -70,7 +71,8 @@ class EnrollmentService:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise ZtError(f"the enrollment service could not listen on {self.cfg.listen} (see the log)")
             time.sleep(0.01)
-        log.info("enrollment service on https://%s", self.cfg.listen)
+        log.info("enrollment service on https://%s (listening in %.0f ms)", self.cfg.listen,
+                 1000 * (time.monotonic() - t0))
 
     def _serve(self) -> None:
         asyncio.run(self.server.serve())
