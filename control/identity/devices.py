@@ -2,6 +2,7 @@
 
     POST /v1/devices                 Bearer <ID token>  {"name", "public_key"}  -> 201 (200: renewed)
     POST /v1/devices/{name}/session  Bearer <ID token>                          -> 200
+    GET  /v1/oidc                    the IdP a device logs in with: {"issuer", "client_id"}
 
 Answers {"device", "addresses", "session_expires", "config"} where config is a wg-quick
 configuration without its PrivateKey line. Refusals: 400 bad input, 401 a token that fails a
@@ -50,6 +51,11 @@ async def renew(request: Request) -> JSONResponse:
     return JSONResponse(answer(out))
 
 
+async def oidc(request: Request) -> JSONResponse:
+    cfg = request.app.state.service.cfg
+    return JSONResponse({"issuer": cfg.issuer, "client_id": cfg.client_id})
+
+
 def check_name(name: Any) -> str:
     if not isinstance(name, str) or not DEVICE_NAME.match(name):
         raise Refusal(400, f"name {str(name)[:80]!r}: a device name matches [a-z0-9][a-z0-9._-]{{0,62}}")
@@ -67,4 +73,5 @@ def answer(out: dict) -> dict:
 
 
 ROUTES = [Route("/v1/devices", enroll, methods=["POST"]),
-          Route("/v1/devices/{name}/session", renew, methods=["POST"])]
+          Route("/v1/devices/{name}/session", renew, methods=["POST"]),
+          Route("/v1/oidc", oidc, methods=["GET"])]

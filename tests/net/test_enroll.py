@@ -346,3 +346,52 @@ def test_fuzzed_requests_change_nothing(site):
     assert sum(statuses.values()) == FUZZ_REQUESTS and all(400 <= s < 500 or s == 200 for s in statuses)
     assert site.daemon.poll() is None
     assert site.snapshot() == before
+
+
+def approve(site, browser: httpx.Client, url: str, email: str, code: str | None = None) -> httpx.Response:
+    """A person at the IdP's form (a login, or a device code to approve), as a browser in gw."""
+    with site.ns.inside("gw"):
+        form = browser.get(url)
+        csrf = form.text.split('name="csrf_token" value="')[1].split('"')[0]
+        data = {"csrf_token": csrf, "email": email, "password": site.idp.passwords[email]}
+        if code is not None:
+            data["user_code"] = code
+        return browser.post(url if code is None else url.split("?")[0], data=data)
+
+
+def login_cli(site, config: Path, *flags) -> subprocess.Popen:
+    """`ztgate login` on a machine that reaches both the gateway and the IdP (gw's namespace)."""
+    return site.ns.popen("gw", PYTHON, "-m", "control.cli", "login", "--gateway", URL, "--ca", site.idp.ca_file,
+                         "--config", config, "--json", *flags, cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+
+
+def test_ztgate_login_by_device_grant_and_by_code_flow_then_renews(site):
+    config = site.tmp / "dave-laptop.conf"
+    for run in range(2):                       # the second run renews with the same key
+        cli = login_cli(site, config, "--name", "dave-laptop", "--flow", "device")
+        line = cli.stderr.readline()
+        assert line.startswith("To log in, open "), line + cli.stderr.read()
+        url, code = line.split("open ")[1].split(" and enter the code ")
+        approved = approve(site, httpx.Client(verify=site.tls), url, "alice@example.com", code.strip())
+        assert "approved" in approved.text, approved.text
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 0, err
+        answer = json.loads(out)
+        assert (answer["device"], answer["user"], answer["renewed"]) == ("dave-laptop", "alice@example.com", run == 1)
+        assert config.stat().st_mode & 0o777 == 0o600
+        private = config.read_text().split("PrivateKey = ")[1].split("\n")[0]
+        assert wireguard.public_key_of(private) in site.ns.run("gw", "wg", "show", site.iface, "peers").stdout
+    # the code flow with PKCE and a loopback redirect (the browser runs on the same machine)
+    cli = login_cli(site, site.tmp / "bob.conf", "--name", "bob-desktop", "--flow", "code")
+    assert cli.stderr.readline().startswith("To log in, open this URL")
+    url = cli.stderr.readline().strip()
+    assert "code_challenge_method=S256" in url and "redirect_uri=http%3A%2F%2F127.0.0.1%3A" in url
+    browser = httpx.Client(verify=site.tls)
+    back = approve(site, browser, url, "bob@example.com")
+    assert back.status_code == 302 and back.headers["location"].startswith("http://127.0.0.1:")
+    with site.ns.inside("gw"):
+        assert httpx.get(back.headers["location"]).status_code == 200
+    out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, err
+    assert json.loads(out)["user"] == "bob@example.com"
