@@ -122,5 +122,5 @@ class KeyServer:
                           headers={"kid": key.kid})
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.should_exit = self.server.force_exit = True     # keep-alive connections are not waited for
         self.thread.join(timeout=10)

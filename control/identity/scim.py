@@ -194,7 +194,8 @@ async def group(request: Request) -> Response:
         return Response(status_code=204)
     body = await json_body(request)
     name = svc.scim_groups.names[gid]
-    emails = [m["display"] for m in members_of(svc, name)]
+    # everyone who holds the group now, SCIM's users or not: a PATCH adds to them or takes from them
+    emails = [u.email for u in svc.gateway.identities.users if name in u.provider_groups]
     if request.method == "PUT":
         if not isinstance(body, dict):
             raise Refusal(400, "a group is a JSON object", scim_type="invalidSyntax")
