@@ -395,3 +395,45 @@ def test_ztgate_login_by_device_grant_and_by_code_flow_then_renews(site):
     out, err = cli.communicate(timeout=60)
     assert cli.returncode == 0, err
     assert json.loads(out)["user"] == "bob@example.com"
+
+
+def test_the_page_in_headless_chromium(site, monkeypatch):
+    """A person with a real browser (Debian's Chromium, headless, driven over WebDriver by
+    Selenium and Debian's chromedriver), in gw where it reaches the page and the IdP: log in
+    at the IdP, enroll a phone, see its configuration and QR code once."""
+    if shutil.which("chromedriver") is None and os.environ.get("CI") != "true":
+        pytest.skip("needs chromium and chromium-driver (scripts/setup installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--user-data-dir={site.tmp / 'chromium'}"):
+        options.add_argument(flag)
+    options.accept_insecure_certs = True       # the lab CA is not in Chromium's store (TLS is checked above)
+    monkeypatch.setenv("SE_OFFLINE", "true")   # Selenium must not look for drivers online
+    with site.ns.inside("gw"):                 # chromedriver, Chromium and the WebDriver connection live in gw
+        browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+        try:
+            browser.set_page_load_timeout(30)
+            browser.get(URL + "/")
+            browser.find_element(By.ID, "login").click()
+            assert browser.current_url.startswith(site.idp.issuer)
+            browser.find_element(By.NAME, "email").send_keys("alice@example.com")
+            browser.find_element(By.NAME, "password").send_keys(site.idp.passwords["alice@example.com"])
+            browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            assert browser.find_element(By.ID, "who").text == "alice@example.com"
+            browser.find_element(By.ID, "name").send_keys("alice-phone-2")
+            browser.find_element(By.ID, "enroll").click()
+            config = browser.find_element(By.ID, "config").text
+            assert "PrivateKey = " in config and "Endpoint = 198.18.0.1:51820" in config
+            assert browser.find_element(By.CSS_SELECTOR, "#qr svg").size["width"] > 100
+            browser.save_screenshot(str(site.tmp / "enrolled.png"))     # (kept with the test's files, to look at)
+            private = config.split("PrivateKey = ")[1].split("\n")[0]
+            assert wireguard.public_key_of(private) in site.ns.run("gw", "wg", "show", site.iface, "peers").stdout
+            browser.get(URL + "/")                  # shown once: the page is the form again
+            assert "PrivateKey" not in browser.page_source and browser.find_element(By.ID, "name")
+        finally:
+            browser.quit()
