@@ -66,6 +66,22 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "trace": ("trace", {"packet": (_D, True)}, False),
     "logs": ("logs", {"cursor": (_L, False), "user": (_S, False), "verdict": (_S, False),
                       "device": (_S, False), "limit": (_I, False)}, False),
+    # sessions (spec/IDENTITY.md): the verbs, and login and renewal as the enrollment service
+    # and SCIM call them (on the socket for operators' scripts and the tests: no token is checked
+    # here; whole seconds here)
+    "device.expire": ("device_expire", {"name": (_S, True)}, True),
+    "user.expire": ("user_expire", {"email": (_S, True)}, True),
+    "session.login": ("login", {"issuer": (_S, True), "subject": (_S, True), "email": (_S, True),
+                                "provider_groups": (_L, True), "device": (_S, True), "public_key": (_S, True),
+                                "session_seconds": (_I, True)}, True),
+    "session.renew": ("renew", {"issuer": (_S, True), "subject": (_S, True), "email": (_S, True),
+                                "provider_groups": (_L, True), "device": (_S, True),
+                                "session_seconds": (_I, True)}, True),
+    "user.deprovision": ("deprovision", {"email": (_S, True), "active": (_B, True)}, True),
+    "provider_group.members": ("provider_group_members", {"group": (_S, True), "emails": (_L, True)}, True),
+    "scim.user": ("scim_user", {"scim_id": (_S, True), "email": (_S, True), "external_id": (_S, False),
+                                "active": (_B, True)}, True),
+    "scim.user_delete": ("scim_user_delete", {"scim_id": (_S, True)}, True),
 }
 DEFAULTS = {"dry_run": False, "with_devices": False, "limit": 50, "listen_port": None}
 

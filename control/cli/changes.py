@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError, ZtError
 from .output import ago, call, done, print_json, size, table
+from .sessions import session_column
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +184,12 @@ def cmd_device_list(args) -> int:
         print_json(devices)
         return 0
     table([dict(d, addresses=",".join(d["addresses"]), state="enabled" if d["enabled"] else "disabled",
-                handshake=ago(d["last_handshake"]), rx=size(d["rx_bytes"]), tx=size(d["tx_bytes"]))
+                handshake=ago(d["last_handshake"]), rx=size(d["rx_bytes"]), tx=size(d["tx_bytes"]),
+                session=session_column(d.get("session_expires")))
            for d in devices],
           [("name", "device"), ("user", "user"), ("addresses", "addresses"), ("state", "state"),
-           ("handshake", "handshake"), ("endpoint", "endpoint"), ("rx", "rx"), ("tx", "tx")])
+           ("session", "session"), ("handshake", "handshake"), ("endpoint", "endpoint"), ("rx", "rx"),
+           ("tx", "tx")])
     return 0
 
 

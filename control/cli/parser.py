@@ -16,6 +16,7 @@ from .changes import (cmd_connector_add, cmd_connector_list, cmd_connector_remov
                       cmd_rule_disable, cmd_rule_enable, cmd_rule_list, cmd_rule_move, cmd_rule_remove,
                       cmd_user_add, cmd_user_list, cmd_user_remove)
 from .offline import cmd_check, cmd_explain, cmd_verdicts
+from .sessions import cmd_device_expire, cmd_user_expire
 from .watch import cmd_audit, cmd_flows, cmd_flows_kill, cmd_logs, cmd_status, cmd_trace
 
 
@@ -194,6 +195,13 @@ def _users_groups(nouns) -> None:
     ur.add_argument("email", metavar="EMAIL")
     ur.add_argument("--with-devices", action="store_true", help="also remove the user's devices")
     gw(ur, reads=False, run=cmd_user_remove)
+    ue = verb(us, "expire", "end every IdP session of a user's devices now",
+              "End the sessions of every device the user enrolled through the identity provider: their "
+              "packets drop as session-expired and their open flows end at once, both ways; the user "
+              "must log in again. Devices enrolled by hand have no session and stay.",
+              "ztgate user expire alice@example.com")
+    ue.add_argument("email", metavar="EMAIL")
+    gw(ue, reads=False, run=cmd_user_expire)
 
     gr = nouns.add_parser("group", help="groups and membership").add_subparsers(dest="verb", metavar="VERB", required=True)
     gw(verb(gr, "list", "groups and their members",
@@ -240,6 +248,12 @@ def _devices(nouns) -> None:
                   "in one transaction, open flows included.", f"ztgate device {name} bob-laptop")
         sp.add_argument("name", metavar="NAME")
         gw(sp, reads=False, run=run)
+    dx = verb(de, "expire", "end a device's IdP session now",
+              "End the session of a device enrolled through the identity provider: its packets drop as "
+              "session-expired and its open flows end at once, both ways. Its WireGuard peer stays: "
+              "a new login (renewal) gives access back at once.", "ztgate device expire alice-laptop")
+    dx.add_argument("name", metavar="NAME")
+    gw(dx, reads=False, run=cmd_device_expire)
 
 
 def _flows(nouns) -> None:

@@ -76,7 +76,8 @@ class Views(Core):
             count: dict[str, int] = {}
             for d in self.identities.devices:
                 count[d.user] = count.get(d.user, 0) + 1
-            return [{"email": u.email, "groups": sorted(self.policy.groups_of(u)), "devices": count.get(u.key, 0)}
+            return [{"email": u.email, "groups": sorted(self.policy.groups_of(u)), "devices": count.get(u.key, 0),
+                     "active": u.active}
                     for u in self.identities.users]
 
     def group_list(self) -> list[dict]:
@@ -98,6 +99,7 @@ class Views(Core):
                     "created": created.get(d.name), "endpoint": p.endpoint if p else None,
                     "last_handshake": p.last_handshake if p and p.last_handshake else None,
                     "rx_bytes": p.rx_bytes if p else 0, "tx_bytes": p.tx_bytes if p else 0,
+                    "session_expires": d.session_expires,
                 })
             return out
 

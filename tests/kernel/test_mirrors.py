@@ -27,6 +27,8 @@ CONSTANTS = {
     "CT_KILLED": "ZT_CT_KILLED == {v}",
     "KILL_BITS": "ZT_KILL_BITS == {v}",
     "KILL_ENTRIES": "ZT_KILL_ENTRIES == {v}",
+    # no identity class can have the id that means session-expired
+    "IDENT_EXPIRED": "ZT_IDENT_EXPIRED == {v} && ZT_MAX_IDENTS <= {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {
