@@ -10,6 +10,9 @@ are compared before and after.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -17,8 +20,8 @@ import signal
 import sqlite3
 import ssl
 import subprocess
-import tempfile
 import shutil
+import tempfile
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ import httpx
 import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from control import wireguard
 from tests.idp import running_idp
@@ -130,6 +134,10 @@ def site(tmp_path_factory):
             shutil.rmtree(idp_dir, ignore_errors=True)
 
 
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def new_key() -> str:
     return wireguard.generate_keypair()[1]
 
@@ -162,7 +170,14 @@ def test_every_refusal_names_its_reason_and_changes_nothing(site):
     header, claims = jwt.get_unverified_header(good), jwt.decode(good, options={"verify_signature": False})
     other = SigningKey(header["alg"])
     enroll = {"name": "mallory-box", "public_key": new_key()}
+    with site.ns.inside("gw"):
+        jwks = httpx.get(f"{idp.issuer}/jwks", verify=site.tls).json()["keys"]
+    public = jwt.PyJWK(next(k for k in jwks if k["kid"] == header["kid"])).key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    signing_input = f"{b64(json.dumps({'alg': 'HS256', 'kid': header['kid']}).encode())}.{good.split('.')[1]}"
+    hs256 = signing_input + "." + b64(hmac.new(public, signing_input.encode(), hashlib.sha256).digest())
     cases = [
+        (hs256, 401, "alg"),            # the provider's public key as an HMAC secret (key confusion)
         (jwt.encode(claims, other.key, header["alg"], headers={"kid": header["kid"]}), 401, "signature"),
         (jwt.encode(claims, other.key, header["alg"], headers={"kid": other.kid}), 401, "kid"),
         (jwt.encode(claims, None, "none"), 401, "alg"),
