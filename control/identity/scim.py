@@ -237,7 +237,19 @@ def patched_group(svc, operations: list[dict], name: str, emails: list[str]) -> 
     return name, emails
 
 
+async def service_provider_config(request: Request) -> Response:
+    """What this SCIM service supports (RFC 7643 §5), for IdPs that ask before they push."""
+    service_of(request)
+    no = {"supported": False}
+    return scim_json({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                      "patch": {"supported": True}, "bulk": dict(no, maxOperations=0, maxPayloadSize=0),
+                      "filter": {"supported": True, "maxResults": MAX_PAGE}, "changePassword": no, "sort": no,
+                      "etag": no, "authenticationSchemes": [{"type": "oauthbearertoken", "name": "Bearer token",
+                                                             "description": "identity.scim_token_file"}]})
+
+
 ROUTES = [
+    Route("/scim/v2/ServiceProviderConfig", service_provider_config, methods=["GET"]),
     Route("/scim/v2/Groups", groups, methods=["GET", "POST"]),
     Route("/scim/v2/Groups/{gid}", group, methods=["GET", "PUT", "PATCH", "DELETE"], name="scim_group"),
 ]

@@ -252,6 +252,7 @@ def test_browser_login_enrolls_once_and_its_state_is_single_use(site):
 
 def test_scim_users_and_groups(site):
     assert site.scim("GET", "/Users", token="wrong").status_code == 401
+    assert site.scim("GET", "/ServiceProviderConfig").json()["patch"] == {"supported": True}
     assert site.call("GET", "/scim/v2/Users").json()["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
     made = site.scim("POST", "/Users", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
                                         "userName": "carol@example.com", "externalId": "c-1", "active": True})
