@@ -251,6 +251,9 @@ def test_browser_login_enrolls_once_and_its_state_is_single_use(site):
 
 
 def test_scim_users_and_groups(site):
+    tablet = site.call("POST", "/v1/devices", site.idp.token("alice@example.com"),
+                       {"name": "alice-tablet", "public_key": new_key()})
+    assert tablet.status_code == 201, tablet.text
     assert site.scim("GET", "/Users", token="wrong").status_code == 401
     assert site.scim("GET", "/ServiceProviderConfig").json()["patch"] == {"supported": True}
     assert site.call("GET", "/scim/v2/Users").json()["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
@@ -268,11 +271,11 @@ def test_scim_users_and_groups(site):
     off = site.scim("PATCH", f"/Users/{alice}", {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
                                                  "Operations": [{"op": "replace", "path": "active", "value": False}]})
     assert off.status_code == 200 and off.json()["active"] is False
-    r = site.call("POST", "/v1/devices/alice-laptop/session", site.idp.token("alice@example.com"))
+    r = site.call("POST", "/v1/devices/alice-tablet/session", site.idp.token("alice@example.com"))
     assert r.status_code == 403 and "deprovisioned" in r.json()["error"]
     on = site.scim("PATCH", f"/Users/{alice}", {"Operations": [{"op": "replace", "value": {"active": "True"}}]})
     assert on.json()["active"] is True
-    assert site.call("POST", "/v1/devices/alice-laptop/session", site.idp.token("alice@example.com")).status_code == 200
+    assert site.call("POST", "/v1/devices/alice-tablet/session", site.idp.token("alice@example.com")).status_code == 200
     # groups: members by SCIM id
     g = site.scim("POST", "/Groups", {"displayName": "scim-ops", "members": [{"value": carol}]})
     assert g.status_code == 201, g.text
