@@ -103,7 +103,7 @@ class Site:
             dump = list(db.iterdump())
         finally:
             db.close()
-        peers = self.ns.run("gw", "wg", "show", self.iface, "allowed-ips").stdout
+        peers = sorted(self.ns.run("gw", "wg", "show", self.iface, "allowed-ips").stdout.splitlines())   # (any order)
         return dump, peers
 
 
