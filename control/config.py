@@ -69,6 +69,7 @@ class Config:
     route_table: int = 51820
     route_priority: int = 1000
     conntrack: tuple = (("entries", 65536), ("tcp", 3600), ("tcp_closing", 10), ("udp", 120), ("icmp", 30))
+    identity: Optional[Any] = None     # control.identity.config.IdentityConfig: the IdP and enrollment (issue 14)
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -119,6 +120,9 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     _scalars(doc, values, bad)
     _prefixes(doc, values, bad)
     _conntrack(doc, values, bad)
+    if doc.get("identity") is not None:     # issue 14: the IdP the gateway trusts, its enrollment service
+        from .identity.config import parse_identity
+        values["identity"] = parse_identity(doc["identity"], bad)
     cfg = Config(**values)
     if cfg.pool_ipv4.prefixlen < 32 - POOL_BITS:
         raise bad("pool_ipv4", f"at most 2^{POOL_BITS} addresses (/{32 - POOL_BITS} or longer): "

@@ -47,6 +47,9 @@ class Daemon:
         if self.config.metrics_address:
             from .metrics import serve_metrics
             metrics = serve_metrics(self.config.metrics_address, self.gateway, self.flowlog)
+        if self.config.identity is not None:   # issue 14: HTTPS enrollment and SCIM (control/identity/), a thread
+            from .identity.service import EnrollmentService
+            EnrollmentService(self.config, self.gateway).start()
         server = Server(self.config.socket, self.config.socket_group, self)
         stop = threading.Event()
 

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_offline, _policy, _rules, _users_groups, _devices, _flows, _connectors_routes, _lab_logs_trace,
                 _status_audit_gateway):
         add(nouns)
+    _login(nouns)      # issue 14: the device's side
     return p
 
 
@@ -441,3 +442,29 @@ def gw(sp, reads: bool, run) -> None:
     if reads:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(run=run)
+
+
+def _login(nouns) -> None:
+    """login: the device's side of enrollment through the identity provider (issue 14)."""
+    from .login import cmd_login
+    lo = verb(nouns, "login", "log this device in through the identity provider and enroll it",
+        "On a device: make a WireGuard key pair here, get an ID token from the gateway's identity "
+        "provider (the device authorization grant where it offers it: approve on any browser; "
+        "otherwise a browser on this machine and a loopback redirect), enroll the public key, and "
+        "write the wg-quick configuration with the private key (mode 0600). Run again with the same "
+        "configuration, it renews the session with the same key.",
+        """
+            ztgate login --gateway https://gw.example.com:8443 --name alice-laptop --up
+            ztgate login --gateway https://198.18.0.1:8443 --ca /run/ztgate-lab/ca.pem --config ./lab.conf
+        """)
+    lo.add_argument("--gateway", required=True, metavar="URL", help="the enrollment service, https://HOST:PORT")
+    lo.add_argument("--name", metavar="NAME", help="this device's name (default: the host name)")
+    lo.add_argument("--ca", metavar="FILE", help="CA certificates to trust besides the system's (PEM)")
+    lo.add_argument("--config", default="/etc/wireguard/ztgate.conf", metavar="FILE",
+                    help="the wg-quick configuration to write (default /etc/wireguard/ztgate.conf)")
+    lo.add_argument("--flow", choices=("auto", "device", "code"), default="auto",
+                    help="device: the device authorization grant; code: a browser here (default: device "
+                         "where the provider offers it)")
+    lo.add_argument("--up", action="store_true", help="bring the tunnel up with wg-quick")
+    lo.add_argument("--json", action="store_true", help="machine-readable output")
+    lo.set_defaults(run=cmd_login)
