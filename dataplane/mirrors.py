@@ -28,6 +28,9 @@ PORT_END = 0x10000           # port-table padding (struct zt_ports lo[]): above 
 
 SRC = np.dtype([("ident", "<u4"), ("device", "<u4")])                                     # struct zt_src
 SRC_KEY = Packed((("family", "I"), ("addr", "16s")))                                      # struct zt_src_key
+SRC_KEY_BANK = 16            # ZT_SRC_KEY_BANK: zt_src_key.family carries the bank from this bit up
+BANKS = 2                    # ZT_BANKS: every policy map holds two banks (zt_bank says which decides)
+BANK = np.dtype([("bank", "<u4"), ("build", "<u4")])                                       # struct zt_bank
 CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])  # zt_cand
 CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp
 COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                                # struct zt_counter

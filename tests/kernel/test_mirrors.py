@@ -27,6 +27,8 @@ CONSTANTS = {
     "CT_KILLED": "ZT_CT_KILLED == {v}",
     "KILL_BITS": "ZT_KILL_BITS == {v}",
     "KILL_ENTRIES": "ZT_KILL_ENTRIES == {v}",
+    "SRC_KEY_BANK": "ZT_SRC_KEY_BANK == {v}",
+    "BANKS": "ZT_BANKS == {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {
@@ -38,6 +40,7 @@ STRUCTS = {
     "CT_KEY": "zt_ct_key",
     "FSLOT": "zt_fslot",
     "EVENT": "zt_event",
+    "BANK": "zt_bank",
 }
 TAG = "mirror mismatch: "
 
