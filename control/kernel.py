@@ -33,7 +33,7 @@ from dataplane.attach import attach, attached, detach
 from dataplane.conntrack import SETTLE
 from dataplane.errors import KernelError, ZtError
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.libbpf import unpin_all
+from dataplane.libbpf import prog_id, unpin_all
 from dataplane.mirrors import CT_CLOSING, CT_KILLED, CT_OPEN
 from dataplane.program import Program
 from dataplane.testrun import RunResult
@@ -140,6 +140,19 @@ class Kernel:
         program.next_epoch()
         log.info("build %d in place of build %d (bank %d): compile %.3f s, %d entries written in %.3f s",
                  new.number, old.number, new.bank, new.compile_seconds, new.written, new.load_seconds)
+        # A connector interface made since (a rebuild after a failed step makes them again)
+        # gets the program's connector side, as a swap would give it.
+        failed = []
+        reply_id = prog_id(program.reply_fn.fd)
+        for ifname in self.reply_interfaces:
+            if program_on(ifname) != reply_id:
+                try:
+                    attach(program, ifname, self.config.xdp_mode, reply=True)
+                except KernelError as e:
+                    log.error("connector interface %s has no connector-side program: %s", ifname, e)
+                    failed.append(str(e))
+        if failed:
+            raise KernelError(f"build {new.number} is in force on {self.config.interface}, but: {'; '.join(failed)}")
 
     def _remember(self, new: Build) -> None:
         self.names[new.number] = new

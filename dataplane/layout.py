@@ -79,6 +79,9 @@ class Layout:
             max_classes=_headroom(self.max_classes, 64),
             max_port_tables=_headroom(self.max_port_tables, 64),
             max_services=_headroom(self.max_services, 64),
+            # a rule added where others meet lengthens candidate lists: room for it, so that the
+            # change fits the program in force (the walk stops at its first match: no cost)
+            max_cands=_headroom(self.max_cands, 8),
             max_idents=_headroom(self.max_idents, 64),
             # powers of two: the kernel masks word indexes with them (the verifier needs a bound)
             who_words=_pow2(self.who_words, 1),
