@@ -80,8 +80,9 @@ class Layout:
             max_port_tables=_headroom(self.max_port_tables, 64),
             max_services=_headroom(self.max_services, 64),
             # a rule added where others meet lengthens candidate lists: room for it, so that the
-            # change fits the program in force (the walk stops at its first match: no cost)
-            max_cands=_headroom(self.max_cands, 8),
+            # change fits the program in force (the walk stops at its first match). Few
+            # services: room for many (1024 services x 32 candidates x 2 banks: 512 KiB)
+            max_cands=_headroom(self.max_cands, 32 if self.max_services <= 1024 else 8),
             max_idents=_headroom(self.max_idents, 64),
             # powers of two: the kernel masks word indexes with them (the verifier needs a bound)
             who_words=_pow2(self.who_words, 1),

@@ -38,8 +38,10 @@ class PolicyTables:
         self.bank = 0                 # the bank in force
         self.build = build            # the build it holds (events and conntrack carry it)
         self._left = [0.0, 0.0]       # when each bank stopped being in force (perf_counter)
-        # what each bank of zt_src_hash holds (the arrays are read back through their mmap)
+        # what each bank of zt_src_hash holds (the arrays are read back through their mmap),
+        # and of the pools (to skip their compare when nothing changed: a C-speed dict compare)
         self._hashed: list[dict] = [{}, {}]
+        self._pooled: list[dict] = [{}, {}]
         if self.banks == 2:
             self._select(0, build)
 
@@ -80,6 +82,9 @@ class PolicyTables:
         return len(changed) + len(stale)
 
     def _write_pool(self, name: str, entries: dict, bank: int) -> int:
+        if self._pooled[bank].get(name) == entries:
+            return 0
+        self._pooled[bank][name] = dict(entries)
         words = self.in_bank(name, bank).view(np.uint64)[:, 0]
         want = np.zeros(len(words), np.uint64)
         if entries:
@@ -199,6 +204,7 @@ class PolicyTables:
             if slot is not None:
                 words = self.in_bank(slot[0]).view(np.uint64)
                 words[slot[1], 0] = (ident | device << 32) if ident else 0    # SRC: ident, then device
+                self._pooled[self.bank].pop(slot[0], None)     # (compared whole at the next load)
                 continue
             table, key = self._src_key(addr)
             held = self._hashed[self.bank]

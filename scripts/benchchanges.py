@@ -58,11 +58,11 @@ def _changes(c, user, dst: str, top: int) -> dict:
     """Each kind of change, as a function of its index i (rule changes act on rule bench-i)."""
     return {
         "rule add": lambda i: c.call("rule.add", rule={
-            "name": f"bench-{i}", "precedence": 1 + i, "action": "block", "principals": [f"user:{user(i).key}"],
+            "name": f"bench-{i}", "precedence": top + i, "action": "block", "principals": [f"user:{user(i).key}"],
             "protocols": ["tcp"], "destination": {"cidrs": [f"{dst}/32"], "ports": [443]}}),
         "rule disable": lambda i: c.call("rule.set_enabled", name=f"bench-{i}", enabled=False),
         "rule enable": lambda i: c.call("rule.set_enabled", name=f"bench-{i}", enabled=True),
-        "rule move": lambda i: c.call("rule.move", name=f"bench-{i}", precedence=top + i),
+        "rule move": lambda i: c.call("rule.move", name=f"bench-{i}", precedence=top + 100_000 + i),
         "rule remove": lambda i: c.call("rule.remove", name=f"bench-{i}"),
         "device add": lambda i: c.call("device.add", name=f"bench-dev-{i}", email=user(i).email,
                                        public_key=generate_keypair()[1]),

@@ -29,6 +29,13 @@ ARRAYS = [name for name in POLICY_MAPS if name not in ("zt_bank", "zt_src_hash",
 
 
 @pytest.fixture(scope="module")
+def program():
+    """This module's own program (its build numbers and bank move: the session's must not)."""
+    with Program(TEST_LAYOUT) as program:
+        yield program
+
+
+@pytest.fixture(scope="module")
 def fresh():
     """A second program: each check empties it (as a new program's maps are) and loads it whole."""
     with Program(TEST_LAYOUT) as program:
@@ -78,7 +85,7 @@ def load_fresh(program, tables):
     for name in ARRAYS:
         program.policy_tables.array(name)[:] = 0
     program.bpf["zt_src_hash"].clear()
-    program.policy_tables._hashed = [{}, {}]
+    program.policy_tables._hashed, program.policy_tables._pooled = [{}, {}], [{}, {}]
     program.load(tables)
 
 
