@@ -202,3 +202,32 @@ def test_hundreds_of_flips_under_traffic_decide_every_packet_by_one_policy(ns, p
     assert mixed == [], mixed[:5]
     by_build = {n: sum(1 for e in ours if e.build == n) for n in policies}
     assert min(by_build.values()) > 200, by_build      # both builds decided many packets
+
+
+def test_a_flip_revokes_open_flows_at_their_next_reply(program):
+    """test_return_path's revocation, in place: after the flip and the epoch's move, the
+    connector side decides an open flow again by the bank in force."""
+    from scapy.layers.inet import IP, TCP
+
+    from dataplane.reasons import Reason, Verdict
+    from tests.app_policy import ANN4, APP4, BOB4, IDS as APP_IDS, POLICY as APP_POLICY, reverse
+    from tests.programs import XDP_DROP, XDP_PASS
+
+    def run(pkt, reply=False):
+        with program.on_one_cpu() as cpu:
+            return program.run(bytes(pkt), cpu=cpu, reply=reply)
+
+    program.load(compile_policy(APP_POLICY, APP_IDS, program.layout))
+    program.clear_flows()
+    ssh = IP(src=ANN4, dst=APP4) / TCP(sport=40000, dport=22, flags="A")
+    web = IP(src=BOB4, dst=APP4) / TCP(sport=40001, dport=8080, flags="A")
+    for fwd in (ssh, web):
+        assert run(fwd).retval == XDP_PASS and run(reverse(fwd), reply=True).retval == XDP_PASS
+    revoked = replace(APP_POLICY, rules=tuple(r for r in APP_POLICY.rules if r.name != "ssh-dev"))
+    program.stage(compile_policy(revoked, APP_IDS, program.layout))
+    program.flip(program.build + 1)
+    program.next_epoch()
+    got = run(reverse(ssh), reply=True)
+    assert (got.retval, got.verdict, got.reason, got.device) == (XDP_DROP, Verdict.BLOCK, Reason.REVOKED, 1)
+    assert run(ssh).verdict == Verdict.BLOCK
+    assert (run(reverse(web), reply=True).reason, run(reverse(web), reply=True).reason) == (Reason.REPLY, Reason.REPLY)
