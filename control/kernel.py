@@ -1,10 +1,13 @@
 """The gateway's kernel state: the policy build attached to the ingress interface, and the
 two ways it changes.
 
-- stage_swap(): a full build. The model is compiled into a new program with fresh tables, which is
-  attached in place of the old one in one netlink call: every packet is decided wholly by
-  the old policy or wholly by the new. Used for rule changes and at start (which is how a
-  restarted controller takes over: the old program enforces until the new one replaces it).
+- stage_swap(): a new build of the whole policy. The model is compiled; when the tables fit
+  the program in force, they are written into its bank not in force (only the entries that
+  differ) and applying flips the bank with one store: no compiler run (ebpf/README.md,
+  "Changes in place"). When they do not fit (and at start, which is how a restarted
+  controller takes over), a new program is built, filled and attached in place of the old
+  one in one netlink call. Either way every packet is decided wholly by the old policy or
+  wholly by the new.
 - stage_devices(): a device or a user changed. Only their source entries (and any new
   identity class) are written into the build in force: one atomic map write per address.
 
@@ -30,7 +33,7 @@ from dataplane.attach import attach, attached, detach
 from dataplane.conntrack import SETTLE
 from dataplane.errors import KernelError, ZtError
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.libbpf import unpin_all
+from dataplane.libbpf import prog_id, unpin_all
 from dataplane.mirrors import CT_CLOSING, CT_KILLED, CT_OPEN, IDENT_EXPIRED
 from dataplane.program import Program
 from dataplane.testrun import RunResult
@@ -72,6 +75,8 @@ class Build:
     tables: Tables
     compile_seconds: float
     load_seconds: float
+    bank: int = 0          # the program's bank that holds it
+    written: int = 0       # entries written into that bank (in place: only those that differed)
 
 
 class Kernel:
@@ -81,6 +86,7 @@ class Kernel:
         (Path(config.bpf_pin_dir) / "zt_flows").unlink(missing_ok=True)
         self.base = base_layout(config)
         self.build: Optional[Build] = None
+        self.standby: Optional[Build] = None        # the build before, in the other bank (counters not carried yet)
         self.carried: dict[str, list[int]] = {}     # rule name -> [packets, bytes] of builds gone
         self.names: dict[int, Build] = {}            # recent builds by number
         self.reply_interfaces: list[str] = []        # connector interfaces: the build's reply entry
@@ -95,6 +101,12 @@ class Kernel:
         started = time.perf_counter()
         tables = compile_policy(policy, identities, self.base)
         compiled = time.perf_counter()
+        if self.build is not None:
+            short = self.build.program.layout.shortfalls(tables.need)
+            if not short and self.build.program.policy_tables.banks == 2:
+                return self._stage_in_place(tables, number, forget, compiled - started)
+            log.info("build %d does not fit build %d's program (%s): falling back to a full build",
+                     number, self.build.number, "; ".join(short) or "one bank")
         program = Program(tables.need.with_headroom(), pin_dir=self.config.bpf_pin_dir, build=number)
         try:
             program.load(tables)
@@ -103,6 +115,58 @@ class Kernel:
             raise
         new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
         return Staged(lambda: self._switch(new, forget), program.close)
+
+    def _stage_in_place(self, tables: Tables, number: int, forget: list, compile_seconds: float) -> Staged:
+        """TABLES into the bank not in force of the program in force; applying flips it."""
+        program = self.build.program
+        # that bank's counters are the build before this one's: kept by name before they go
+        self._carry(self.standby)
+        self.standby = None
+        started = time.perf_counter()
+        written = program.stage(tables)
+        new = Build(number, program, tables, compile_seconds, time.perf_counter() - started, 1 - program.bank, written)
+        return Staged(lambda: self._flip(new, forget), lambda: None)
+
+    def _flip(self, new: Build, forget: list = ()) -> None:
+        """Put NEW's bank in force: one store. No settle before the epoch moves (unlike a swap):
+        a packet reads the epoch, then the bank, so one that reads the new epoch is decided by
+        the new bank, and one decided by the old bank carries the old epoch into conntrack."""
+        program = new.program
+        program.flip(new.number)
+        old, self.build, self.standby = self.build, new, self.build
+        self._remember(new)
+        if forget:
+            program.forget_flows(forget)
+        program.next_epoch()
+        log.info("build %d in place of build %d (bank %d): compile %.3f s, %d entries written in %.3f s",
+                 new.number, old.number, new.bank, new.compile_seconds, new.written, new.load_seconds)
+        # A connector interface made since (a rebuild after a failed step makes them again)
+        # gets the program's connector side, as a swap would give it.
+        failed = []
+        reply_id = prog_id(program.reply_fn.fd)
+        for ifname in self.reply_interfaces:
+            if program_on(ifname) != reply_id:
+                try:
+                    attach(program, ifname, self.config.xdp_mode, reply=True)
+                except KernelError as e:
+                    log.error("connector interface %s has no connector-side program: %s", ifname, e)
+                    failed.append(str(e))
+        if failed:
+            raise KernelError(f"build {new.number} is in force on {self.config.interface}, but: {'; '.join(failed)}")
+
+    def _remember(self, new: Build) -> None:
+        self.names[new.number] = new
+        for n in sorted(self.names)[:-KEEP_BUILDS]:
+            del self.names[n]
+
+    def _carry(self, build: Optional[Build]) -> None:
+        """A build's counters join the running totals, by rule name."""
+        if build is None:
+            return
+        for name, (packets, nbytes) in _named(build).items():
+            total = self.carried.setdefault(name, [0, 0])
+            total[0] += packets
+            total[1] += nbytes
 
     def _switch(self, new: Build, forget: list = ()) -> None:
         """Attach NEW in place of the build in force. Once it is on the ingress interface it is
@@ -120,9 +184,7 @@ class Kernel:
             new.program.close()
             raise
         old, self.build = self.build, new
-        self.names[new.number] = new
-        for n in sorted(self.names)[:-KEEP_BUILDS]:
-            del self.names[n]
+        self._remember(new)
         failed = []
         for ifname in self.reply_interfaces:
             try:
@@ -146,10 +208,9 @@ class Kernel:
             # (events it emitted keep their names: self.names holds the tables, not the maps).
             # A connector interface that could not take the new build keeps the old program
             # alive (the attachment holds it) until it is replaced or removed.
-            for name, (packets, nbytes) in _named(old).items():
-                total = self.carried.setdefault(name, [0, 0])
-                total[0] += packets
-                total[1] += nbytes
+            self._carry(old)
+            self._carry(self.standby)
+            self.standby = None
             old.program.close()
         if failed:
             raise KernelError(f"build {new.number} is in force on {self.config.interface}, but: {'; '.join(failed)}")
@@ -228,8 +289,10 @@ class Kernel:
     def rule_hits(self) -> dict[str, tuple[int, int]]:
         """Rule name -> (packets, bytes) since this controller started."""
         out = {name: tuple(v) for name, v in self.carried.items()}
-        if self.build:
-            for name, (packets, nbytes) in _named(self.build).items():
+        for build in (self.standby, self.build):
+            if build is None:
+                continue
+            for name, (packets, nbytes) in _named(build).items():
                 p, b = out.get(name, (0, 0))
                 out[name] = (p + packets, b + nbytes)
         return out
@@ -280,7 +343,7 @@ def _named(build: Build) -> dict[str, tuple[int, int]]:
     """A build's per-rule counters by rule name (rule id 0: the default action)."""
     names = build.tables.rule_names
     return {(names[rid - 1] if rid else DEFAULT_RULE): v
-            for rid, v in build.program.rule_counters().items() if rid <= len(names)}
+            for rid, v in build.program.rule_counters(build.bank).items() if rid <= len(names)}
 
 
 def program_on(ifname: str) -> Optional[int]:

@@ -15,9 +15,18 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
+HEADROOM_GRANULE = 4096      # big tables are rounded up to a multiple of this, not to a power of two
+
+
 def _headroom(n: int, floor: int) -> int:
-    """Room for n entries and some growth, rounded so that small changes keep the same program."""
-    return _pow2(n + n // 4 + 1, floor)
+    """Room for n entries and some growth (a policy change is written into the program in
+    force while its tables fit). Small tables: a quarter more, to a power of two. Big ones:
+    an eighth more, to a multiple of HEADROOM_GRANULE: each table is there twice (two banks),
+    and a power of two would double some of them again (the bench's large deployment: 636 MiB
+    of maps against 512 allowed)."""
+    if n + n // 4 + 1 <= HEADROOM_GRANULE:
+        return _pow2(n + n // 4 + 1, floor)
+    return -(-(n + n // 8 + 1) // HEADROOM_GRANULE) * HEADROOM_GRANULE
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,10 @@ class Layout:
             max_classes=_headroom(self.max_classes, 64),
             max_port_tables=_headroom(self.max_port_tables, 64),
             max_services=_headroom(self.max_services, 64),
+            # a rule added where others meet lengthens candidate lists: room for it, so that the
+            # change fits the program in force (the walk stops at its first match). Few
+            # services: room for many (1024 services x 32 candidates x 2 banks: 512 KiB)
+            max_cands=_headroom(self.max_cands, 32 if self.max_services <= 1024 else 8),
             max_idents=_headroom(self.max_idents, 64),
             # powers of two: the kernel masks word indexes with them (the verifier needs a bound)
             who_words=_pow2(self.who_words, 1),

@@ -34,7 +34,7 @@ REDECIDE_ENTRY = "xdp_ztgate_redecide"
 # The reply entry's tail calls, by their slot in zt_reply_slow (ebpf/maps.h ZT_SLOW_*).
 TAIL_CALLS = (REDECIDE_ENTRY, "xdp_ztgate_icmp_error")
 # The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
-POLICY_MAPS = ("zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
+POLICY_MAPS = ("zt_bank", "zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
                "zt_services", "zt_sport", "zt_rule_stats")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
 SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags", "zt_killed",
@@ -68,8 +68,11 @@ def _with_includes(path: Path, within: tuple = ()) -> str:
 class Program:
     """One loaded ztgate program and its maps. dataplane.attach attaches it to an interface.
 
-    build: a number the program puts in each flow event (-DZT_BUILD), so that a reader names
-    rule and device ids with the tables of the build that decided.
+    build: the number of the build its tables hold (ebpf/maps.h zt_bank: data, not a flag):
+    the program puts it in each flow event, so that a reader names rule and device ids with
+    the tables of the build that decided. Each policy map has two banks: load() fills the one
+    in force, stage() the other, and flip() puts that one in force with a new build number,
+    so a policy change needs no new program (ebpf/README.md, "Changes in place").
     pin_dir: a directory on bpffs where the maps every build of one gateway shares (per-CPU
     state, ring buffer, conntrack: SHARED_MAPS) are pinned: the first build creates them,
     later builds and restarted controllers reuse them. Without it they are this program's own.
@@ -81,9 +84,8 @@ class Program:
         if not 0 <= build < 1 << 32:
             raise ValueError(f"build {build}: must fit 32 bits")
         self.layout = layout
-        self.build = build
         self.pin_dir = bpffs_dir(pin_dir) if pin_dir is not None else None
-        cflags = ["-Wno-unused-function", f"-DZT_BUILD={build}"] + layout.defines()
+        cflags = ["-Wno-unused-function"] + layout.defines()
         if self.pin_dir is not None:
             cflags.append(f'-DZT_PIN_DIR="{self.pin_dir}"')
         started = time.perf_counter()
@@ -103,7 +105,7 @@ class Program:
             raise
         self.build_seconds = time.perf_counter() - started
         self._ncpu = possible_cpus()
-        self.policy_tables = PolicyTables(self.bpf, layout)
+        self.policy_tables = PolicyTables(self.bpf, layout, build)
         self.conntrack = Conntrack(self.bpf, self._ncpu, layout)
 
     def _check_shared(self) -> None:
@@ -139,6 +141,16 @@ class Program:
     # -----------------------------------------------------------------------------------------
     # the policy's tables (PolicyTables)
 
+    @property
+    def build(self) -> int:
+        """The build the bank in force holds."""
+        return self.policy_tables.build
+
+    @property
+    def bank(self) -> int:
+        """The bank in force (0 or 1)."""
+        return self.policy_tables.bank
+
     def load(self, tables) -> None:
         """Make the maps hold `tables` (from control.compiler). The tables must fit the layout."""
         self.policy_tables.load(tables)
@@ -147,6 +159,17 @@ class Program:
             # the event limiter and conntrack carry on across builds.
             self.bpf["zt_cpu_state"].clear()
             self.clear_flows()
+
+    def stage(self, tables) -> int:
+        """Write `tables` into the bank not in force, only the entries that differ from what it
+        holds (it decides nothing until flip()): how many entries were written. Raises
+        TablesDoNotFit when they need a bigger program."""
+        return self.policy_tables.load(tables, bank=1 - self.bank)
+
+    def flip(self, build: int) -> None:
+        """Put the staged bank in force as BUILD: one 8-byte store. The caller moves the epoch
+        after it (Conntrack.next_epoch), as after any change."""
+        self.policy_tables.flip(build)
 
     def set_sources(self, entries: Iterable[tuple[Address, int, int]]) -> None:
         """(address, identity class, device id) entries into the kernel: PolicyTables.set_sources."""
@@ -207,10 +230,14 @@ class Program:
         """Kernel memory the maps hold (memlock as the kernel reports it)."""
         return sum(memlock(self.bpf[name].get_fd()) for name in MAPS)
 
-    def rule_counters(self) -> dict[int, tuple[int, int]]:
+    def rule_counters(self, bank: Optional[int] = None) -> dict[int, tuple[int, int]]:
         """Rule id -> (packets, bytes) over all CPUs, for the rules that decided a packet (id 0:
-        the default action). Ids are this build's (the compiled tables' rule_names)."""
-        counts = percpu_array(self.bpf["zt_rule_stats"], "zt_rule_stats", COUNTER, self._ncpu)
+        the default action). Ids are those of the build BANK holds (default: the bank in force)."""
+        table = self.bpf["zt_rule_stats"]
+        counts = percpu_array(table, "zt_rule_stats", COUNTER, self._ncpu)
+        per = table.max_entries // self.policy_tables.banks
+        bank = self.bank if bank is None else bank
+        counts = counts[bank * per:(bank + 1) * per]
         packets, nbytes = counts["packets"].sum(axis=1), counts["bytes"].sum(axis=1)
         return {int(r): (int(packets[r]), int(nbytes[r])) for r in np.flatnonzero(packets)}
 
@@ -241,15 +268,17 @@ class Program:
 
     def occupancy(self) -> dict[str, tuple[int, int]]:
         """Map -> (entries in use, capacity) for the maps that fill as the gateway runs: the
-        tunnel pools (a scan of the mmapped arrays, ~1 ms each), the source hash and conntrack
-        (batch reads: ~10 ms for a full table), and the bytes of events not yet read
-        from the ring buffer."""
+        tunnel pools and the source hash of the bank in force (a scan of the mmapped arrays, ~1 ms
+        each; the hash as userspace wrote it), conntrack (a batch read: ~10 ms for a full table),
+        and the bytes of events not yet read from the ring buffer."""
         out = {}
         for name in ("zt_pool4", "zt_pool6"):
-            out[name[3:]] = (int(np.count_nonzero(self.policy_tables.array(name).view(np.uint64))), 1 << POOL_BITS)
-        for name, label in (("zt_src_hash", "src_hash"), ("zt_ct", "conntrack")):
-            table = self.bpf[name]
-            out[label] = (hash_count(table), table.max_entries)
+            out[name[3:]] = (int(np.count_nonzero(self.policy_tables.in_bank(name).view(np.uint64))), 1 << POOL_BITS)
+        # the source hash: the bank in force's entries (userspace is its one writer and keeps
+        # what each bank holds), of one bank's capacity
+        out["src_hash"] = (self.policy_tables.hashed(), self.bpf["zt_src_hash"].max_entries // self.policy_tables.banks)
+        table = self.bpf["zt_ct"]
+        out["conntrack"] = (hash_count(table), table.max_entries)
         fd = self.bpf["zt_events"].get_fd()
         out["event_ring_bytes"] = (ring_pending(fd), map_info(fd).max_entries)
         return out

@@ -1,29 +1,51 @@
-"""The policy's maps of one build (dataplane/program.py's POLICY_MAPS), written from compiled
-tables (control/compiler.py's Tables): whole when a build is loaded, or entry by entry on a
-live gateway. The big arrays are mmapped: one memory copy fills each."""
+"""The policy's maps of one program (dataplane/program.py's POLICY_MAPS), written from
+compiled tables (control/compiler.py's Tables). Each map holds two banks (ebpf/maps.h
+zt_bank): the bank in force decides, and a new build is written into the other one, entry by
+entry where it differs from what that bank holds, then made the one in force by one store into
+zt_bank. Device changes write entries of the bank in force. The big arrays are mmapped: the
+diff is a numpy compare and the writes are memory stores."""
 from __future__ import annotations
 
 import ctypes
 import ipaddress
 import mmap
+import time
 from typing import Iterable, Optional, Union
 
 import numpy as np
 
 from .errors import TablesDoNotFit
 from .layout import POOL_BITS, Layout
-from .mirrors import IDENT_EXPIRED, PORT_END, SRC_KEY
+from .libbpf import percpu_array, possible_cpus
+from .mirrors import COUNTER, IDENT_EXPIRED, PORT_END, SRC_KEY, SRC_KEY_BANK
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+SETTLE = 0.002   # (dataplane/conntrack.py's): a packet that read a bank has finished with it after this
 
 
 class PolicyTables:
-    """The policy maps of a loaded program (bcc's BPF object), compiled for LAYOUT."""
+    """The policy maps of a loaded program (bcc's BPF object), compiled for LAYOUT. A program
+    built from an ebpf/ tree before the banks (scripts/bench --against-source) has one bank
+    and no zt_bank: everything is written into bank 0 and flip() is refused."""
 
-    def __init__(self, bpf, layout: Layout):
+    def __init__(self, bpf, layout: Layout, build: int = 0):
         self.bpf = bpf
         self.layout = layout
         self._maps: dict[str, mmap.mmap] = {}
+        try:
+            bpf["zt_bank"]
+            self.banks = 2
+        except KeyError:
+            self.banks = 1
+        self.bank = 0                 # the bank in force
+        self.build = build            # the build it holds (events and conntrack carry it)
+        self._left = [0.0, 0.0]       # when each bank stopped being in force (perf_counter)
+        # what each bank of zt_src_hash holds (the arrays are read back through their mmap),
+        # and of the pools (to skip their compare when nothing changed: a C-speed dict compare)
+        self._hashed: list[dict] = [{}, {}]
+        self._pooled: list[dict] = [{}, {}]
+        if self.banks == 2:
+            self._select(0, build)
 
     def close(self) -> None:
         for mm in self._maps.values():
@@ -31,7 +53,7 @@ class PolicyTables:
         self._maps.clear()
 
     def array(self, name: str) -> np.ndarray:
-        """A writable byte view of an mmapable array map: (max_entries, value stride)."""
+        """A writable byte view of an mmapable array map, every bank: (max_entries, value stride)."""
         table = self.bpf[name]
         stride = (ctypes.sizeof(table.Leaf) + 7) & ~7
         entries = table.max_entries
@@ -42,43 +64,116 @@ class PolicyTables:
                                                mmap.PROT_READ | mmap.PROT_WRITE)
         return np.frombuffer(mm, np.uint8, stride * entries).reshape(entries, stride)
 
-    def _write(self, name: str, rows: np.ndarray) -> None:
+    def in_bank(self, name: str, bank: Optional[int] = None) -> np.ndarray:
+        """The rows of one bank (default: the one in force) of an mmapable array map."""
         view = self.array(name)
-        flat = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
-        view[len(rows):] = 0
-        view[:len(rows), :flat.shape[1]] = flat
+        per = len(view) // self.banks
+        bank = self.bank if bank is None else bank
+        return view[bank * per:(bank + 1) * per]
 
-    def load(self, tables) -> None:
-        """Make the maps hold `tables` (from control.compiler), and the rule counters start at
-        zero. The tables must fit the layout."""
+    def _write(self, name: str, rows: np.ndarray, bank: int) -> int:
+        """Make BANK of NAME hold ROWS (and zeros after them), writing only the rows that
+        differ: how many were written."""
+        view = self.in_bank(name, bank)
+        flat = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
+        n, width = flat.shape
+        changed = np.flatnonzero((view[:n, :width] != flat).any(axis=1))
+        view[changed, :width] = flat[changed]
+        stale = np.flatnonzero(view[n:].any(axis=1))
+        view[n + stale] = 0
+        return len(changed) + len(stale)
+
+    def _write_pool(self, name: str, entries: dict, bank: int) -> int:
+        if self._pooled[bank].get(name) == entries:
+            return 0
+        self._pooled[bank][name] = dict(entries)
+        words = self.in_bank(name, bank).view(np.uint64)[:, 0]
+        want = np.zeros(len(words), np.uint64)
+        if entries:
+            idx = np.fromiter(entries.keys(), np.int64, len(entries))
+            val = np.array(list(entries.values()), np.uint32)
+            want[idx] = val.view(np.uint64).ravel()
+        changed = np.flatnonzero(words != want)
+        words[changed] = want[changed]
+        return len(changed)
+
+    def _write_hash(self, entries: dict, bank: int) -> int:
+        held, table = self._hashed[bank], self.bpf["zt_src_hash"]
+        gone = [k for k in held if k not in entries]
+        for family, addr in gone:
+            try:
+                del table[self._hash_key(family, addr, bank)]
+            except KeyError:
+                pass
+            del held[(family, addr)]
+        written = 0
+        for (family, addr), value in entries.items():
+            if held.get((family, addr)) != value:
+                table[self._hash_key(family, addr, bank)] = table.Leaf(*value)
+                held[(family, addr)] = value
+                written += 1
+        return len(gone) + written
+
+    def hashed(self) -> int:
+        """Entries the bank in force holds in zt_src_hash."""
+        return len(self._hashed[self.bank])
+
+    def _hash_key(self, family: int, addr: bytes, bank: int):
+        key = self.bpf["zt_src_hash"].Key()
+        ctypes.memmove(ctypes.byref(key), SRC_KEY.pack(family | bank << SRC_KEY_BANK, addr), SRC_KEY.size)
+        return key
+
+    def load(self, tables, bank: Optional[int] = None) -> int:
+        """Make BANK (default: the one in force) hold `tables` (from control.compiler), writing
+        only the entries that differ from what it holds, and its rule counters start at zero.
+        The tables must fit the layout. Returns how many entries were written."""
         lay = self.layout
         short = lay.shortfalls(tables.need)
         if short:
             raise TablesDoNotFit(short)
-        for name, entries in (("zt_pool4", tables.pool4), ("zt_pool6", tables.pool6)):
-            view = self.array(name)
-            view[:] = 0
-            if entries:
-                idx = np.fromiter(entries.keys(), np.int64, len(entries))
-                val = np.array(list(entries.values()), np.uint32)
-                view[idx, :8] = val.view(np.uint8).reshape(-1, 8)
-        src_hash = self.bpf["zt_src_hash"]
-        src_hash.clear()
-        for (family, addr), (ident, device) in tables.src_hash.items():
-            key = src_hash.Key()
-            ctypes.memmove(ctypes.byref(key), SRC_KEY.pack(family, addr), SRC_KEY.size)
-            src_hash[key] = src_hash.Leaf(ident, device)
-
-        self._write("zt_idents", _pad(tables.idents, lay.who_words, 0))
-        self._write("zt_nodes", tables.nodes)
-        self._write("zt_classes", tables.classes)
+        bank = self.bank if bank is None else bank
+        if bank != self.bank:   # packets that read it before it left force are done with it
+            time.sleep(max(0.0, self._left[bank] + SETTLE - time.perf_counter()))
+        written = self._write_pool("zt_pool4", tables.pool4, bank) + self._write_pool("zt_pool6", tables.pool6, bank)
+        written += self._write_hash(tables.src_hash, bank)
+        written += self._write("zt_idents", _pad(tables.idents, lay.who_words, 0), bank)
+        written += self._write("zt_nodes", tables.nodes, bank)
+        written += self._write("zt_classes", tables.classes, bank)
         pt = np.full((len(tables.port_tables), 2, lay.port_slots), PORT_END, np.uint32)
         pt[:, 1, :] = 0
         pt[:, :, :tables.port_tables.shape[2]] = tables.port_tables
-        self._write("zt_port_tables", pt)
-        self._write("zt_services", _pad(tables.services, lay.max_cands, 0))
-        self._write("zt_sport", _pad(tables.sport, lay.sport_words, 0))
-        self.bpf["zt_rule_stats"].clear()
+        written += self._write("zt_port_tables", pt, bank)
+        written += self._write("zt_services", _pad(tables.services, lay.max_cands, 0), bank)
+        written += self._write("zt_sport", _pad(tables.sport, lay.sport_words, 0), bank)
+        self.clear_rule_stats(bank)
+        return written
+
+    def clear_rule_stats(self, bank: int) -> None:
+        """Zero one bank's rule counters (only the entries that counted something)."""
+        stats = self.bpf["zt_rule_stats"]
+        if self.banks == 1:
+            stats.clear()
+            return
+        per = stats.max_entries // self.banks
+        counts = percpu_array(stats, "zt_rule_stats", COUNTER, possible_cpus())
+        used = np.flatnonzero(counts["packets"][bank * per:(bank + 1) * per].any(axis=1))
+        for rid in used:
+            stats.clearitem(ctypes.c_int(int(rid) + bank * per))
+
+    def flip(self, build: int) -> None:
+        """Put the other bank in force, holding BUILD: one aligned 8-byte store into zt_bank."""
+        if self.banks != 2:
+            raise TablesDoNotFit(["this program has one bank"])
+        self._left[self.bank] = time.perf_counter()
+        self._select(1 - self.bank, build)
+
+    def _select(self, bank: int, build: int) -> None:
+        if not 0 <= build < 1 << 32:
+            raise ValueError(f"build {build}: must fit 32 bits")
+        # struct zt_bank {bank, build}: one uint64 scalar store, which numpy makes one
+        # instruction; the program reads it with one 8-byte load
+        self.array("zt_bank").view(np.uint64)[0, 0] = bank | build << 32
+        self.bank, self.build = bank, build
 
     # -----------------------------------------------------------------------------------------
     # changes in place: a live gateway, no reload
@@ -91,13 +186,11 @@ class PolicyTables:
         return name, int(addr) & ((1 << POOL_BITS) - 1)
 
     def _src_key(self, addr: Address):
-        table = self.bpf["zt_src_hash"]
-        key = table.Key()
-        ctypes.memmove(ctypes.byref(key), SRC_KEY.pack(addr.version, addr.packed.rjust(16, b"\0")), SRC_KEY.size)
-        return table, key
+        return self.bpf["zt_src_hash"], self._hash_key(addr.version, addr.packed.rjust(16, b"\0"), self.bank)
 
     def set_sources(self, entries: Iterable[tuple[Address, int, int]]) -> None:
-        """Write (address, identity class, device id) entries; ident 0 removes the address.
+        """Write (address, identity class, device id) entries into the bank in force; ident 0
+        removes the address.
 
         The kernel sees each entry whole. A pool slot is one aligned 8-byte store into the
         mmapped array ({ident, device} is 8 bytes at an 8-aligned offset, and numpy stores an
@@ -111,13 +204,17 @@ class PolicyTables:
                 raise ValueError(f"{addr}: device id {device} does not fit 32 bits")
             slot = self._pool_slot(addr)
             if slot is not None:
-                words = self.array(slot[0]).view(np.uint64)
+                words = self.in_bank(slot[0]).view(np.uint64)
                 words[slot[1], 0] = (ident | device << 32) if ident else 0    # SRC: ident, then device
+                self._pooled[self.bank].pop(slot[0], None)     # (compared whole at the next load)
                 continue
             table, key = self._src_key(addr)
+            held = self._hashed[self.bank]
             if ident:
                 table[key] = table.Leaf(ident, device)
+                held[(addr.version, addr.packed.rjust(16, b"\0"))] = (ident, device)
             else:
+                held.pop((addr.version, addr.packed.rjust(16, b"\0")), None)
                 try:
                     del table[key]
                 except KeyError:
@@ -130,7 +227,7 @@ class PolicyTables:
         for addr in addresses:
             slot = self._pool_slot(addr)
             if slot is not None:
-                value = int(self.array(slot[0]).view(np.uint64)[slot[1], 0])
+                value = int(self.in_bank(slot[0]).view(np.uint64)[slot[1], 0])
                 out.append((addr, value & 0xFFFFFFFF, value >> 32))
                 continue
             table, key = self._src_key(addr)
@@ -158,7 +255,7 @@ class PolicyTables:
                              f"1..{self.layout.max_idents - 1}")
         if width > self.layout.who_words:
             raise ValueError(f"rows of {width} words: this build holds {self.layout.who_words}")
-        words = self.array("zt_idents").view(np.uint64)
+        words = self.in_bank("zt_idents").view(np.uint64)
         words[first_id:first_id + n, :width] = rows
         words[first_id:first_id + n, width:] = 0
 

@@ -76,7 +76,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	if (!slot)
 		return 0;
 	int holds = fcache_holds(slot, p, tail);
-	if (fcache_allows(slot, holds, p, d->epoch, now)) {
+	if (fcache_allows(slot, holds, p, d->epoch, d->build, now)) {
 		allow_as_before(d, slot->rule, slot->device, slot->ident);
 		if (!dry) {
 			slot->packets++;
@@ -103,7 +103,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	}
 	/* another epoch or build: decided again; a non-TCP flow due to be reported: reported */
 	__u64 report_ns = p->proto == IPPROTO_TCP ? ~0ULL : ct->event_ns + ZT_FLOW_EVENT_NS;
-	if (!same_policy(ct->epoch, d->epoch) || ct->build != ZT_BUILD || now >= report_ns)
+	if (!same_policy(ct->epoch, d->epoch) || ct->build != d->build || now >= report_ns)
 		return 0;
 	allow_as_before(d, ct->rule, ct->device, ct->ident);
 	if (dry)
@@ -114,7 +114,7 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	cpu->ct_hits++;
 	frag_track(p, d->epoch, now);
 #if ZT_CT_FLOW_CACHE
-	fcache_fill(slot, holds, &key, ct, d->epoch, now, report_ns);
+	fcache_fill(slot, holds, &key, ct, d->epoch, d->build, now, report_ns);
 #endif
 	return 1;
 }
@@ -161,7 +161,7 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 	if (p->proto == IPPROTO_TCP)
 		new_flow = syn;
 	else
-		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != ZT_BUILD ||
+		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != d->build ||
 			   ct->rule != d->rule;
 	if (new_flow)   /* (reported before the entry is written: the other order made a new flow's
 			 * first packet ~70 ns slower, scripts/bench --against-source) */
@@ -172,7 +172,7 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 				     .epoch = d->epoch,
 				     .packets = 1,
 				     .bytes = bytes,
-				     .build = ZT_BUILD,
+				     .build = d->build,
 				     .rule = d->rule,
 				     .device = d->device,
 				     .ident = d->ident};
@@ -192,7 +192,7 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 	if (p->proto != IPPROTO_TCP && new_flow)
 		ct->event_ns = now;   /* (two CPUs may both report a flow: no harm) */
 	ct->epoch = d->epoch;
-	ct->build = ZT_BUILD;
+	ct->build = d->build;
 	ct->rule = d->rule;
 	ct->device = d->device;
 	ct->ident = d->ident;

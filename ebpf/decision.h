@@ -11,6 +11,8 @@ _Static_assert(ZT_REASON__MAX <= ZT_REASON_SLOTS, "zt_cpu.reason has no room: ra
 
 struct zt_decision {
 	__u64 epoch; /* zt_epoch as the packet arrived, read before any table */
+	__u32 bank;  /* zt_bank as the packet arrived, read once, right after the epoch */
+	__u32 build; /* the build that bank holds */
 	__u8 fast;   /* decided without the policy (conntrack, a followed fragment): nothing to report */
 	__u32 rule;
 	__u32 device;
@@ -84,7 +86,7 @@ static __always_inline void count_rule(const struct zt_decision *d, __u64 bytes)
 {
 	if (d->reason != ZT_REASON_RULE && d->reason != ZT_REASON_DEFAULT)
 		return;
-	__u32 rule = d->rule;
+	__u32 rule = ZT_IN_BANK(d->bank, d->rule, ZT_MAX_RULES);
 	struct zt_counter *c = zt_rule_stats.lookup(&rule);
 	if (c) {
 		c->packets++;

@@ -2,6 +2,7 @@
 #ifndef ZT_EPOCH_H
 #define ZT_EPOCH_H
 
+#include "decision.h"
 #include "maps.h"
 
 #define ZT_NSEC_PER_SEC 1000000000ULL
@@ -25,6 +26,18 @@ static __always_inline __u64 epoch_now(void)
 	__u32 zero = 0;
 	__u64 *e = zt_epoch.lookup(&zero);
 	return e ? *e : 0;
+}
+
+/* The bank in force and its build (zt_bank): one 8-byte load, so both come from the same write
+ * (userspace flips them with one aligned store). Read once per packet, after the epoch: a
+ * packet that reads the epoch of after a flip reads the bank of after it too. */
+static __always_inline void bank_now(struct zt_decision *d)
+{
+	__u32 zero = 0;
+	struct zt_bank *b = zt_bank.lookup(&zero);
+	__u64 both = b ? *(const __u64 *)b : 0;
+	d->bank = (__u32)both & 1;
+	d->build = (__u32)(both >> 32);
 }
 
 /* Two epochs of one policy: they differ at most in their kills (see zt_epoch). */

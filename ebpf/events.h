@@ -29,7 +29,7 @@ static __always_inline int emit(struct zt_cpu *cpu, const struct zt_decision *d,
 		return 0;
 	}
 	e->time_ns = bpf_ktime_get_ns();
-	e->build = ZT_BUILD;
+	e->build = d->build;
 	e->device = d->device;
 	e->ident = d->ident;
 	e->rule = d->rule;

@@ -48,7 +48,7 @@ static __always_inline int fcache_holds(const struct zt_fslot *slot, const struc
  * tuple; added atomically, as another CPU may be adding its own), and the slot takes this flow
  * until its next check (the key last: a slot is never half another flow's). */
 static __always_inline void fcache_fill(struct zt_fslot *slot, int holds, const struct zt_ct_key *key,
-					struct zt_ct *ct, __u64 epoch, __u64 now, __u64 report_ns)
+					struct zt_ct *ct, __u64 epoch, __u32 build, __u64 now, __u64 report_ns)
 {
 	if (slot->packets) {
 		struct zt_ct *held = holds ? ct : zt_ct.lookup(&slot->key);
@@ -61,7 +61,7 @@ static __always_inline void fcache_fill(struct zt_fslot *slot, int holds, const 
 	slot->epoch = epoch;
 	slot->checked_ns = now;
 	slot->until_ns = until < report_ns ? until : report_ns;
-	slot->build = ZT_BUILD;
+	slot->build = build;
 	slot->rule = ct->rule;
 	slot->device = ct->device;
 	slot->ident = ct->ident;
@@ -73,10 +73,10 @@ static __always_inline void fcache_fill(struct zt_fslot *slot, int holds, const 
  * build, recently. (A FIN or RST, and a first fragment, take the zt_ct way: they change the
  * flow's state.) */
 static __always_inline int fcache_allows(const struct zt_fslot *slot, int holds, const struct zt_pkt *p,
-					 __u64 epoch, __u64 now)
+					 __u64 epoch, __u32 build, __u64 now)
 {
 	int keep = !(p->tcp_flags & (ZT_TCP_FIN | ZT_TCP_RST)) && !(p->frag & ZT_FRAG_MORE);
-	return keep && holds && slot->epoch == epoch && slot->build == ZT_BUILD && now < slot->until_ns;
+	return keep && holds && slot->epoch == epoch && slot->build == build && now < slot->until_ns;
 }
 #endif
 

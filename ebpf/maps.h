@@ -68,7 +68,9 @@ struct zt_src {
  * drop as session-expired, naming the device; no identity class has this id. */
 #define ZT_IDENT_EXPIRED 0xFFFFFFFFU
 
-/* Tunnel addresses outside the pools. family first so that v4 and v6 keys never collide. */
+/* Tunnel addresses outside the pools. family first so that v4 and v6 keys never collide; the
+ * bank in its bits 16 and up (ZT_SRC_KEY_BANK). */
+#define ZT_SRC_KEY_BANK 16
 struct zt_src_key {
 	__u32 family;
 	__u8 addr[16]; /* IPv4 in the last four bytes */
@@ -145,9 +147,6 @@ struct zt_last {
 
 #define ZT_DRY_RUN_MAGIC 0x5a544452U /* "ZTDR" as metadata of a test run: see dry_run() */
 
-#ifndef ZT_BUILD
-#define ZT_BUILD 0 /* the policy build: events carry it, so rule and device ids can be named */
-#endif
 #ifndef ZT_EVENT_RING_BYTES
 #define ZT_EVENT_RING_BYTES (1 << 20) /* a power of two, a multiple of the page: ~13k events */
 #endif
@@ -193,7 +192,7 @@ struct zt_last {
  * no ports). Ports are 0 unless TCP or UDP. */
 struct zt_event {
 	__u64 time_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-	__u32 build;   /* ZT_BUILD of the program that decided */
+	__u32 build;   /* the build that decided (zt_bank's, read as the packet arrived) */
 	__u32 device;  /* 0: none (unknown source, unreadable packet) */
 	__u32 ident;   /* identity class; 0: none */
 	__u32 rule;    /* 0: no rule (default action, or no decision) */
@@ -286,20 +285,36 @@ struct zt_ct {
 #define ZT_SHARED_RINGBUF(_name, _bytes) BPF_RINGBUF_OUTPUT(_name, (_bytes) / PAGE_SIZE)
 #endif
 
+/* The policy's two banks. Every policy map below holds two copies of its table, bank 0 at
+ * entries [0, capacity) and bank 1 at [capacity, 2 * capacity) (the source hash: the bank in
+ * its key); zt_bank says which bank is in force and the build its tables are. A packet reads
+ * zt_bank once, as it arrives, and every table it reads after is of that bank: it is decided
+ * wholly by one build. Userspace writes a new build into the bank not in force, then flips
+ * zt_bank with one aligned 8-byte store (dataplane/tables.py), then moves the epoch: a policy
+ * change without a new program (README.md, "Changes in place"). */
+#define ZT_BANKS 2
+struct zt_bank {
+	__u32 bank;  /* 0 or 1 */
+	__u32 build; /* the build the bank holds: events, conntrack and the flow cache carry it */
+};
+BPF_F_TABLE("array", __u32, struct zt_bank, zt_bank, 1, BPF_F_MMAPABLE);
+#define ZT_IN_BANK(bank, idx, capacity) ((idx) + (bank) * (capacity))
+
 /* 1. source -> identity */
-BPF_F_TABLE("array", __u32, struct zt_src, zt_pool4, 1 << ZT_POOL_BITS, BPF_F_MMAPABLE);
-BPF_F_TABLE("array", __u32, struct zt_src, zt_pool6, 1 << ZT_POOL_BITS, BPF_F_MMAPABLE);
-BPF_HASH(zt_src_hash, struct zt_src_key, struct zt_src, ZT_MAX_SRC_HASH);
-BPF_F_TABLE("array", __u32, struct zt_ident, zt_idents, ZT_MAX_IDENTS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_src, zt_pool4, ZT_BANKS << ZT_POOL_BITS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_src, zt_pool6, ZT_BANKS << ZT_POOL_BITS, BPF_F_MMAPABLE);
+BPF_HASH(zt_src_hash, struct zt_src_key, struct zt_src, ZT_BANKS * ZT_MAX_SRC_HASH);
+BPF_F_TABLE("array", __u32, struct zt_ident, zt_idents, ZT_BANKS * ZT_MAX_IDENTS, BPF_F_MMAPABLE);
 /* 2. destination -> class -> 3. port table -> service */
-BPF_F_TABLE("array", __u32, struct zt_node, zt_nodes, ZT_MAX_NODES, BPF_F_MMAPABLE);
-BPF_F_TABLE("array", __u32, struct zt_class, zt_classes, ZT_MAX_CLASSES, BPF_F_MMAPABLE);
-BPF_F_TABLE("array", __u32, struct zt_ports, zt_port_tables, ZT_MAX_PORT_TABLES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_node, zt_nodes, ZT_BANKS * ZT_MAX_NODES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_class, zt_classes, ZT_BANKS * ZT_MAX_CLASSES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_ports, zt_port_tables, ZT_BANKS * ZT_MAX_PORT_TABLES, BPF_F_MMAPABLE);
 /* 4. service -> candidates, and the source-port bits some candidates test */
-BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_MAX_SERVICES, BPF_F_MMAPABLE);
-BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, 65536, BPF_F_MMAPABLE);
-/* 5. counters: per rule (rule ids belong to one build), and the shared per-CPU state */
-BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_MAX_RULES);
+BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_MAX_SERVICES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, ZT_BANKS * 65536, BPF_F_MMAPABLE);
+/* 5. counters: per rule of each bank (rule ids belong to the bank's build), and the shared
+ * per-CPU state */
+BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_BANKS * ZT_MAX_RULES);
 ZT_SHARED_TABLE("percpu_array", __u32, struct zt_cpu, zt_cpu_state, 1);
 /* 6. flow events, and the allowed flows (whose replies the connector side lets back) */
 ZT_SHARED_RINGBUF(zt_events, ZT_EVENT_RING_BYTES);

@@ -11,13 +11,13 @@
 #define ZT_POOL_MASK ((1U << ZT_POOL_BITS) - 1)
 
 /* 1. Tunnel address -> identity. Pool addresses index an array; others probe a hash. */
-static __always_inline struct zt_src *identify(__u8 family, const __u32 *addr)
+static __always_inline struct zt_src *identify(__u8 family, const __u32 *addr, __u32 bank)
 {
 	__u32 idx;
 	if (family == 4) {
 		__u32 a = bpf_ntohl(addr[0]);
 		if ((a >> ZT_POOL_BITS) == (ZT_POOL4_BASE >> ZT_POOL_BITS)) {
-			idx = a & ZT_POOL_MASK;
+			idx = (a & ZT_POOL_MASK) | bank << ZT_POOL_BITS;
 			return zt_pool4.lookup(&idx);
 		}
 	} else {
@@ -25,11 +25,11 @@ static __always_inline struct zt_src *identify(__u8 family, const __u32 *addr)
 		if (addr[0] == bpf_htonl(ZT_POOL6_BASE_0) && addr[1] == bpf_htonl(ZT_POOL6_BASE_1) &&
 		    addr[2] == bpf_htonl(ZT_POOL6_BASE_2) &&
 		    (a >> ZT_POOL_BITS) == (ZT_POOL6_BASE_3 >> ZT_POOL_BITS)) {
-			idx = a & ZT_POOL_MASK;
+			idx = (a & ZT_POOL_MASK) | bank << ZT_POOL_BITS;
 			return zt_pool6.lookup(&idx);
 		}
 	}
-	struct zt_src_key key = {.family = family};
+	struct zt_src_key key = {.family = family | bank << ZT_SRC_KEY_BANK};
 	if (family == 4)
 		__builtin_memcpy(&key.addr[12], &addr[0], 4);
 	else
@@ -39,10 +39,10 @@ static __always_inline struct zt_src *identify(__u8 family, const __u32 *addr)
 
 /* 2. Destination -> class: a 16-8-8 trie for IPv4, 16-8-...-8 for IPv6. Returns -1 on an
  * inconsistent table (fail closed). */
-static __always_inline __s64 dst_class(const struct zt_pkt *p)
+static __always_inline __s64 dst_class(const struct zt_pkt *p, __u32 bank)
 {
 	const __u8 *b = (const __u8 *)p->dst;
-	__u32 key = (p->family == 4 ? ZT_V4_TOP : ZT_V6_TOP) + b[0];
+	__u32 key = ZT_IN_BANK(bank, (p->family == 4 ? ZT_V4_TOP : ZT_V6_TOP) + b[0], ZT_MAX_NODES);
 	struct zt_node *node = zt_nodes.lookup(&key);
 	if (!node)
 		return -1;
@@ -52,7 +52,7 @@ static __always_inline __s64 dst_class(const struct zt_pkt *p)
 	for (int i = 2; i < 16; i++) {
 		if (!(e & ZT_NODE_FLAG) || i >= last)
 			break;
-		key = e & ~ZT_NODE_FLAG;
+		key = ZT_IN_BANK(bank, e & ~ZT_NODE_FLAG, ZT_MAX_NODES);
 		node = zt_nodes.lookup(&key);
 		if (!node)
 			return -1;
@@ -65,8 +65,9 @@ static __always_inline __s64 dst_class(const struct zt_pkt *p)
 
 /* 3. The service for (class, protocol, destination port): a fixed-step binary search over
  * the class's sorted port ranges. */
-static __always_inline __s64 service_of(const struct zt_pkt *p, __u32 cid)
+static __always_inline __s64 service_of(const struct zt_pkt *p, __u32 cid, __u32 bank)
 {
+	cid = ZT_IN_BANK(bank, cid, ZT_MAX_CLASSES);
 	struct zt_class *cls = zt_classes.lookup(&cid);
 	if (!cls)
 		return -1;
@@ -79,6 +80,7 @@ static __always_inline __s64 service_of(const struct zt_pkt *p, __u32 cid)
 		return cls->svc_icmp;
 	else
 		return cls->svc_other;
+	table = ZT_IN_BANK(bank, table, ZT_MAX_PORT_TABLES);
 	struct zt_ports *pt = zt_port_tables.lookup(&table);
 	if (!pt)
 		return -1;
@@ -105,6 +107,7 @@ static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
+	svc_id = ZT_IN_BANK(d->bank, svc_id, ZT_MAX_SERVICES);
 	struct zt_svc *svc = zt_services.lookup(&svc_id);
 	if (!svc)
 		return -1;
@@ -115,7 +118,7 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 			continue;
 		if (c.sport) {
 			if (!sp) {
-				__u32 port = p->sport;
+				__u32 port = ZT_IN_BANK(d->bank, p->sport, 65536);
 				sp = zt_sport.lookup(&port);
 				if (!sp)
 					return -1;
@@ -136,7 +139,7 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
  * lead nowhere fail closed (internal). */
 static __always_inline void decide(struct zt_decision *d, const struct zt_pkt *p)
 {
-	struct zt_src *entry = identify(p->family, p->src);
+	struct zt_src *entry = identify(p->family, p->src, d->bank);
 	/* One 8-byte load: userspace rewrites a live entry with one aligned 8-byte store
 	 * (Program.set_sources), so ident and device are always read from the same write. Map
 	 * values are 8-byte aligned. */
@@ -154,10 +157,10 @@ static __always_inline void decide(struct zt_decision *d, const struct zt_pkt *p
 		return;
 	}
 	d->ident = src.ident;
-	__u32 ident = src.ident;
+	__u32 ident = ZT_IN_BANK(d->bank, src.ident, ZT_MAX_IDENTS);
 	struct zt_ident *who = zt_idents.lookup(&ident);
-	__s64 cid = dst_class(p);
-	__s64 svc = cid < 0 ? -1 : service_of(p, cid);
+	__s64 cid = dst_class(p, d->bank);
+	__s64 svc = cid < 0 ? -1 : service_of(p, cid, d->bank);
 	if (who && svc >= 0 && walk(d, p, svc, who) == 0)
 		return;
 	d->verdict = ZT_VERDICT_BLOCK;

@@ -32,6 +32,7 @@ static __always_inline int reply_open(struct xdp_md *ctx, struct zt_reply *r)
 {
 	r->d.verdict = ZT_VERDICT_BLOCK;
 	r->d.reason = ZT_REASON_NOT_REPLY;
+	bank_now(&r->d);   /* (whose build a drop's event names, and whose sources name its device) */
 	r->cpu = cpu_state();
 	if (!r->cpu)
 		return 0;
@@ -138,7 +139,10 @@ static __always_inline void decide_again(struct zt_decision *d, struct zt_ct *ct
 	}
 	struct zt_decision again = {};
 	__u64 epoch = epoch_now();   /* read before deciding: a change after it is seen next time */
+	bank_now(&again);
 	decide(&again, &fwd);
+	d->bank = again.bank;
+	d->build = again.build;
 	if (again.verdict == ZT_VERDICT_ALLOW) {
 		if (!dry) {
 			/* (the build is left alone: the device's next packet brings it and the rule up
@@ -162,7 +166,7 @@ static __always_inline int reply_record(struct xdp_md *ctx, struct zt_reply *r)
 	const struct zt_pkt *p = &r->p;
 	__u64 bytes = ctx->data_end - ctx->data;
 	if (d->verdict != ZT_VERDICT_ALLOW && d->verdict != ZT_VERDICT_PASS && p->family) {
-		struct zt_src *to = identify(p->family, p->dst);
+		struct zt_src *to = identify(p->family, p->dst, d->bank);
 		__u64 both = to ? *(const __u64 *)to : 0;
 		d->ident = (__u32)both;
 		d->device = (__u32)(both >> 32);

@@ -1,7 +1,7 @@
 /* ztgate's XDP program: every packet on the ingress interface is parsed, identified and
  * decided by the policy, counted, and passed or dropped; on each connector interface, only the
  * replies of flows it allowed go back. Built by dataplane/program.py with the capacities of
- * dataplane/layout.py as -D flags; ZT_ETHERNET=1 for Ethernet devices (frames start at the
+ * dataplane/layout.py as -D flags (once per layout: the policy is data, in two banks); ZT_ETHERNET=1 for Ethernet devices (frames start at the
  * Ethernet header), 0 for tunnels (frames start at the IP header). README.md has the path of a
  * packet; each step lives in a header of its own:
  *   parse.h      reading a packet (the only code that reads packet bytes)
@@ -65,6 +65,7 @@ int xdp_ztgate(struct xdp_md *ctx)
 	/* The epoch first: a packet decided by the tables of before a change must not carry the
 	 * epoch of after it into conntrack (see Kernel._next_epoch). */
 	struct zt_decision d = {.epoch = epoch_now()};
+	bank_now(&d);   /* the bank in force, once: every table this packet reads is of it */
 	struct zt_pkt p = {};
 	__u64 bytes = data_end - data;
 	int dry = dry_run(ctx);

@@ -1,8 +1,9 @@
-"""Request-to-kernel time of changes at the large scale, through the real gateway daemon.
+"""Request-to-kernel time of changes at one scale, through the real gateway daemon.
 
 The daemon runs in a throwaway network namespace with its own WireGuard interface, pin
-directory and state; the large deployment is applied through the socket; then one-rule,
-one-device and one-membership changes are timed from the request to the reply. The gateway
+directory and state; the deployment is applied through the socket; then N changes of each
+kind (rule add, disable, enable, move, remove; device add, group member add, device disable)
+are timed from the request to the reply: p50 and p99 of each kind. The gateway
 replies after the kernel holds the change (control/gateway/core.py applies before it answers), so
 the reply time is the request-to-kernel time. After each change one packet is traced through
 the attached program and must agree with the reference. Everything is removed afterwards.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -48,7 +48,31 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def run(dep, repeats: int, log) -> dict:
+def percentile(values: list, q: float) -> float:
+    """The q-th percentile, nearest rank (of 50 values, p99 is the largest)."""
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, max(0, -(-len(ranked) * q // 100) - 1))] if ranked else float("nan")
+
+
+def _changes(c, user, dst: str, top: int) -> dict:
+    """Each kind of change, as a function of its index i (rule changes act on rule bench-i)."""
+    return {
+        "rule add": lambda i: c.call("rule.add", rule={
+            "name": f"bench-{i}", "precedence": top + i, "action": "block", "principals": [f"user:{user(i).key}"],
+            "protocols": ["tcp"], "destination": {"cidrs": [f"{dst}/32"], "ports": [443]}}),
+        "rule disable": lambda i: c.call("rule.set_enabled", name=f"bench-{i}", enabled=False),
+        "rule enable": lambda i: c.call("rule.set_enabled", name=f"bench-{i}", enabled=True),
+        "rule move": lambda i: c.call("rule.move", name=f"bench-{i}", precedence=top + 100_000 + i),
+        "rule remove": lambda i: c.call("rule.remove", name=f"bench-{i}"),
+        "device add": lambda i: c.call("device.add", name=f"bench-dev-{i}", email=user(i).email,
+                                       public_key=generate_keypair()[1]),
+        "group member add": lambda i: c.call("group.member", group=f"bench-group-{i}", email=user(i).email,
+                                             present=True),
+        "device disable": lambda i: c.call("device.set_enabled", name=f"bench-dev-{i}", enabled=False),
+    }
+
+
+def run(dep, repeats: int, log, scale: str = "large") -> dict:
     token = secrets.token_hex(3)
     netns, iface = f"ztbench-{token}", f"ztb{token}"
     tmp = Path(tempfile.mkdtemp(prefix="ztbench-"))
@@ -69,40 +93,32 @@ def run(dep, repeats: int, log) -> dict:
         _wait_socket(sock, daemon, 120)
         out: dict = {}
         with Client(sock, timeout=900) as c:
-            log("gateway: applying the large deployment through the socket")
+            log(f"gateway ({scale}): applying the deployment through the socket")
             out["apply_all_s"] = _timed(lambda: c.call(
                 "policy.apply", policy_text=(tmp / "policy.yaml").read_text(), policy_name="policy.yaml",
                 identities_text=(tmp / "identities.yaml").read_text(), identities_name="identities.yaml"))
             users = [u for u in dep.identities.users if dep.devices_of.get(u.key)]
             dst = "10.99.99.1"
+            top = max((r.precedence for r in dep.policy.rules), default=0) + 1000
 
-            def rule_change(i: int) -> None:
-                c.call("rule.add", rule={"name": f"bench-{i}", "precedence": 1 + i, "action": "block",
-                                         "principals": [f"user:{users[i].key}"], "protocols": ["tcp"],
-                                         "destination": {"cidrs": [f"{dst}/32"], "ports": [443]}})
-
-            def device_add(i: int) -> None:
-                c.call("device.add", name=f"bench-dev-{i}", email=users[i].email, public_key=generate_keypair()[1])
-
-            def member_add(i: int) -> None:
-                c.call("group.member", group=f"bench-group-{i}", email=users[i].email, present=True)
-
-            def device_disable(i: int) -> None:
-                c.call("device.set_enabled", name=f"bench-dev-{i}", enabled=False)
+            def user(i: int):
+                return users[i % len(users)]
 
             def agrees(i: int) -> bool:
-                t = c.call("trace", packet={"user": users[i].email, "dst": dst, "proto": "tcp", "dport": 443})
+                t = c.call("trace", packet={"user": user(i).email, "dst": dst, "proto": "tcp", "dport": 443})
                 return (t["kernel"]["verdict"], t["kernel"]["rule"]) == (t["reference"]["verdict"], t["reference"]["rule"])
 
-            for name, fn in (("rule add (full build)", rule_change), ("device add", device_add),
-                             ("group member add", member_add), ("device disable", device_disable)):
+            for name, fn in _changes(c, user, dst, top).items():
                 times = []
                 for i in range(repeats):
                     times.append(_timed(lambda: fn(i)))
                     if not agrees(i):
                         raise RuntimeError(f"after {name} #{i} the kernel disagrees with the reference")
                 out[name] = times
-                log(f"gateway: {name}: median {statistics.median(times):.3f} s of {repeats}")
+                log(f"gateway ({scale}): {name}: p50 {percentile(times, 50) * 1000:.1f} ms, "
+                    f"p99 {percentile(times, 99) * 1000:.1f} ms of {repeats}")
+            daemon_log = (tmp / "daemon.log").read_text()
+            out["full_builds"] = daemon_log.count("falling back to a full build")
             out["build"] = c.call("status")["tables"]
         return out
     finally:

@@ -29,6 +29,8 @@ CONSTANTS = {
     "KILL_ENTRIES": "ZT_KILL_ENTRIES == {v}",
     # no identity class can have the id that means session-expired
     "IDENT_EXPIRED": "ZT_IDENT_EXPIRED == {v} && ZT_MAX_IDENTS <= {v}",
+    "SRC_KEY_BANK": "ZT_SRC_KEY_BANK == {v}",
+    "BANKS": "ZT_BANKS == {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {
@@ -40,6 +42,7 @@ STRUCTS = {
     "CT_KEY": "zt_ct_key",
     "FSLOT": "zt_fslot",
     "EVENT": "zt_event",
+    "BANK": "zt_bank",
 }
 TAG = "mirror mismatch: "
 

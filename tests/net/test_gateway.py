@@ -244,6 +244,32 @@ def test_rule_changes_decide_open_connections_too(site, alice):
     assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web"]
 
 
+def test_rule_changes_are_written_in_place_and_a_policy_that_outgrows_the_program_is_a_full_build(site, alice):
+    """A rule change is written into the program's other bank (no compiler run, said in the
+    log); a policy whose tables outgrow the program falls back to a full build, and says so."""
+    def log_of(change):
+        before = len(site.stderr.read_text())
+        change()
+        return site.stderr.read_text()[before:]
+
+    added = log_of(lambda: site.ztgate("rule", "add", "no-2222", "--action", "block", "--proto", "tcp",
+                                       "--dst-port", "2222", "--precedence", "5"))
+    assert "in place of build" in added and "falling back" not in added, added
+    doc = yaml.safe_load((LAB / "policy.yaml").read_text())
+    doc["rules"] += [{"name": f"filler-{i}", "precedence": 1000 + i, "action": "block", "protocols": ["udp"],
+                      "destination": {"cidrs": ["10.20.0.10/32"], "ports": [20000 + i]}} for i in range(80)]
+    big = site.tmp / "big-policy.yaml"
+    big.write_text(yaml.safe_dump(doc))
+    grown = log_of(lambda: site.ztgate("policy", "apply", big))
+    assert "falling back to a full build" in grown and "max_rules" in grown, grown
+    assert site.tcp(APP_WEB, 22) is not None and site.tcp(APP_RDP, 3389) is None
+    back = log_of(lambda: site.ztgate("policy", "apply", LAB / "policy.yaml"))
+    assert "in place of build" in back, back                 # fewer rules fit the bigger program
+    assert site.tcp(APP_WEB, 22) is not None and site.tcp(APP_RDP, 3389) is None
+    shown = yaml.safe_load(site.ztgate("policy", "show").stdout)
+    assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web"]
+
+
 def test_disable_cuts_at_once_and_enable_restores(site, alice):
     web = wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=5, what="a connection")
     assert site.echo(web)
