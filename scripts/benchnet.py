@@ -6,8 +6,11 @@ XDP counter on the last; and the switches between cases. Everything it makes goe
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import secrets
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -36,6 +39,7 @@ int xdp_count(struct xdp_md *ctx) {
     return XDP_DROP;
 }
 """
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 FRAME = 64      # bytes on the wire (without FCS): the smallest Ethernet frame
 
 
@@ -166,46 +170,95 @@ class Path3:
 
     def use(self, case: str, mode: str) -> None:
         """Make CASE the path: the XDP program on fwd's ingress, and the nft table awake or not."""
-        fd = {"pass-all": self.pass_fd, "ztgate": self.ztgate_fd}.get(case)
-        self._xdp("fwd", "in0", fd, mode)
+        self._xdp("fwd", "in0", self.program_fd(case), mode)
         if self.table:
             flags = "" if case == "nftables" else "flags dormant;"
             self.sh(self.ns["fwd"], f"nft add table inet {self.table} {{ {flags} }}")
 
     # --------------------------------------------------------------------------- counting
+    def program_fd(self, case: str):
+        return {"pass-all": self.pass_fd, "ztgate": self.ztgate_fd}.get(case)
+
     def count(self) -> int:
         return int(self.delivered.sum(0).value)
 
     def trafgen(self, *extra: str) -> subprocess.Popen:
         cmd = ["nsenter", f"--net=/run/netns/{self.ns['gen']}", "taskset", "-c", str(self.cpu), "trafgen",
                "--dev", "g0", "--conf", str(self.dir / "flows.cfg"), "--cpus", "1", "--no-sock-mem", *extra]
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # a session of its own: trafgen forks its sender, and both must stop (stop_trafgen)
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    @staticmethod
+    def stop_trafgen(p: subprocess.Popen) -> None:
+        """An interrupt to trafgen and its sender (how it is stopped), then a kill if need be."""
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(3)
+                deadline = time.monotonic() + 3
+                while _group_alive(p.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not _group_alive(p.pid):
+                    return
+            except subprocess.TimeoutExpired:
+                pass
 
     def one_pass(self) -> int:
         """Every flow once, gently: how many arrived."""
         before = self.count()
         p = self.trafgen("--num", str(self.flow_count), "--gap", "50us")
-        _, err = p.communicate(timeout=30)
+        try:
+            _, err = p.communicate(timeout=30)
+        finally:
+            self.stop_trafgen(p)
         if p.returncode != 0:
             raise SystemExit(f"benchtraffic: trafgen failed: {err}")
         time.sleep(0.2)
         return self.count() - before
 
-    def rate(self, seconds: float, warmup: float = 0.5) -> float:
-        """Packets a second delivered while trafgen sends as fast as it can."""
+    def rate(self, seconds: float, fd=None, warmup: float = 0.5) -> tuple[float, float]:
+        """Packets a second delivered while trafgen sends as fast as it can; and the mean ns a run
+        of the program FD took meanwhile (kernel.bpf_stats_enabled; nan without it or FD)."""
         p = self.trafgen()
+        was = BPF_STATS.read_text()
         try:
+            if fd is not None:
+                BPF_STATS.write_text("1")    # only while measured: every program on the host pays for it
             time.sleep(warmup)
             if p.poll() is not None:
                 raise SystemExit(f"benchtraffic: trafgen stopped: {p.stderr.read()}")
+            s0 = run_stats(fd)
             n0, t0 = self.count(), time.perf_counter()
             time.sleep(seconds)
             n1, t1 = self.count(), time.perf_counter()
+            s1 = run_stats(fd)
         finally:
-            p.send_signal(signal.SIGINT)     # trafgen stops on an interrupt (a TERM it ignores while sending)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        return (n1 - n0) / (t1 - t0)
+            BPF_STATS.write_text(was)
+            self.stop_trafgen(p)
+        runs = s1[1] - s0[1]
+        return (n1 - n0) / (t1 - t0), (s1[0] - s0[0]) / runs if runs else float("nan")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def run_stats(fd) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of the program FD: struct bpf_prog_info's, at offsets 192 and 200
+    (linux/bpf.h), counted only while kernel.bpf_stats_enabled is 1."""
+    if fd is None:
+        return 0, 0
+    from dataplane.libbpf import check, libbpf
+
+    buf = ctypes.create_string_buffer(256)
+    size = ctypes.c_uint32(256)
+    check(libbpf().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "program info")
+    return struct.unpack_from("<QQ", buf, 192)

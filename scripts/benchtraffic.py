@@ -41,6 +41,7 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -94,11 +95,15 @@ def measure_scale(net: Path3, name: str, args, log) -> dict:
                 raise SystemExit(f"benchtraffic: {name}: one pass of {len(flows)} allowed flows through {case}: "
                                  f"{got} arrived; the two would not decide alike")
         pps = {c: [] for c in cases}
+        prog_ns = {c: [] for c in ("pass-all", "ztgate")}
         for r in range(args.rounds):
             order = cases[r % len(cases):] + cases[:r % len(cases)]
             for case in order:
                 net.use(case, args.mode)
-                pps[case].append(net.rate(args.seconds))
+                rate, ns = net.rate(args.seconds, net.program_fd(case) if args.bpf_stats else None)
+                pps[case].append(rate)
+                if case in prog_ns and args.bpf_stats:
+                    prog_ns[case].append(ns)
             log(f"{name}: round {r + 1}: " + ", ".join(f"{c} {pps[c][-1] / 1e3:.0f} kpps" for c in cases))
     finally:
         net.use("unfiltered", args.mode)
@@ -110,7 +115,8 @@ def measure_scale(net: Path3, name: str, args, log) -> dict:
             "pps": med, "rounds": pps, "ztgate_vs_pass": med["ztgate"] / med["pass-all"],
             "nft_vs_unfiltered": med["nftables"] / med["unfiltered"] if loaded else None,
             "pass_vs_unfiltered": med["pass-all"] / med["unfiltered"],
-            "ns_over_pass": (1e9 / med["ztgate"] - 1e9 / med["pass-all"])}
+            "ns_over_pass": (1e9 / med["ztgate"] - 1e9 / med["pass-all"]),
+            "program_ns": {c: statistics.median(v) for c, v in prog_ns.items() if v}}
 
 
 def report(results: dict, args) -> None:
@@ -125,6 +131,10 @@ def report(results: dict, args) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if any(r["program_ns"] for r in results.values()):
+        print("the programs' own mean ns a packet on this traffic (kernel.bpf_stats_enabled):")
+        for r in results.values():
+            print(f"  {r['rules']:>6} rules: " + ", ".join(f"{c} {v:.0f} ns" for c, v in r["program_ns"].items()))
     large = [r for r in results.values() if r["rules"] == SCALES["large"]]
     if large:
         ratio = large[0]["ztgate_vs_pass"]
@@ -144,10 +154,14 @@ def main() -> int:
     ap.add_argument("--nft-timeout", type=float, default=600.0, metavar="S",
                     help="leave nftables out of a scale whose ruleset nft does not load in S seconds (default 600; "
                          "nft loads 10k rules expanded per principal in many minutes)")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="also the XDP programs' own mean ns a packet (kernel.bpf_stats_enabled, on while "
+                         "pass-all and ztgate are timed: every program on the host pays a little for it)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     log = (lambda msg: print(f"[benchtraffic] {msg}", file=sys.stderr, flush=True))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("benchtraffic: stopped"))   # cleans up on the way out
     results = {}
     with Path3(args.cpu) as net:
         for name in SCALES:
