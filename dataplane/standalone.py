@@ -165,7 +165,11 @@ def install(tables, ifname: str, mode: str = "auto") -> Attached:
     there = check_free(ifname, mode)
     pins = pin_dir(ifname)
     started = time.perf_counter()
-    program = Program(tables.need.with_headroom(), pin_dir=pins)
+    try:
+        program = Program(tables.need.with_headroom(), pin_dir=pins)
+    except BaseException:
+        _unpin_unless(there.ours, pins)
+        raise
     try:
         program.load(tables)
         built = time.perf_counter() - started
@@ -173,6 +177,11 @@ def install(tables, ifname: str, mode: str = "auto") -> Attached:
         # past: moved on before the attach, no flow it tracked is trusted by the new build.
         program.next_epoch()
         used = attach(program, ifname, mode)
+    except BaseException:
+        program.close()
+        _unpin_unless(there.ours, pins)
+        raise
+    try:
         program.pin(pins)
         # Flows the build before allowed are decided again by this one at their next packet.
         # (The wait covers a packet that entered the old build just before the swap.)
@@ -181,6 +190,14 @@ def install(tables, ifname: str, mode: str = "auto") -> Attached:
         return Attached(ifname, used, program.id, pins, there.prog_id, built)
     finally:
         program.close()    # the attachment and the pins hold the program and its maps
+
+
+def _unpin_unless(in_force: bool, pins: Path) -> None:
+    """After a failed first attach, the shared maps the build pinned go too (an engine in
+    force keeps its pins)."""
+    if not in_force:
+        unpin_all(pins)
+        _remove_empty(pins.parent)
 
 
 def remove(ifname: str) -> Optional[int]:

@@ -228,12 +228,20 @@ def test_refuses_a_gateways_interface(path, program):
 
 
 def test_ip_first_interface(path):
-    """A TUN device (as wireguard-go makes): frames from the IP header, generic XDP."""
+    """A TUN device (as wireguard-go makes): frames from the IP header, generic XDP (native
+    refused, leaving nothing behind)."""
     ns, _, files, _ = path
     ns.run("fw", "ip", "tuntap", "add", "dev", "zttun0", "mode", "tun")
     with ns.inside("fw"):
         pins = standalone.pin_dir("zttun0")
     try:
+        # native XDP: a TUN device has none; the failed attach leaves no program and no pins
+        code, _, err = ztgate(ns, "dataplane", "attach", "zttun0", "--policy", files["a"],
+                              "--identities", files["identities"], "--mode", "native")
+        assert code == 1 and "cannot attach XDP (native) to zttun0" in err, err
+        with ns.inside("fw"):
+            assert attached("zttun0") is None
+        assert not Path(pins).exists()
         done = attach_files(ns, "zttun0", files, "a")
         assert (done["frames"], done["mode"]) == ("ip", "generic")
         code, _, err = ztgate(ns, "dataplane", "detach", "zttun0")
