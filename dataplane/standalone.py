@@ -26,8 +26,8 @@ from pyroute2 import IPRoute
 
 from .attach import attach, attached, detach
 from .conntrack import SETTLE
-from .errors import InputError
-from .libbpf import check, libbpf, map_info, obj_get, unpin_all
+from .errors import InputError, KernelError
+from .libbpf import check, libbpf, map_info, obj_get, on_bpffs, unpin_all
 from .program import Program
 
 PIN_ROOT = Path(os.environ.get("ZTGATE_DP_PIN_ROOT", "/sys/fs/bpf/ztgate-dp"))
@@ -159,9 +159,19 @@ class Attached:
     build_seconds: float
 
 
+def check_bpffs() -> None:
+    """The pins need bpffs at PIN_ROOT (or where it will be made)."""
+    base = PIN_ROOT if PIN_ROOT.exists() else PIN_ROOT.parent
+    if not base.is_dir() or not on_bpffs(base):
+        raise KernelError(f"{base} is not on a bpf filesystem: mount -t bpf bpf /sys/fs/bpf; in a network "
+                          f"namespace, run under `nsenter --net=/run/netns/NAME` (`ip netns exec` remounts /sys "
+                          f"and hides it)")
+
+
 def install(tables, ifname: str, mode: str = "auto") -> Attached:
     """Build a program for TABLES (control.compiler's, compiled for this interface's frames),
     fill it, attach it to IFNAME in MODE in place of the engine there (one step), pin it."""
+    check_bpffs()
     there = check_free(ifname, mode)
     pins = pin_dir(ifname)
     started = time.perf_counter()
@@ -203,6 +213,7 @@ def _unpin_unless(in_force: bool, pins: Path) -> None:
 def remove(ifname: str) -> Optional[int]:
     """Detach the engine from IFNAME and remove its pins; the id of the program detached (None:
     there was none). An interface that is gone: its pins only."""
+    check_bpffs()
     pins = pin_dir(ifname)
     with IPRoute() as ipr:
         exists = bool(ipr.link_lookup(ifname=ifname))
