@@ -162,8 +162,8 @@ def main() -> int:
     ap.add_argument("--flows", type=int, default=512, help="distinct flows (default 512)")
     ap.add_argument("--mode", choices=("native", "generic"), default="native", help="XDP mode (default native)")
     ap.add_argument("--cpu", type=int, default=1, help="the CPU trafgen (and so the whole path) runs on")
-    ap.add_argument("--nft-timeout", type=float, default=600.0, metavar="S",
-                    help="leave nftables out of a scale whose ruleset nft does not load in S seconds (default 600; "
+    ap.add_argument("--nft-timeout", type=float, default=120.0, metavar="S",
+                    help="leave nftables out of a scale whose ruleset nft does not load in S seconds (default 120; "
                          "nft loads 10k rules expanded per principal in many minutes)")
     ap.add_argument("--proto", choices=tuple(PROTOS), default="both",
                     help="flows of TCP SYNs and UDP (both: the generator's mix), or only one kind")
