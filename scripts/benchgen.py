@@ -14,7 +14,8 @@ from control.model import ICMP, ICMPV6, TCP, UDP, Device, Identities, Packet, Po
 from control.reference import decide
 
 SIZES = {"small": dict(devices=10, users=5, groups=4, rules=10),
-         "large": dict(devices=100_000, users=50_000, groups=500, rules=10_000)}
+         "large": dict(devices=100_000, users=50_000, groups=500, rules=10_000),
+         "medium": dict(devices=10_000, users=5_000, groups=50, rules=1_000)}   # the real-traffic leg's 1k
 TUNNEL4 = ipaddress.IPv4Address("100.96.0.2")      # the pool is 100.96.0.0/12
 TUNNEL6 = ipaddress.IPv6Address("fd00:5a::2")      # the pool is fd00:5a::/108
 V4_SPACE = ipaddress.IPv4Network("10.0.0.0/8")     # where most destinations live

@@ -94,6 +94,38 @@ def _offline(nouns) -> None:
     ve.add_argument("--ethernet", action="store_true",
                     help="build the Ethernet-device program (frames get an Ethernet header)")
     ve.set_defaults(run=cmd_verdicts)
+    _dataplane_attach(dp)
+
+
+def _dataplane_attach(dp) -> None:
+    """dataplane attach, detach: the engine alone on an interface (control/cli/dataplane_attach.py)."""
+    from .dataplane_attach import MODES, cmd_dataplane_attach, cmd_dataplane_detach
+
+    at = verb(dp, "attach", "the engine alone on an interface: an identity-aware firewall, no daemon",
+        "Compile the files (checked as `policy apply` checks them), build the gateway's XDP program "
+                    "for the interface's frames (Ethernet or from the IP header, by its link type), fill "
+                    "it, attach it and pin it under /sys/fs/bpf/ztgate-dp. Attaching again replaces the "
+                    "policy in one step: one netlink call swaps the whole new build in, and flows are "
+                    "decided again by the new policy. Refuses an interface that carries another XDP "
+                    "program (a gateway's above all). Events are not read: no `ztgate logs` here. Needs root.",
+        """
+            ztgate dataplane attach eth1 --policy p.yaml --identities i.yaml
+            ztgate dataplane attach veth0 --policy p.yaml --identities i.yaml --mode generic
+            ztgate dataplane detach eth1
+        """)
+    at.add_argument("iface", metavar="IFACE", help="the interface whose incoming packets are decided")
+    files(at, packets=False)
+    at.add_argument("--mode", choices=MODES, default="auto",
+                    help="XDP mode: native (driver), generic (SKB); default auto: the mode in force, else "
+                         "native where the driver has it, else generic")
+    at.add_argument("--json", action="store_true", help="machine-readable output")
+    at.set_defaults(run=cmd_dataplane_attach)
+    de = verb(dp, "detach", "remove the engine `dataplane attach` put on an interface",
+              "Detach the engine's XDP program from IFACE and remove its pins (only the pins when the "
+              "interface is gone). Refuses another program. Needs root.", "ztgate dataplane detach eth1")
+    de.add_argument("iface", metavar="IFACE")
+    de.add_argument("--json", action="store_true", help="machine-readable output")
+    de.set_defaults(run=cmd_dataplane_detach)
 
 
 def _policy(nouns) -> None:
