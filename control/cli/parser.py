@@ -37,7 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_offline, _policy, _rules, _users_groups, _devices, _flows, _connectors_routes, _lab_logs_trace,
                 _status_audit_gateway):
         add(nouns)
+    _dns(nouns)
     return p
+
+
+def _dns(nouns) -> None:
+    """dns list: the names the DNS slow path learned (control/dns)."""
+    from .dns import cmd_dns_list
+    dn = nouns.add_parser("dns", help="names learned from the private resolvers' answers").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    dl = verb(dn, "list", "learned names: addresses, expiry, who asked",
+        "The names the gateway learned from its resolvers' answers to devices (`dns: resolvers:` in the "
+        "gateway config), each address with its expiry and the device whose question it answered, and "
+        "the slow path's counters (answers queued, learned, refused by why, released late).",
+        """
+            ztgate dns list
+            ztgate dns list --name app.lab.example --json
+        """)
+    dl.add_argument("--name", metavar="NAME", help="only this name")
+    gw(dl, reads=True, run=cmd_dns_list)
 
 
 def verb(parent, name: str, help: str, description: str, examples: str):

@@ -9,6 +9,7 @@ and only validates a request and states its Plan:
   connectors.py   connectors and the routes of private prefixes to them
   flows.py        conntrack's flows: list and kill
   views.py        status, the lists, policy/identities show, audit, trace
+  slowpath.py     the DNS slow path's start and stop, `ztgate dns list`
   steps.py        the WireGuard and route steps a Plan stages
   faults.py       fault injection for the tests (ZTGATE_FAULT, ZTGATE_PAUSE_AT)
 
@@ -21,10 +22,11 @@ from .core import ONLINE_SECONDS
 from .flows import FlowOps
 from .identities import IdentityOps
 from .rules import RuleOps
+from .slowpath import SlowPathOps     # the DNS slow path (control/dns)
 from .views import Views
 
 __all__ = ["Gateway", "ONLINE_SECONDS"]
 
 
-class Gateway(RuleOps, IdentityOps, ConnectorOps, FlowOps, Views):
+class Gateway(RuleOps, IdentityOps, ConnectorOps, FlowOps, Views, SlowPathOps):
     """One gateway: Core's state and transaction, with every operation family's methods."""
