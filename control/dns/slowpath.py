@@ -91,7 +91,7 @@ class SlowPath:
             self.counters.queued += 1
             try:
                 said = self._learn_from(seg, wire, now)
-                self.counters.learned += said == "learned"
+                self.counters.learned += 1
             except Refused as e:
                 self.counters.refused[str(e)] += 1
                 said = f"refused:{e}"
@@ -107,10 +107,12 @@ class SlowPath:
             raise Refused("no-address")
         asker = self.asker_of(str(seg.dst))
         try:
-            self.learn([(t.name, t.address, self.dns.clamp(t.ttl)) for t in taught], asker)
+            kept = self.learn([(t.name, t.address, self.dns.clamp(t.ttl)) for t in taught], asker)
         except Exception as e:        # the kernel refused it: released all the same, unlearned
             log.warning("learning %s (asked by %s): %s", ", ".join(f"{t.name} {t.address}" for t in taught), asker, e)
             raise Refused("not-learned") from e
+        if kept == 0:
+            raise Refused("over-bounds")          # the learned table is full (dns: max_* bounds)
         return "learned"
 
     # ---------------------------------------------------------------------------------------

@@ -44,9 +44,10 @@ class SlowPathOps(Core):
             self.slowpath.stop()
             self.slowpath = None
 
-    def _dns_learn(self, taught: list, asker: str) -> None:
-        """One answer's (name, address, ttl), written into the kernel before it is released."""
-        self.dns_learned(taught, asker)
+    def _dns_learn(self, taught: list, asker: str) -> int:
+        """One answer's (name, address, ttl), written into the kernel before it is released
+        (Gateway.dns_learned, control/gateway/hostnames.py); how many the bounds kept."""
+        return self.dns_learned([(name, address, ttl, asker) for name, address, ttl in taught])
 
     def _asker_of(self, address: str) -> str:
         """The device that has this tunnel address, by name (its address if none has it)."""
@@ -58,14 +59,11 @@ class SlowPathOps(Core):
     def dns_list(self, name: Optional[str] = None) -> dict:
         """The learned names: each address with its expiry (Unix time) and who asked; and the
         slow path's counters."""
-        learned = getattr(self, "learned", None)
         if name is not None and not name.strip():
             raise InputError("dns.list: name must not be empty")
-        offset = time.time() - time.monotonic()        # the table's clock is monotonic
-        with self.lock:
-            entries = learned.entries(name) if learned is not None else []
-            rows = [{"name": e.name, "address": str(e.address), "expires": round(e.expires + offset, 1),
-                     "asker": e.asker} for e in entries]
+        now = time.time()
+        rows = [{"name": e["name"], "address": e["address"], "expires": round(now + e["expires_in"], 1),
+                 "expires_in": e["expires_in"], "asker": e["asker"]} for e in self.dns_entries(name)]
         sp = self.slowpath
         return {"enabled": sp is not None, "resolvers": [str(r) for r in self.config.dns.resolvers],
                 "learned": rows, "counters": sp.snapshot() if sp else None}
