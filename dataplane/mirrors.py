@@ -28,7 +28,7 @@ PORT_END = 0x10000           # port-table padding (struct zt_ports lo[]): above 
 
 SRC = np.dtype([("ident", "<u4"), ("device", "<u4")])                                     # struct zt_src
 SRC_KEY = Packed((("family", "I"), ("addr", "16s")))                                      # struct zt_src_key
-CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])  # zt_cand
+CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("name", "u1")])  # zt_cand
 CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp
 COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                                # struct zt_counter
 

@@ -101,7 +101,19 @@ static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 	return (words[w & (nwords - 1)] >> (bit & 63)) & 1;
 }
 
-/* 4. Walk the service's candidates: the first whose conditions hold decides. */
+/* The name bits of the destination: NULL when it was learned for no name. */
+static __always_inline struct zt_names *learned_names(const struct zt_pkt *p)
+{
+	struct zt_src_key key = {.family = p->family};
+	if (p->family == 4)
+		__builtin_memcpy(&key.addr[12], &p->dst[0], 4);
+	else
+		__builtin_memcpy(key.addr, p->dst, 16);
+	return zt_learned.lookup(&key);
+}
+
+/* 4. Walk the service's candidates: the first whose conditions hold decides. The learned
+ * names are read once, at the first candidate with a name condition (none: no lookup). */
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
@@ -109,10 +121,20 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 	if (!svc)
 		return -1;
 	struct zt_sport *sp = NULL;
+	struct zt_names *names = NULL;
+	int names_read = 0;
 	for (int i = 0; i < ZT_MAX_CANDS; i++) {
 		struct zt_cand c = svc->c[i];
 		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
 			continue;
+		if (c.name) {
+			if (!names_read) {
+				names = learned_names(p);
+				names_read = 1;
+			}
+			if (!names || !bit_set(names->w, ZT_NAME_WORDS, c.name))
+				continue;
+		}
 		if (c.sport) {
 			if (!sp) {
 				__u32 port = p->sport;
@@ -124,6 +146,7 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 				continue;
 		}
 		d->rule = c.rule;
+		d->name = c.name;
 		d->verdict = c.action;
 		d->reason = c.rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
 		return 0;

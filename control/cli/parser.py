@@ -90,6 +90,8 @@ def _offline(nouns) -> None:
     ex.add_argument("--sport", type=int, metavar="PORT", help="source port (tcp/udp; default 0)")
     ex.add_argument("--dport", type=int, metavar="PORT", help="destination port (tcp/udp; default 0)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
+    ex.add_argument("--dns", metavar="LEARNED.jsonl",
+                    help='addresses learned for names: one {"name", "address"} a line, valid for the whole run')
     ex.set_defaults(run=cmd_explain)
 
     dp = nouns.add_parser("dataplane", help="the kernel data plane").add_subparsers(
@@ -108,6 +110,8 @@ def _offline(nouns) -> None:
                     help="run each packet N times and add the kernel's mean ns per run")
     ve.add_argument("--ethernet", action="store_true",
                     help="build the Ethernet-device program (frames get an Ethernet header)")
+    ve.add_argument("--dns", metavar="LEARNED.jsonl",
+                    help='addresses learned for names: one {"name", "address"} a line, valid for the whole run')
     ve.set_defaults(run=cmd_verdicts)
 
 
