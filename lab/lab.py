@@ -214,7 +214,7 @@ def _build() -> None:
     ip("-n", NS_CONN, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", NS_APP)
     ip("-n", NS_CONN, "addr", "add", "10.20.0.1/24", "dev", "lan0")
     ip("-n", NS_CONN, "link", "set", "lan0", "up")
-    for addr in ("10.20.0.10/24", "10.20.0.11/24", f"{RESOLVER}/24"):
+    for addr in ("10.20.0.10/24", "10.20.0.11/24", "10.20.0.12/24", f"{RESOLVER}/24"):
         ip("-n", NS_APP, "addr", "add", addr, "dev", "eth0")
     ip("-n", NS_APP, "link", "set", "eth0", "up")
     ip("-n", NS_APP, "route", "add", "default", "via", "10.20.0.1")   # the LAN's router is the connector
@@ -253,7 +253,7 @@ def _build() -> None:
         print(f"      {name} ({email}) in {ns}: {_device_address(name)}")
 
     _step(7, total, f"services on {NS_APP}: http 10.20.0.10:8080, tcp echo :22, udp echo :5353, "
-                    f"tcp 10.20.0.11:3389; the resolver (dnsmasq) on {RESOLVER}:53")
+                    f"tcp 10.20.0.11:3389, http 10.20.0.12:8080; the resolver (dnsmasq) on {RESOLVER}:53")
     start("services", NS_APP, [sys.executable, "-m", "lab.services"])
     wait_for("the services listening", lambda: "services up" in _tail(RUN / "services.log"), log="services")
     start("resolver", NS_APP, resolver.command(RUN))

@@ -3,7 +3,8 @@ TCP, serving the app's names and nothing else (no upstream, no /etc/hosts):
 
     app.lab.example      A      10.20.0.10
     rdp.lab.example      A      10.20.0.11
-    remote.lab.example   CNAME  rdp.lab.example
+    wiki.lab.example     A      10.20.0.12   (the demo policy reaches it by name only)
+    docs.lab.example     CNAME  wiki.lab.example
 
 Records carry a TTL of 1 s (the gateway's `dns: min_ttl` floor, 5 s in the lab, holds them
 longer), so that the demo and the tests see a learned name expire.
@@ -19,8 +20,8 @@ import subprocess
 from pathlib import Path
 
 ADDRESS = "10.20.0.53"
-NAMES = {"app.lab.example": "10.20.0.10", "rdp.lab.example": "10.20.0.11"}
-CNAMES = {"remote.lab.example": "rdp.lab.example"}
+NAMES = {"app.lab.example": "10.20.0.10", "rdp.lab.example": "10.20.0.11", "wiki.lab.example": "10.20.0.12"}
+CNAMES = {"docs.lab.example": "wiki.lab.example"}
 TTL = 1
 CONF = """\
 # the lab's resolver (lab/resolver.py)
