@@ -9,8 +9,7 @@ their answers teach lasts, the queue the answers wait on, and how much may be le
       queue: 5300                  # the NFQUEUE number (one per gateway on a host)
       queue_length: 1024           # packets waiting at most; more pass unlearned (--queue-bypass)
       max_per_name: 64             # addresses learned per name
-      max_names: 10000             # names learned in all
-      max_addresses: 65536         # addresses learned in all
+      max_total: 16384             # (name, address) pairs learned in all (control/learned.py's bounds)
 """
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ class DnsConfig:
     queue: int = 5300
     queue_length: int = 1024
     max_per_name: int = 64
-    max_names: int = 10000
-    max_addresses: int = 65536
+    max_total: int = 16384
 
     @property
     def enabled(self) -> bool:
@@ -39,8 +37,7 @@ class DnsConfig:
 
 
 BOUNDS = {"min_ttl": (1, 7 * 86400), "max_ttl": (1, 7 * 86400), "queue": (0, 65535),
-          "queue_length": (16, 1 << 20), "max_per_name": (1, 4096), "max_names": (1, 1 << 20),
-          "max_addresses": (1, 1 << 22)}
+          "queue_length": (16, 1 << 20), "max_per_name": (1, 4096), "max_total": (1, 1 << 22)}
 
 
 def parse_dns(doc: Any, bad) -> DnsConfig:
@@ -64,8 +61,8 @@ def parse_dns(doc: Any, bad) -> DnsConfig:
     cfg = DnsConfig(**values)
     if cfg.min_ttl > cfg.max_ttl:
         raise bad("dns.min_ttl", f"{cfg.min_ttl} is above max_ttl ({cfg.max_ttl})")
-    if cfg.max_per_name > cfg.max_addresses:
-        raise bad("dns.max_per_name", f"{cfg.max_per_name} is above max_addresses ({cfg.max_addresses})")
+    if cfg.max_per_name > cfg.max_total:
+        raise bad("dns.max_per_name", f"{cfg.max_per_name} is above max_total ({cfg.max_total})")
     return cfg
 
 

@@ -99,6 +99,28 @@ def forged(name: str, qid: int, address: str = WIKI) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 
+def test_the_chain_is_made_whole_replaced_and_removed():
+    """In a namespace of its own (no lab): a second install (a gateway started after a crash)
+    replaces the chain, never doubles it; remove leaves nothing, and says so."""
+    import ipaddress
+    from control.dns import netfilter
+    ns = "zt-t-dnschain"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        with inside(ns):
+            resolvers = (ipaddress.ip_address("10.20.0.53"), ipaddress.ip_address("fd20::53"))
+            for _ in range(2):
+                netfilter.install("zt0", resolvers, 5300)
+            for tool in ("iptables-legacy", "ip6tables-legacy"):
+                rules = subprocess.run([tool, "-t", "mangle", "-S"], capture_output=True, text=True).stdout
+                assert rules.count("-j ztdns-zt0") == 1 and rules.count("--queue-bypass") == 4, rules
+            assert netfilter.remove("zt0") and not netfilter.remove("zt0")
+            for tool in ("iptables-legacy", "ip6tables-legacy"):
+                assert "ztdns" not in subprocess.run([tool, "-t", "mangle", "-S"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
 def test_the_slow_path_queues_with_bypass(up):
     rules = subprocess.run(["nsenter", f"--net=/run/netns/{NS_GW}", "iptables-legacy", "-t", "mangle", "-S"],
                            capture_output=True, text=True, check=True).stdout
