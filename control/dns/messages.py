@@ -51,9 +51,9 @@ class Teaching:
     ttl: int
 
 
-def _read(wire: bytes) -> dns.message.Message:
+def _read(wire: bytes, question_only: bool = False) -> dns.message.Message:
     try:
-        return dns.message.from_wire(wire, ignore_trailing=False, one_rr_per_rrset=False)
+        return dns.message.from_wire(wire, ignore_trailing=False, question_only=question_only)
     except dns.exception.DNSException as e:
         raise Refused("malformed") from e
     except (ValueError, IndexError, UnicodeError, KeyError) as e:   # hostile bytes: never a crash
@@ -89,8 +89,8 @@ def _one_question(msg: dns.message.Message) -> Question:
 
 
 def read_question(wire: bytes) -> Question:
-    """A device's question, or Refused."""
-    msg = _read(wire)
+    """A device's question, or Refused (what follows the question section is not read)."""
+    msg = _read(wire, question_only=True)
     if msg.flags & dns.flags.QR:
         raise Refused("not-a-question")
     return _one_question(msg)

@@ -121,6 +121,45 @@ def test_the_chain_is_made_whole_replaced_and_removed():
         subprocess.run(["ip", "netns", "del", ns])
 
 
+def test_with_no_slow_path_reading_the_queue_dns_passes():
+    """The chain with no reader (a gateway stopped or crashed): --queue-bypass lets the
+    question and the answer through, unlearned. Namespaces of its own: device - gateway - resolver."""
+    import ipaddress
+    from control.dns import netfilter
+    dev, gw, res = "zt-t-dnsd", "zt-t-dnsg", "zt-t-dnsr"
+    ip = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True)
+    try:
+        for ns in (dev, gw, res):
+            ip("netns", "add", ns)
+        for ns, here, addr, net in ((dev, "ztt-d", "10.98.0.2", "10.98.0"), (res, "ztt-r", "10.99.0.53", "10.99.0")):
+            ip("-n", gw, "link", "add", here, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("-n", gw, "addr", "add", f"{net}.1/24", "dev", here)
+            ip("-n", gw, "link", "set", here, "up")
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "route", "add", "default", "via", f"{net}.1")
+        subprocess.run(["nsenter", f"--net=/run/netns/{gw}", "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+        with inside(gw):
+            netfilter.install("ztt-d", (ipaddress.ip_address("10.99.0.53"),), 5301)
+        server = ns_socket(res, socket.SOCK_DGRAM, timeout=3)
+        server.bind(("10.99.0.53", 53))
+        client = ns_socket(dev, socket.SOCK_DGRAM, timeout=3)
+        query = dns.message.make_query(NAME, "A").to_wire()
+        client.sendto(query, ("10.99.0.53", 53))
+        got, peer = server.recvfrom(4096)
+        assert got == query
+        server.sendto(forged(NAME, 1), peer)
+        assert client.recvfrom(4096)[0] == forged(NAME, 1)
+        counts = subprocess.run(["nsenter", f"--net=/run/netns/{gw}", "iptables-legacy", "-t", "mangle", "-L",
+                                 netfilter.chain_name("ztt-d"), "-v", "-n", "-x"], capture_output=True, text=True).stdout
+        assert [int(line.split()[0]) for line in counts.splitlines()[2:] if "udp" in line] == [1, 1], counts
+        server.close()
+        client.close()
+    finally:
+        for ns in (dev, gw, res):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 def test_the_slow_path_queues_with_bypass(up):
     rules = subprocess.run(["nsenter", f"--net=/run/netns/{NS_GW}", "iptables-legacy", "-t", "mangle", "-S"],
                            capture_output=True, text=True, check=True).stdout
