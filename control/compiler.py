@@ -55,6 +55,7 @@ class Tables:
     stats: dict = field(default_factory=dict)
     names: Patterns = field(default_factory=lambda: Patterns(()))   # name token -> its rule's hostnames
     learned: dict = field(default_factory=dict)  # learned address -> name bits (zt_learned)
+    block_names: int = 0                   # name bits of block rules: learning one can take an allow away
 
 
 def _interval(net) -> tuple[int, int]:
@@ -137,12 +138,14 @@ def _compile(policy: Policy, identities: Identities, layout: Optional[Layout], l
         max_port_tables=len(svc.port_tables), port_slots=svc.port_slots,
         max_services=len(svc.services), max_cands=svc.max_cands, max_idents=len(ident_rows),
         who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
-        name_words=(len(cands.name_tokens.values) + 1 + 63) // 64, max_learned=len(learned_rows),
+        name_words=(len(cands.name_tokens.values) + 1 + 63) // 64 if cands.name_tokens.values else 0,
+        max_learned=len(learned_rows),
     )
     return Tables(
         need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
         nodes=np.stack(node_rows), classes=svc.classes, port_tables=svc.port_tables, services=svc.services,
         idents=ident_rows, sport=sport, sources=sources, names=names, learned=learned_rows,
+        block_names=sum(1 << t for t, a in set(zip(cands.rid_name, cands.rid_action)) if t and a == ACTION_CODE["block"]),
         stats={"rules": len(rules), "who_tokens": len(cands.who_tokens.values), "classes": len(classes.values),
                "services": len(svc.services), "port_tables": len(svc.port_tables),
                "nodes": len(node_rows), "idents": len(ident_rows) - 1,

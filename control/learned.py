@@ -59,13 +59,13 @@ def hostname_problem(text: str) -> str:
     labels = text.split(".")
     if labels[0] == "*":
         if len(labels) == 1:
-            return "'*' alone would match every name: a wildcard names the domain below it ('*.corp.example')"
+            return "alone would match every name: a wildcard names the domain below it ('*.corp.example')"
         labels = labels[1:]
     for label in labels:
         if "*" in label:
-            return "'*' may only be the whole leftmost label ('*.corp.example')"
+            return "has '*' other than as its whole leftmost label ('*.corp.example')"
         if not LABEL.match(label):
-            return (f"label {label!r} is not 1-63 letters, digits and hyphens" if label
+            return (f"has the label {label!r}: labels are 1-63 letters, digits and hyphens" if label
                     else "has an empty label")
     return ""
 

@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Union
 
 from .layout import Layout
 from .libbpf import hash_count
-from .mirrors import SRC_KEY
+from .mirrors import NAME_WORD_BYTES, SRC_KEY
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -34,14 +34,14 @@ class LearnedMap:
         """Write (address, name bits) entries; bits 0 removes the address. Each entry is one
         bpf_map_update_elem (or delete), which replaces the element whole under RCU: a packet
         sees the old bits or the new."""
-        width = self.layout.name_words * 64
+        size = self.layout.name_words * NAME_WORD_BYTES
         for addr, bits in entries:
             key = self._key(addr)
             if bits:
-                if bits >> width:
-                    raise ValueError(f"{addr}: name bits {bits:#x} wider than this build's {width}")
+                if bits >> (size * 8):
+                    raise ValueError(f"{addr}: name bits {bits:#x} wider than this build's {size * 8}")
                 leaf = self.table.Leaf()
-                ctypes.memmove(ctypes.byref(leaf), bits.to_bytes(width // 8, "little"), width // 8)
+                ctypes.memmove(ctypes.byref(leaf), bits.to_bytes(size, "little"), size)
                 self.table[key] = leaf
             else:
                 try:

@@ -31,6 +31,9 @@ SRC_KEY = Packed((("family", "I"), ("addr", "16s")))                            
 CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("name", "u1")])  # zt_cand
 CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp
 COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                                # struct zt_counter
+# Hostnames: zt_learned is keyed like zt_src_hash (SRC_KEY); its value, struct zt_names, is
+# Layout.name_words words of name bits (one when 0), little-endian, bit t: name token t
+NAME_WORD_BYTES = 8          # sizeof(struct zt_names' w[0])
 
 # ---------------------------------------------------------------------------------------------
 # Test runs, conntrack, the flow cache and the epoch (ebpf/maps.h)

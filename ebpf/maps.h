@@ -297,16 +297,17 @@ BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_MAX_SERVICES, BPF_F_M
 BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, 65536, BPF_F_MMAPABLE);
 /* 4b. hostnames: a learned address -> its name bits (bit t: learned for a name that name
  * token t matches; see README.md, "Hostnames"). Written in place by userspace as names are
- * learned and expire; read at most once per packet, by a walk that meets a name candidate.
- * Not preallocated: capacity costs nothing until learned. Key as zt_src_hash's. */
+ * learned and expire; read once per packet that the policy decides, by walk(). ZT_NAME_WORDS
+ * 0 (a policy without hostnames): never read. Not preallocated: capacity costs nothing until
+ * learned. Key as zt_src_hash's. */
 #ifndef ZT_NAME_WORDS
-#define ZT_NAME_WORDS 1
+#define ZT_NAME_WORDS 0
 #endif
 #ifndef ZT_MAX_LEARNED
 #define ZT_MAX_LEARNED 16384
 #endif
 struct zt_names {
-	__u64 w[ZT_NAME_WORDS];
+	__u64 w[ZT_NAME_WORDS > 0 ? ZT_NAME_WORDS : 1];
 };
 BPF_F_TABLE("hash", struct zt_src_key, struct zt_names, zt_learned, ZT_MAX_LEARNED, BPF_F_NO_PREALLOC);
 /* 5. counters: per rule (rule ids belong to one build), and the shared per-CPU state */

@@ -101,19 +101,24 @@ static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 	return (words[w & (nwords - 1)] >> (bit & 63)) & 1;
 }
 
-/* The name bits of the destination: NULL when it was learned for no name. */
-static __always_inline struct zt_names *learned_names(const struct zt_pkt *p)
+/* The name bits of the destination (README.md, "Hostnames"): zero when it was learned for no
+ * name. Copied out of the map: a scalar the walk tests like the who-bits, not a pointer that
+ * may be NULL (whose two states the verifier would walk every candidate with). */
+static __always_inline void learned_names(const struct zt_pkt *p, struct zt_names *out)
 {
 	struct zt_src_key key = {.family = p->family};
 	if (p->family == 4)
 		__builtin_memcpy(&key.addr[12], &p->dst[0], 4);
 	else
 		__builtin_memcpy(key.addr, p->dst, 16);
-	return zt_learned.lookup(&key);
+	struct zt_names *names = zt_learned.lookup(&key);
+	if (names)
+		*out = *names;
 }
 
-/* 4. Walk the service's candidates: the first whose conditions hold decides. The learned
- * names are read once, at the first candidate with a name condition (none: no lookup). */
+/* 4. Walk the service's candidates: the first whose conditions hold decides. A program built
+ * for a policy with hostnames reads the destination's learned names once, first (one hash
+ * lookup); one for a policy without them has neither the lookup nor the test. */
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
@@ -121,20 +126,18 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 	if (!svc)
 		return -1;
 	struct zt_sport *sp = NULL;
-	struct zt_names *names = NULL;
-	int names_read = 0;
+#if ZT_NAME_WORDS
+	struct zt_names nb = {};
+	learned_names(p, &nb);
+#endif
 	for (int i = 0; i < ZT_MAX_CANDS; i++) {
 		struct zt_cand c = svc->c[i];
 		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
 			continue;
-		if (c.name) {
-			if (!names_read) {
-				names = learned_names(p);
-				names_read = 1;
-			}
-			if (!names || !bit_set(names->w, ZT_NAME_WORDS, c.name))
-				continue;
-		}
+#if ZT_NAME_WORDS
+		if (c.name && !bit_set(nb.w, ZT_NAME_WORDS, c.name))
+			continue;
+#endif
 		if (c.sport) {
 			if (!sp) {
 				__u32 port = p->sport;

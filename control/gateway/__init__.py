@@ -8,6 +8,7 @@ and only validates a request and states its Plan:
   identities.py   users, groups, devices and their pool addresses
   connectors.py   connectors and the routes of private prefixes to them
   flows.py        conntrack's flows: list and kill
+  hostnames.py    names learned from DNS answers: into the kernel, and out at expiry
   views.py        status, the lists, policy/identities show, audit, trace
   slowpath.py     the DNS slow path's start and stop, `ztgate dns list`
   steps.py        the WireGuard and route steps a Plan stages
@@ -20,6 +21,7 @@ from __future__ import annotations
 from .connectors import ConnectorOps
 from .core import ONLINE_SECONDS
 from .flows import FlowOps
+from .hostnames import HostnameOps
 from .identities import IdentityOps
 from .rules import RuleOps
 from .slowpath import SlowPathOps     # the DNS slow path (control/dns)
@@ -28,5 +30,5 @@ from .views import Views
 __all__ = ["Gateway", "ONLINE_SECONDS"]
 
 
-class Gateway(RuleOps, IdentityOps, ConnectorOps, FlowOps, Views, SlowPathOps):
+class Gateway(RuleOps, IdentityOps, ConnectorOps, FlowOps, Views, HostnameOps, SlowPathOps):
     """One gateway: Core's state and transaction, with every operation family's methods."""

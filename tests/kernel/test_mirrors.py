@@ -27,6 +27,7 @@ CONSTANTS = {
     "CT_KILLED": "ZT_CT_KILLED == {v}",
     "KILL_BITS": "ZT_KILL_BITS == {v}",
     "KILL_ENTRIES": "ZT_KILL_ENTRIES == {v}",
+    "NAME_WORD_BYTES": "sizeof(((struct zt_names *)0)->w[0]) == {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {
