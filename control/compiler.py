@@ -19,20 +19,22 @@ import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
 from dataplane.layout import POOL_BITS, Layout
-from dataplane.mirrors import FIRST_CHILD_NODE, IDENT_EXPIRED, NODE_FLAG, V4_TOP, V6_TOP
+from dataplane.mirrors import CAND, FIRST_CHILD_NODE, IDENT_EXPIRED, NODE_FLAG, V4_TOP, V6_TOP
 
 from .errors import InputError
+from .learned import Patterns
 from .model import Address, Device, Identities, Policy, Rule, User
 from .port_tables import build_services, rule_facts
 
 PROTO_CLASSES = ("tcp", "udp", "icmp", "other")
 ACTION_CODE = {"allow": 0, "block": 1}   # == enum zt_verdict
 U16_MAX = 0xFFFF
+MAX_NAME_TOKENS = int(np.iinfo(CAND["name"]).max)   # zt_cand.name: token 0 is "no name condition"
 
 
 @dataclass
@@ -52,6 +54,9 @@ class Tables:
     sport: np.ndarray                      # (65536, sport_words) uint64
     sources: Optional["Sources"] = None    # source -> identity; kept for one-device updates
     stats: dict = field(default_factory=dict)
+    names: Patterns = field(default_factory=lambda: Patterns(()))   # name token -> its rule's hostnames
+    learned: dict = field(default_factory=dict)  # learned address -> name bits (zt_learned)
+    block_names: int = 0                   # name bits of block rules: learning one can take an allow away
 
 
 def _interval(net) -> tuple[int, int]:
@@ -89,22 +94,35 @@ def _no_collections():
             gc.enable()
 
 
-def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layout] = None) -> Tables:
-    """Compile; `layout` gives the pools (and the ethernet flag) to compile for, when set."""
+def compile_policy(policy: Policy, identities: Identities, layout: Optional[Layout] = None,
+                   learned: Optional[Mapping] = None) -> Tables:
+    """Compile; `layout` gives the pools (and the ethernet flag) to compile for, when set;
+    `learned`: address -> the names it was learned for now (control/learned.py)."""
     with _no_collections():
-        return _compile(policy, identities, layout)
+        return _compile(policy, identities, layout, learned or {})
 
 
-def _compile(policy: Policy, identities: Identities, layout: Optional[Layout]) -> Tables:
+def learned_bits(names: Patterns, learned: Mapping) -> dict:
+    """Address -> name bits, for the addresses learned for a name some rule names."""
+    out = {}
+    for addr, held in learned.items():
+        bits = names.bits(held)
+        if bits:
+            out[addr] = bits
+    return out
+
+
+def _compile(policy: Policy, identities: Identities, layout: Optional[Layout], learned: Mapping) -> Tables:
     base = layout or choose_pools(identities)
     rules = policy.ordered_rules
     if len(rules) >= U16_MAX:
         raise InputError(f"policy: {len(rules)} enabled rules; the data plane holds at most {U16_MAX - 1}")
     cands = _Candidates(rules, ACTION_CODE[policy.default_action])
-    classes = _Interner()   # a destination class: the rules (ids) whose destination holds it
-    node_rows = _destination_nodes(rules, classes)
+    classes = _Interner()   # a destination class: the candidates (ids) whose destination holds it
+    node_rows = _destination_nodes(cands, classes)
 
-    facts = rule_facts(rules, cands.rid_who, cands.rid_sport, cands.rid_action, cands.rid_protos, cands.default)
+    facts = rule_facts(cands.rules, cands.rid_who, cands.rid_sport, cands.rid_action, cands.rid_protos, cands.default,
+                       rule=cands.rid_rule, name=cands.rid_name)
     svc = build_services(facts, classes.values)
 
     # Source: who-bits per tunnel address, shared by addresses whose bits are equal.
@@ -112,6 +130,8 @@ def _compile(policy: Policy, identities: Identities, layout: Optional[Layout]) -
     pool4, pool6, src_hash = sources.all_entries(identities)
     ident_rows = sources.ident_rows()
     sport, sport_words = _sport_bitmap(cands.sport_sets.values)
+    names = Patterns(cands.name_tokens.values)
+    learned_rows = learned_bits(names, learned)
 
     need = replace(
         base,
@@ -119,45 +139,73 @@ def _compile(policy: Policy, identities: Identities, layout: Optional[Layout]) -
         max_port_tables=len(svc.port_tables), port_slots=svc.port_slots,
         max_services=len(svc.services), max_cands=svc.max_cands, max_idents=len(ident_rows),
         who_words=sources.who_words, sport_words=sport_words, max_src_hash=len(src_hash),
+        name_words=(len(cands.name_tokens.values) + 1 + 63) // 64 if cands.name_tokens.values else 0,
+        max_learned=len(learned_rows),
     )
     return Tables(
         need=need, rule_names=[r.name for r in rules], pool4=pool4, pool6=pool6, src_hash=src_hash,
         nodes=np.stack(node_rows), classes=svc.classes, port_tables=svc.port_tables, services=svc.services,
-        idents=ident_rows, sport=sport, sources=sources,
+        idents=ident_rows, sport=sport, sources=sources, names=names, learned=learned_rows,
+        block_names=sum(1 << t for t, a in set(zip(cands.rid_name, cands.rid_action)) if t and a == ACTION_CODE["block"]),
         stats={"rules": len(rules), "who_tokens": len(cands.who_tokens.values), "classes": len(classes.values),
                "services": len(svc.services), "port_tables": len(svc.port_tables),
-               "nodes": len(node_rows), "idents": len(ident_rows) - 1},
+               "nodes": len(node_rows), "idents": len(ident_rows) - 1,
+               "name_tokens": len(cands.name_tokens.values), "learned": len(learned_rows)},
     )
 
 
 class _Candidates:
-    """Per rule id (1-based; 0: the default action): its who-token (principals and source
-    prefixes, a property of the source address), its source-port set, its action and the
-    protocol classes it can match. control/port_tables.py builds the services and port
-    tables from them."""
+    """Per candidate id (1-based; 0: the default action): its rule id, its who-token
+    (principals and source prefixes, a property of the source address), its source-port set,
+    its name token (0: none), its action and the protocol classes it can match.
+    control/port_tables.py builds the services and port tables from them.
+
+    A rule is one candidate; a rule with hostnames is two, next to each other in precedence
+    order: its prefixes (cidrs minus except, unconditional on names) and everything else
+    outside except, on the condition that the destination was learned for one of its names
+    (the name token: the rule's list of names). A destination class holds one of the two
+    (_dst_intervals). Without hostnames, candidate ids are rule ids."""
 
     def __init__(self, rules: list, default: int):
-        self.rules, self.default = rules, default
-        self.who_tokens, self.sport_sets = _Interner(first=1), _Interner(first=1)
-        self.rid_who, self.rid_sport, self.rid_action, self.rid_protos = [0], [0], [0], [()]
-        for r in rules:
+        self.default = default
+        self.rules: list[Rule] = []                  # per candidate id - 1
+        self.named: dict[int, int] = {}              # name candidate id -> its rule's prefix candidate id
+        self.who_tokens, self.sport_sets, self.name_tokens = _Interner(first=1), _Interner(first=1), _Interner(first=1)
+        self.rid_rule, self.rid_who, self.rid_sport, self.rid_action, self.rid_protos = [0], [0], [0], [0], [()]
+        self.rid_name = [0]
+        for rid, r in enumerate(rules, start=1):
             has_who = bool(r.principals) or r.src_cidrs is not None
-            self.rid_who.append(self.who_tokens((frozenset(r.principals), r.src_cidrs)) if has_who else 0)
-            self.rid_sport.append(self.sport_sets(tuple(sorted(set(r.src_ports)))) if r.src_ports is not None else 0)
-            self.rid_action.append(ACTION_CODE[r.action])
+            who = self.who_tokens((frozenset(r.principals), r.src_cidrs)) if has_who else 0
+            sport = self.sport_sets(tuple(sorted(set(r.src_ports)))) if r.src_ports is not None else 0
             protos = set(r.protocols) if r.protocols is not None else {"tcp", "udp", "icmp", "other"}
             if r.states_ports:
                 protos &= {"tcp", "udp"}
-            self.rid_protos.append(frozenset(protos))
+            names = [0] if r.dst_hostnames is None else [0, self.name_tokens(tuple(sorted(set(r.dst_hostnames))))]
+            for name in names:
+                self.rules.append(r)
+                if name:
+                    self.named[len(self.rules)] = len(self.rules) - 1
+                self.rid_rule.append(rid)
+                self.rid_who.append(who)
+                self.rid_sport.append(sport)
+                self.rid_name.append(name)
+                self.rid_action.append(ACTION_CODE[r.action])
+                self.rid_protos.append(frozenset(protos))
         if len(self.who_tokens.values) >= U16_MAX or len(self.sport_sets.values) >= U16_MAX:
             raise InputError("policy: more than 65534 distinct principal or source-port conditions")
+        if len(self.rules) >= U16_MAX:
+            raise InputError(f"policy: {len(self.rules)} rule conditions (a rule with hostnames counts twice); "
+                             f"the data plane holds at most {U16_MAX - 1}")
+        if len(self.name_tokens.values) > MAX_NAME_TOKENS:
+            raise InputError(f"policy: {len(self.name_tokens.values)} distinct destination.hostnames lists; "
+                             f"the data plane holds at most {MAX_NAME_TOKENS}")
 
 
-def _destination_nodes(rules: list, classes: _Interner) -> list[np.ndarray]:
-    """Destination: the elementary intervals of every rule's (cidrs minus except), per family."""
+def _destination_nodes(cands: _Candidates, classes: _Interner) -> list[np.ndarray]:
+    """Destination: the elementary intervals of every candidate's (cidrs minus except), per family."""
     node_rows: list[np.ndarray] = [np.zeros(256, np.uint32) for _ in range(FIRST_CHILD_NODE)]
     for family, top, span in ((4, V4_TOP, 32), (6, V6_TOP, 128)):
-        bounds, cls = _dst_intervals(rules, family, span, classes)
+        bounds, cls = _dst_intervals(cands, family, span, classes)
         top_view = np.concatenate(node_rows[top:top + 256])
         _fill(top_view, 0, span, 16, 0, bounds, cls, node_rows)
         for i in range(256):
@@ -174,13 +222,18 @@ def _sport_bitmap(sport_sets: list) -> tuple[np.ndarray, int]:
     return np.packbits(sport_bits, axis=1, bitorder="little").view(np.uint64), sport_words
 
 
-def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
-    """Sorted interval starts and the class of each: the set of rules whose destination
-    (cidrs minus except) holds the whole interval."""
+def _dst_intervals(cands: _Candidates, family: int, span: int, class_of):
+    """Sorted interval starts and the class of each: the set of candidates whose destination
+    (cidrs minus except; a name candidate: every address minus except) holds the whole
+    interval, a rule's name candidate only where its prefix candidate does not hold."""
     full = ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
     events = defaultdict(list)   # position -> [(rid, is_except, +1/-1)]
-    for rid, r in enumerate(rules, start=1):
-        for nets, exc in ((r.dst_cidrs if r.dst_cidrs is not None else (full,), False), (r.dst_except or (), True)):
+    for rid, r in enumerate(cands.rules, start=1):
+        if rid in cands.named:
+            cover = (full,)
+        else:
+            cover = r.dst_cidrs if r.dst_cidrs is not None else (() if r.dst_hostnames is not None else (full,))
+        for nets, exc in ((cover, False), (r.dst_except or (), True)):
             for net in nets:
                 if net.version != family:
                     continue
@@ -202,7 +255,7 @@ def _dst_intervals(rules: list[Rule], family: int, span: int, class_of):
                 members.add(rid)
             else:
                 members.discard(rid)
-        c = class_of(tuple(sorted(members)))
+        c = class_of(tuple(sorted(m for m in members if cands.named.get(m) not in members)))
         if pos == 0:
             cls[0] = c
         elif c != cls[-1]:

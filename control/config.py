@@ -24,6 +24,8 @@
       tcp_closing: 10              # TCP, after a FIN or RST
       udp: 120
       icmp: 30                     # ICMP echo
+    dns:                           # the DNS slow path (hostname rules): control/dns/settings.py
+      resolvers: [10.20.0.53]      # private resolvers whose answers to devices teach names; [] off
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from typing import Any, Optional
 
 from dataplane.layout import POOL_BITS
 
+from .dns.settings import DnsConfig, parse_dns
 from .errors import InputError
 from .yamlfile import read_yaml
 
@@ -70,6 +73,7 @@ class Config:
     route_priority: int = 1000
     conntrack: tuple = (("entries", 65536), ("tcp", 3600), ("tcp_closing", 10), ("udp", 120), ("icmp", 30))
     identity: Optional[Any] = None     # control.identity.config.IdentityConfig: the IdP and enrollment (issue 14)
+    dns: DnsConfig = DnsConfig()           # the DNS slow path: control/dns/settings.py
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -123,6 +127,8 @@ def parse_config(doc: Any, source: str = "config") -> Config:
     if doc.get("identity") is not None:     # issue 14: the IdP the gateway trusts, its enrollment service
         from .identity.config import parse_identity
         values["identity"] = parse_identity(doc["identity"], bad)
+    if "dns" in doc:                        # the DNS slow path: control/dns/settings.py
+        values["dns"] = parse_dns(doc["dns"], bad)
     cfg = Config(**values)
     if cfg.pool_ipv4.prefixlen < 32 - POOL_BITS:
         raise bad("pool_ipv4", f"at most 2^{POOL_BITS} addresses (/{32 - POOL_BITS} or longer): "

@@ -42,6 +42,7 @@ class Daemon:
 
     def run(self) -> None:
         self.gateway.start()
+        self.gateway.dns_start()                # the DNS slow path (control/dns), if resolvers are set
         self.flowlog.start()
         metrics = None
         if self.config.metrics_address:
@@ -63,6 +64,7 @@ class Daemon:
         log.info("serving %s", self.config.socket)
         print(f"ztgate: gateway ready on {self.config.interface}, socket {self.config.socket}", flush=True)
         server.serve_forever()
+        self.gateway.dns_stop()                 # its chain goes: answers pass unqueued (and unlearned)
         self.flowlog.stop()
         if metrics is not None:
             metrics[0].shutdown()
@@ -92,6 +94,9 @@ def teardown(config: Config) -> list[str]:
         done.append(f"deleted interface {config.interface} (and its XDP program)")
     if routes.remove_rules(config.route_table, config.route_priority, config.interface):
         done.append(f"removed routing table {config.route_table} and its rules")
+    from .dns import netfilter                  # the DNS slow path's chain, if one is left
+    if netfilter.remove(config.interface):
+        done.append(f"removed the DNS slow path's chain {netfilter.chain_name(config.interface)}")
     if os.path.exists(config.bpf_pin_dir):
         remove_pins(config.bpf_pin_dir)
         shutil.rmtree(config.bpf_pin_dir, ignore_errors=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
+from .learned import hostname_problem
 from .wireguard.keys import check_public_key
 from .yamlfile import read_yaml
 from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES
@@ -116,6 +117,19 @@ def _ports(where: _Where, field: str, value: Any) -> tuple:
         if lo > hi:
             raise where.error(field, f"range {item!r} starts after it ends")
         out.append((lo, hi))
+    return tuple(out)
+
+
+def _hostnames(where: _Where, field: str, value: Any) -> tuple:
+    """DNS names and `*.` wildcards (spec/POLICY.md, Hostnames), kept in lower case."""
+    out = []
+    for item in _list(where, field, value):
+        if not isinstance(item, str) or not item:
+            raise where.error(field, f"{item!r} is not a DNS name")
+        problem = hostname_problem(item)
+        if problem:
+            raise where.error(field, f"{item!r} {problem}")
+        out.append(item.lower())
     return tuple(out)
 
 
@@ -278,7 +292,7 @@ def _parse_rule(where: _Where, i: int | None, raw: Any) -> Rule:
         protocols = frozenset(protocols)
 
     src = _mapping(w, "source", raw.get("source") or {}, ("cidrs", "ports"))
-    dst = _mapping(w, "destination", raw.get("destination") or {}, ("cidrs", "except", "ports"))
+    dst = _mapping(w, "destination", raw.get("destination") or {}, ("cidrs", "except", "hostnames", "ports"))
 
     def opt(section: dict, key: str, label: str, parse):
         return parse(w, label, section[key]) if section.get(key) is not None else None
@@ -291,6 +305,7 @@ def _parse_rule(where: _Where, i: int | None, raw: Any) -> Rule:
         dst_cidrs=opt(dst, "cidrs", "destination.cidrs", _prefixes),
         dst_except=opt(dst, "except", "destination.except", _prefixes),
         dst_ports=opt(dst, "ports", "destination.ports", _ports),
+        dst_hostnames=opt(dst, "hostnames", "destination.hostnames", _hostnames),
     )
     if rule.states_ports and protocols is not None and not protocols & {"tcp", "udp"}:
         field = "destination.ports" if rule.dst_ports is not None else "source.ports"
@@ -317,7 +332,7 @@ def rule_doc(rule: Rule) -> dict:
         doc["protocols"] = [p for p in PROTOCOL_NAMES if p in rule.protocols]
     for section, pairs in (("source", (("cidrs", rule.src_cidrs), ("ports", rule.src_ports))),
                            ("destination", (("cidrs", rule.dst_cidrs), ("except", rule.dst_except),
-                                            ("ports", rule.dst_ports)))):
+                                            ("hostnames", rule.dst_hostnames), ("ports", rule.dst_ports)))):
         body = {k: (_port_doc(v) if k == "ports" else [str(n) for n in v]) for k, v in pairs if v is not None}
         if body:
             doc[section] = body

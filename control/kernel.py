@@ -22,12 +22,14 @@ of this file) for flows, kills, counters, dry runs and pins.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from dataplane.attach import attach, attached, detach
 from dataplane.conntrack import SETTLE
@@ -40,7 +42,8 @@ from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
-from .model import Device, Identities, Policy
+from .learned import Entry, Learned
+from .model import Address, Device, Identities, Policy
 
 log = logging.getLogger("ztgate.kernel")
 DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
@@ -57,7 +60,16 @@ def base_layout(config: Config) -> Layout:
                   ct_icmp_seconds=ct["icmp"])
     if config.pool_ipv6 is not None:
         lay = replace(lay, pool6_base=int(config.pool_ipv6.network_address) >> POOL_BITS << POOL_BITS)
-    return lay
+    return replace(lay, max_learned=max(lay.max_learned, learned_settings(config)["max_total"]))
+
+
+def learned_settings(config: Config) -> dict:
+    """Learned(...)'s bounds from the gateway config's `dns:` section (min_ttl, max_ttl,
+    max_per_name, max_total), the defaults of spec/POLICY.md where it has none."""
+    dns = getattr(config, "dns", None) or {}
+    get = dns.get if isinstance(dns, dict) else lambda key, default: getattr(dns, key, default)
+    return {"min_ttl": get("min_ttl", 60), "max_ttl": get("max_ttl", 86400),
+            "max_per_name": get("max_per_name", 64), "max_total": get("max_total", 16384)}
 
 
 @dataclass
@@ -90,6 +102,10 @@ class Kernel:
         self.carried: dict[str, list[int]] = {}     # rule name -> [packets, bytes] of builds gone
         self.names: dict[int, Build] = {}            # recent builds by number
         self.reply_interfaces: list[str] = []        # connector interfaces: the build's reply entry
+        self.learned = Learned(**learned_settings(config))   # addresses learned for names (the slow path)
+        # Learning writes the build in force in place; a swap makes the new build's learned
+        # addresses current and attaches it under this lock, so nothing learned is lost between.
+        self.learned_lock = threading.Lock()
 
     # -----------------------------------------------------------------------------------------
     # changes: staged before the store commits (where they can still fail), applied after
@@ -99,7 +115,9 @@ class Kernel:
         one in force (one netlink call: no packet sees half of either), and forgets the flows
         of the FORGET addresses (they changed hands) before the epoch moves."""
         started = time.perf_counter()
-        tables = compile_policy(policy, identities, self.base)
+        with self.learned_lock:
+            learned = self.learned.by_address()
+        tables = compile_policy(policy, identities, self.base, learned)
         compiled = time.perf_counter()
         if self.build is not None:
             short = self.build.program.layout.shortfalls(tables.need)
@@ -132,8 +150,10 @@ class Kernel:
         a packet reads the epoch, then the bank, so one that reads the new epoch is decided by
         the new bank, and one decided by the old bank carries the old epoch into conntrack."""
         program = new.program
-        program.flip(new.number)
-        old, self.build, self.standby = self.build, new, self.build
+        with self.learned_lock:
+            self._catch_up_learned(new)
+            program.flip(new.number)
+            old, self.build, self.standby = self.build, new, self.build
         self._remember(new)
         if forget:
             program.forget_flows(forget)
@@ -178,12 +198,14 @@ class Kernel:
             # the program in force decides every flow again by its own tables; none is trusted
             # by an epoch from an unknown past.
             new.program.next_epoch()
-        try:
-            attach(new.program, self.config.interface, self.config.xdp_mode)
-        except BaseException:
-            new.program.close()
-            raise
-        old, self.build = self.build, new
+        with self.learned_lock:
+            self._catch_up_learned(new)
+            try:
+                attach(new.program, self.config.interface, self.config.xdp_mode)
+            except BaseException:
+                new.program.close()
+                raise
+            old, self.build = self.build, new
         self._remember(new)
         failed = []
         for ifname in self.reply_interfaces:
@@ -245,6 +267,82 @@ class Kernel:
         program = self.build.program
         return {d.name for d in devices
                 if all(ident == IDENT_EXPIRED for _, ident, _ in program.sources_of(d.addresses))}
+
+    # -----------------------------------------------------------------------------------------
+    # learned names (spec/POLICY.md, Hostnames): written in place, no compile
+
+    def learn(self, answers: Iterable[tuple], now: Optional[float] = None) -> int:
+        """(name, address, ttl, asker) answers into the learned table and the build in force,
+        before it returns: a packet decided after it sees them. How many were kept (the rest
+        refused by the table's bounds, counted in self.learned.refused)."""
+        with self.learned_lock:
+            kept, touched = 0, set()
+            for name, address, ttl, asker in answers:
+                if self.learned.learn(name, address, ttl, asker, now):
+                    kept += 1
+                    touched.add(ipaddress.ip_address(address))
+            self._write_learned(touched)
+            return kept
+
+    def expire(self, now: Optional[float] = None) -> list[Entry]:
+        """Take out of the table and the kernel what expired by NOW; flows those addresses
+        allowed are decided again."""
+        with self.learned_lock:
+            gone = self.learned.expire(now)
+            self._write_learned({e.address for e in gone})
+            return gone
+
+    def forget(self, name: Optional[str] = None) -> list[Entry]:
+        """Take NAME's addresses (None: every name's) out of the table and the kernel at once."""
+        with self.learned_lock:
+            gone = self.learned.forget(name)
+            self._write_learned({e.address for e in gone})
+            return gone
+
+    def next_expiry(self) -> Optional[float]:
+        """When expire() next has work, on the table's clock (time.monotonic)."""
+        with self.learned_lock:
+            return self.learned.next_expiry()
+
+    def learned_entries(self, name: Optional[str] = None) -> list[Entry]:
+        with self.learned_lock:
+            return self.learned.entries(name)
+
+    def _write_learned(self, addresses: set[Address]) -> None:
+        """These addresses' name bits, as the table has them now, into the build in force. The
+        epoch moves when a bit went away, or came for a block rule: an allowed flow may no
+        longer be (a learned bit for an allow rule only allows more)."""
+        build = self.build
+        if build is None or not addresses:
+            return
+        tables, writes, revoke = build.tables, [], False
+        for addr in addresses:
+            old, bits = tables.learned.get(addr, 0), tables.names.bits(self.learned.names_of(addr))
+            if bits == old:
+                continue
+            writes.append((addr, bits))
+            revoke = revoke or bool(old & ~bits) or bool(bits & ~old & tables.block_names)
+            if bits:
+                tables.learned[addr] = bits
+            else:
+                tables.learned.pop(addr, None)
+        build.program.set_learned(writes, build.bank)
+        if revoke:
+            # no settle: a packet reads the epoch before the tables, so one that reads the new
+            # epoch sees the new bits (as stage_devices)
+            build.program.next_epoch()
+
+    def _catch_up_learned(self, new: Build) -> None:
+        """NEW was compiled with the table as it was then: what was learned or expired since
+        goes into its bank before it is attached or flipped (under learned_lock: learning writes
+        only the bank in force, so the other bank has nothing learned meanwhile but this)."""
+        now = {a: bits for a, bits in ((a, new.tables.names.bits(n)) for a, n in self.learned.by_address().items())
+               if bits}
+        if now != new.tables.learned:
+            gone = [(a, 0) for a in new.tables.learned if a not in now]
+            new.program.set_learned(gone + [(a, b) for a, b in now.items() if new.tables.learned.get(a) != b],
+                                    new.bank)
+            new.tables.learned = now
 
     @staticmethod
     def _next_epoch(program: Program) -> None:

@@ -96,6 +96,31 @@ class GatewayCollector:
         yield up
         yield traffic
 
+        yield from dns_metrics(gw)          # the DNS slow path (control/dns)
+
+
+def dns_metrics(gw):
+    """The DNS slow path's own counters, kept in userspace where it runs (control/dns)."""
+    sp = getattr(gw, "slowpath", None)
+    if sp is not None:
+        c = sp.counters
+        yield GaugeMetricFamily("ztgate_dns_up", "1 while the DNS slow path reads its queue", value=1)
+        answers = CounterMetricFamily("ztgate_dns_answers", "Resolvers' answers through the slow path",
+                                      labels=["outcome"])
+        for outcome, n in (("queued", c.queued), ("learned", c.learned), ("late", c.late),
+                           ("refused", sum(c.refused.values()))):
+            answers.add_metric([outcome], n)
+        yield answers
+        refused = CounterMetricFamily("ztgate_dns_refused", "Answers that taught nothing, by why",
+                                      labels=["reason"])
+        for reason, n in sorted(c.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield CounterMetricFamily("ztgate_dns_questions", "Devices' questions seen", value=c.questions)
+        yield GaugeMetricFamily("ztgate_dns_outstanding", "Questions awaiting their answer", value=len(sp.questions))
+    elif gw.config.dns.enabled:
+        yield GaugeMetricFamily("ztgate_dns_up", "1 while the DNS slow path reads its queue", value=0)
+
 
 def serve_metrics(address: tuple[str, int], gateway, flowlog=None):
     registry = CollectorRegistry()

@@ -104,6 +104,7 @@ class Rule:
     dst_cidrs: Optional[tuple[Network, ...]] = None
     dst_except: Optional[tuple[Network, ...]] = None
     dst_ports: Optional[tuple[PortRange, ...]] = None
+    dst_hostnames: Optional[tuple[str, ...]] = None   # normalized (control/learned.py); "*.d": below d
 
     @property
     def states_ports(self) -> bool:
@@ -154,9 +155,13 @@ class Decision:
     verdict: str                 # allow | block | unknown | malformed | fragment
     rule: Optional[str]
     reason: str                  # a dataplane.reasons.Reason name
+    hostname: Optional[str] = None   # the learned name that put the destination in the rule's
 
     def as_json(self) -> dict:
-        return {"verdict": self.verdict, "rule": self.rule, "reason": self.reason}
+        out = {"verdict": self.verdict, "rule": self.rule, "reason": self.reason}
+        if self.hostname is not None:
+            out["hostname"] = self.hostname
+        return out
 
 
 @dataclass(frozen=True)

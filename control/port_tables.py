@@ -33,8 +33,10 @@ IDX = np.int32               # rule ids, ports and element indexes: half the mem
 
 @dataclass
 class RuleFacts:
-    """Per rule id (index 0: the default action): what a service's candidates carry, whether
-    the rule is unconditional (no who-token, no source ports: the walk stops there), the
+    """Per rule id (index 0: the default action; with hostnames, per candidate id: see
+    compiler._Candidates): what a service's candidates carry (the rule id, its who-token,
+    source-port set, name token and action), whether the candidate is unconditional (no
+    who-token, no source ports, no name: the walk stops there), the
     protocols it can match (PROTO_BITS) and its destination ports as merged ranges
     [seg_lo, seg_end) of segments seg_ptr[rid]:seg_ptr[rid + 1]."""
 
@@ -47,6 +49,8 @@ class RuleFacts:
     seg_ptr: np.ndarray
     seg_lo: np.ndarray
     seg_end: np.ndarray
+    rule: np.ndarray
+    name: np.ndarray
 
 
 @dataclass
@@ -58,8 +62,10 @@ class ServiceTables:
     max_cands: int
 
 
-def rule_facts(rules: list, who: list, sport: list, action: list, protos: list, default: int) -> RuleFacts:
-    """The arrays the sweeps read, from the compiler's per-rule-id lists."""
+def rule_facts(rules: list, who: list, sport: list, action: list, protos: list, default: int,
+               rule: list = None, name: list = None) -> RuleFacts:
+    """The arrays the sweeps read, from the compiler's per-rule-id lists (RULE: each id's rule
+    id, default the id itself; NAME: its name token, default none)."""
     lo, end, ptr = [], [], [0, 0]          # rule id 0 (the default action) has no ports
     for r in rules:
         merged: list[list[int]] = []
@@ -72,11 +78,13 @@ def rule_facts(rules: list, who: list, sport: list, action: list, protos: list, 
         end += [b for _, b in merged]
         ptr.append(len(lo))
     who_a, sport_a = np.array(who, IDX), np.array(sport, IDX)
-    uncond = (who_a == 0) & (sport_a == 0)
+    rule_a = np.array(rule, IDX) if rule is not None else np.arange(len(who), dtype=IDX)
+    name_a = np.array(name, IDX) if name is not None else np.zeros(len(who), IDX)
+    uncond = (who_a == 0) & (sport_a == 0) & (name_a == 0)
     uncond[0] = False
     bits = np.array([sum(PROTO_BITS[p] for p in ps) for ps in protos], np.uint8)
     return RuleFacts(who_a, sport_a, np.array(action, IDX), default, uncond, bits,
-                     np.array(ptr, IDX), np.array(lo, IDX), np.array(end, IDX))
+                     np.array(ptr, IDX), np.array(lo, IDX), np.array(end, IDX), rule_a, name_a)
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -369,7 +377,8 @@ def _pack_services(lists: _Lists, facts: RuleFacts) -> tuple[np.ndarray, int]:
     max_cands = int((lengths + ~closed).max())
     out = np.zeros((len(rules), max_cands), CAND)
     width = rules.shape[1]
-    out["rule"][:, :width] = rules
+    out["rule"][:, :width] = facts.rule[rules]
+    out["name"][:, :width] = facts.name[rules]
     out["who"][:, :width] = facts.who[rules]
     out["sport"][:, :width] = facts.sport[rules]
     out["action"][:, :width] = facts.action[rules]

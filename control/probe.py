@@ -6,26 +6,48 @@ from typing import Optional
 from dataplane.layout import Layout
 
 from .compiler import Tables, compile_policy
-from .model import Identities, Policy
-from .packets import Probe, probe_bytes
+from .learned import Patterns
+from .model import Address, Identities, Policy
+from .packets import Probe, Unreadable, parse_raw, probe_bytes
 from .reference import decide
 
 
-def reference_verdicts(policy: Policy, identities: Identities, probes: list[Probe]) -> list[dict]:
-    return [decide(policy, identities, p).as_json() for p in probes]
+def reference_verdicts(policy: Policy, identities: Identities, probes: list[Probe],
+                       learned: Optional[dict] = None) -> list[dict]:
+    """LEARNED: address -> the names it was learned for (the `--dns` file), for the whole run."""
+    return [decide(policy, identities, p, learned).as_json() for p in probes]
 
 
-def kernel_verdicts(program, tables: Tables, probes: list[Probe], repeat: int = 0) -> list[dict]:
+def name_of_token(names: Patterns, token: int, dst: Address, learned: Optional[dict]) -> Optional[str]:
+    """The first (in order) of the names DST was learned for that name token TOKEN matches:
+    how a rule the kernel says a learned name decided is told by its name (as the reference
+    names it)."""
+    return next((n for n in sorted((learned or {}).get(dst, ())) if names.tokens(n) >> token & 1), None)
+
+
+def _dst(probe: Probe) -> Optional[Address]:
+    if isinstance(probe, bytes):
+        try:
+            return parse_raw(probe).dst
+        except Unreadable:
+            return None
+    return probe.dst
+
+
+def kernel_verdicts(program, tables: Tables, probes: list[Probe], repeat: int = 0,
+                    learned: Optional[dict] = None) -> list[dict]:
     """Run each probe through the loaded program (which holds `tables`) and read back the
     kernel's own verdict, rule and reason. A dry run unless REPEAT: the probe decides each
     packet alone, as the first of its flow, with no state from earlier packets (spec/POLICY.md)."""
     from .kernel import run_packets     # the kernel side only when asked (explain needs none)
 
     out = []
-    for r in run_packets(program, [probe_bytes(p) for p in probes], repeat):
+    for probe, r in zip(probes, run_packets(program, [probe_bytes(p) for p in probes], repeat)):
         line = {"verdict": r.verdict.label,
                 "rule": tables.rule_names[r.rule - 1] if r.rule else None,
                 "reason": r.reason.label}
+        if r.name:
+            line["hostname"] = name_of_token(tables.names, r.name, _dst(probe), learned)
         if repeat:
             line["ns"] = r.ns
         out.append(line)
@@ -33,10 +55,10 @@ def kernel_verdicts(program, tables: Tables, probes: list[Probe], repeat: int = 
 
 
 def compile_and_run(policy: Policy, identities: Identities, probes: list[Probe], repeat: int = 0,
-                    layout: Optional[Layout] = None) -> list[dict]:
+                    layout: Optional[Layout] = None, learned: Optional[dict] = None) -> list[dict]:
     """`ztgate dataplane verdicts`: compile, build the program for the tables, load, run."""
     from .kernel import loaded
 
-    tables = compile_policy(policy, identities, layout)
+    tables = compile_policy(policy, identities, layout, learned)
     with loaded(tables) as program:
-        return kernel_verdicts(program, tables, probes, repeat)
+        return kernel_verdicts(program, tables, probes, repeat, learned)

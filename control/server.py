@@ -64,6 +64,7 @@ OPS: dict[str, tuple[str, dict, bool]] = {
     "route.remove": ("route_remove", {"prefix": (_S, True)}, True),
     "audit": ("audit", {"limit": (_I, False)}, False),
     "trace": ("trace", {"packet": (_D, True)}, False),
+    "dns.list": ("dns_list", {"name": (_S, False)}, False),      # the DNS slow path (control/dns)
     "logs": ("logs", {"cursor": (_L, False), "user": (_S, False), "verdict": (_S, False),
                       "device": (_S, False), "limit": (_I, False)}, False),
     # sessions (spec/IDENTITY.md): the verbs, and login and renewal as the enrollment service

@@ -44,6 +44,8 @@ class Layout:
     who_words: int = 4           # 64-bit words of who-bits per identity class (a power of two)
     sport_words: int = 1         # 64-bit words of source-port-set bits per port (a power of two)
     max_src_hash: int = 1024     # tunnel addresses outside the pools
+    name_words: int = 0          # 64-bit words of name bits per learned address (a power of two); 0: no hostnames
+    max_learned: int = 16384     # learned addresses (zt_learned; not preallocated)
     pool4_base: int = 0x64600000  # 100.96.0.0/12
     pool6_base: int = 0xFD00005A << 96   # fd00:5a::/108
     ethernet: bool = False       # frames start at the Ethernet header (else at the IP header)
@@ -97,4 +99,6 @@ class Layout:
             who_words=_pow2(self.who_words, 1),
             sport_words=_pow2(self.sport_words, 1),
             max_src_hash=_headroom(self.max_src_hash, 64),
+            name_words=_pow2(self.name_words, 1) if self.name_words else 0,   # 0: the lookup compiled out
+            max_learned=_pow2(self.max_learned, 16384),   # learning writes in place: room for the table's bound
         )

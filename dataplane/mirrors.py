@@ -32,9 +32,12 @@ SRC_KEY = Packed((("family", "I"), ("addr", "16s")))                            
 SRC_KEY_BANK = 16            # ZT_SRC_KEY_BANK: zt_src_key.family carries the bank from this bit up
 BANKS = 2                    # ZT_BANKS: every policy map holds two banks (zt_bank says which decides)
 BANK = np.dtype([("bank", "<u4"), ("build", "<u4")])                                       # struct zt_bank
-CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("pad", "u1")])  # zt_cand
+CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("name", "u1")])  # zt_cand
 CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp
 COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                                # struct zt_counter
+# Hostnames: zt_learned is keyed like zt_src_hash (SRC_KEY); its value, struct zt_names, is
+# Layout.name_words words of name bits (one when 0), little-endian, bit t: name token t
+NAME_WORD_BYTES = 8          # sizeof(struct zt_names' w[0])
 
 # ---------------------------------------------------------------------------------------------
 # Test runs, conntrack, the flow cache and the epoch (ebpf/maps.h)

@@ -25,6 +25,7 @@ from .libbpf import (bpffs_dir, hash_count, map_info, memlock, obj_pin, percpu_a
                      rename_exchange, ring_pending)
 from .mirrors import COUNTER
 from .reasons import Reason
+from .learned import LearnedMap
 from .tables import PolicyTables
 
 EBPF_DIR = Path(os.environ.get("ZTGATE_EBPF_DIR", Path(__file__).resolve().parent.parent / "ebpf"))
@@ -35,7 +36,7 @@ REDECIDE_ENTRY = "xdp_ztgate_redecide"
 TAIL_CALLS = (REDECIDE_ENTRY, "xdp_ztgate_icmp_error")
 # The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
 POLICY_MAPS = ("zt_bank", "zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
-               "zt_services", "zt_sport", "zt_rule_stats")
+               "zt_services", "zt_sport", "zt_rule_stats", "zt_learned")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
 SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags", "zt_killed",
                "zt_kills_until")
@@ -106,6 +107,7 @@ class Program:
         self.build_seconds = time.perf_counter() - started
         self._ncpu = possible_cpus()
         self.policy_tables = PolicyTables(self.bpf, layout, build)
+        self.learned = LearnedMap(self.bpf, layout, self.policy_tables.banks)
         self.conntrack = Conntrack(self.bpf, self._ncpu, layout)
 
     def _check_shared(self) -> None:
@@ -154,6 +156,7 @@ class Program:
     def load(self, tables) -> None:
         """Make the maps hold `tables` (from control.compiler). The tables must fit the layout."""
         self.policy_tables.load(tables)
+        self.learned.load(tables.learned, self.bank)
         if self.pin_dir is None:
             # Unshared, the state starts with the policy. Pinned, it is the gateway's: counters,
             # the event limiter and conntrack carry on across builds.
@@ -164,7 +167,8 @@ class Program:
         """Write `tables` into the bank not in force, only the entries that differ from what it
         holds (it decides nothing until flip()): how many entries were written. Raises
         TablesDoNotFit when they need a bigger program."""
-        return self.policy_tables.load(tables, bank=1 - self.bank)
+        written = self.policy_tables.load(tables, bank=1 - self.bank)
+        return written + self.learned.load(tables.learned, 1 - self.bank)
 
     def flip(self, build: int) -> None:
         """Put the staged bank in force as BUILD: one 8-byte store. The caller moves the epoch
@@ -182,6 +186,11 @@ class Program:
     def set_idents(self, first_id: int, rows) -> None:
         """Identity-class rows at first_id, ...: PolicyTables.set_idents."""
         self.policy_tables.set_idents(first_id, rows)
+
+    def set_learned(self, entries: Iterable[tuple[Address, int]], bank: Optional[int] = None) -> None:
+        """(address, name bits) entries into BANK (default: the bank in force), in place:
+        LearnedMap.set."""
+        self.learned.set(entries, self.bank if bank is None else bank)
 
     # -----------------------------------------------------------------------------------------
     # conntrack and the epoch (Conntrack)

@@ -26,6 +26,7 @@ class RunResult:
     reason: Reason
     rule: int            # 0: no rule
     device: int          # 0: none
+    name: int = 0        # the name token of a learned name that decided; 0: none
 
 
 @contextmanager
@@ -73,7 +74,7 @@ def run(program, data: bytes, repeat: int = 1, cpu: Optional[int] = None, raw_fr
     opts = prog_test_run((program.reply_fn if reply else program.fn).fd, data, repeat, meta)
     last = program.cpu_state()[cpu if cpu is not None else os.sched_getaffinity(0).pop()].last
     return RunResult(opts.retval, opts.duration, Verdict(last.verdict), Reason(last.reason),
-                     last.rule, last.device)
+                     last.rule, last.device, last.name)
 
 
 def ethernet_frame(ip: bytes) -> bytes:

@@ -19,6 +19,7 @@ struct zt_decision {
 	__u32 ident;
 	__u8 verdict;
 	__u8 reason;
+	__u8 name; /* the deciding candidate's name token (0: no learned name decided) */
 };
 
 static __always_inline struct zt_cpu *cpu_state(void)
@@ -73,6 +74,7 @@ static __always_inline void account(struct zt_cpu *cpu, const struct zt_decision
 	cpu->last.device = d->device;
 	cpu->last.verdict = d->verdict;
 	cpu->last.reason = d->reason;
+	cpu->last.name = d->name;
 	if (dry)
 		return;
 	__u32 r = d->reason < ZT_REASON__MAX ? d->reason : ZT_REASON_INTERNAL;

@@ -94,14 +94,14 @@ struct zt_ports {
 	__u32 svc[ZT_PORT_SLOTS];
 };
 
-/* A rule that may decide: it does when its who-bit and source-port bit are set (0 = none
- * needed). A service's list always ends with an entry needing neither. rule 0: default. */
+/* A rule that may decide: it does when its who-bit, source-port bit and name bit are set
+ * (0 = none needed). A service's list always ends with an entry needing none. rule 0: default. */
 struct zt_cand {
 	__u16 rule;
 	__u16 who;
 	__u16 sport;
 	__u8 action; /* ZT_VERDICT_ALLOW or ZT_VERDICT_BLOCK */
-	__u8 pad;
+	__u8 name;   /* name token: the destination must be learned for one of a rule's hostnames */
 };
 
 struct zt_svc {
@@ -130,7 +130,7 @@ struct zt_last {
 	__u32 device;
 	__u8 verdict;
 	__u8 reason;
-	__u16 pad;
+	__u16 name; /* the name token of the deciding candidate: 0 unless a learned name decided */
 	__u32 pad2;
 };
 
@@ -312,6 +312,21 @@ BPF_F_TABLE("array", __u32, struct zt_ports, zt_port_tables, ZT_BANKS * ZT_MAX_P
 /* 4. service -> candidates, and the source-port bits some candidates test */
 BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_MAX_SERVICES, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, ZT_BANKS * 65536, BPF_F_MMAPABLE);
+/* 4b. hostnames: a learned address -> its name bits (bit t: learned for a name that name
+ * token t matches; see README.md, "Hostnames"). Written in place by userspace as names are
+ * learned and expire; read once per packet that the policy decides, by walk(). ZT_NAME_WORDS
+ * 0 (a policy without hostnames): never read. Not preallocated: capacity costs nothing until
+ * learned. Key as zt_src_hash's, the bank in its family (the bits are of that bank's build). */
+#ifndef ZT_NAME_WORDS
+#define ZT_NAME_WORDS 0
+#endif
+#ifndef ZT_MAX_LEARNED
+#define ZT_MAX_LEARNED 16384
+#endif
+struct zt_names {
+	__u64 w[ZT_NAME_WORDS > 0 ? ZT_NAME_WORDS : 1];
+};
+BPF_F_TABLE("hash", struct zt_src_key, struct zt_names, zt_learned, ZT_BANKS * ZT_MAX_LEARNED, BPF_F_NO_PREALLOC);
 /* 5. counters: per rule of each bank (rule ids belong to the bank's build), and the shared
  * per-CPU state */
 BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_BANKS * ZT_MAX_RULES);

@@ -103,7 +103,24 @@ static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 	return (words[w & (nwords - 1)] >> (bit & 63)) & 1;
 }
 
-/* 4. Walk the service's candidates: the first whose conditions hold decides. */
+/* The name bits of the destination (README.md, "Hostnames"): zero when it was learned for no
+ * name. Copied out of the map: a scalar the walk tests like the who-bits, not a pointer that
+ * may be NULL (whose two states the verifier would walk every candidate with). */
+static __always_inline void learned_names(const struct zt_pkt *p, __u32 bank, struct zt_names *out)
+{
+	struct zt_src_key key = {.family = p->family | bank << ZT_SRC_KEY_BANK};
+	if (p->family == 4)
+		__builtin_memcpy(&key.addr[12], &p->dst[0], 4);
+	else
+		__builtin_memcpy(key.addr, p->dst, 16);
+	struct zt_names *names = zt_learned.lookup(&key);
+	if (names)
+		*out = *names;
+}
+
+/* 4. Walk the service's candidates: the first whose conditions hold decides. A program built
+ * for a policy with hostnames reads the destination's learned names once, first (one hash
+ * lookup); one for a policy without them has neither the lookup nor the test. */
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
@@ -112,10 +129,18 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 	if (!svc)
 		return -1;
 	struct zt_sport *sp = NULL;
+#if ZT_NAME_WORDS
+	struct zt_names nb = {};
+	learned_names(p, d->bank, &nb);
+#endif
 	for (int i = 0; i < ZT_MAX_CANDS; i++) {
 		struct zt_cand c = svc->c[i];
 		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
 			continue;
+#if ZT_NAME_WORDS
+		if (c.name && !bit_set(nb.w, ZT_NAME_WORDS, c.name))
+			continue;
+#endif
 		if (c.sport) {
 			if (!sp) {
 				__u32 port = ZT_IN_BANK(d->bank, p->sport, 65536);
@@ -127,6 +152,7 @@ static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, _
 				continue;
 		}
 		d->rule = c.rule;
+		d->name = c.name;
 		d->verdict = c.action;
 		d->reason = c.rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
 		return 0;

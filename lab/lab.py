@@ -21,6 +21,8 @@ from typing import Optional
 from control.config import socket_path
 from lab.idp import lab as idp_lab
 
+from . import resolver
+
 RUN = Path("/run/ztgate-lab")
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "examples" / "lab" / "policy.yaml"
@@ -37,7 +39,9 @@ USERS = (("alice@example.com", ("developers", "staff")), ("bob@example.com", ("s
 DEVICES = (("alice-laptop", "alice@example.com", NS_ALICE, "ztlab-alice"),   # enrolled in this order:
            ("bob-laptop", "bob@example.com", NS_BOB, "ztlab-bob"))           # 100.96.0.2, 100.96.0.3
 WG_IFACES = (GW_IF, f"ztc-{CONNECTOR}", f"ztr-{CONNECTOR}") + tuple(d[3] for d in DEVICES)
-PROCESSES = (("gateway", NS_GW), ("connector", NS_CONN), ("services", NS_APP), ("idp", NS_IDP))
+PROCESSES = (("gateway", NS_GW), ("connector", NS_CONN), ("services", NS_APP), ("idp", NS_IDP),
+             ("resolver", NS_APP))
+RESOLVER = resolver.ADDRESS         # dnsmasq in zt-app: the private resolver (lab/resolver.py)
 GATEWAY_CONFIG = """\
 # the lab's gateway (spec/LAB.md); every setting: control/config.py
 socket: {socket}
@@ -51,6 +55,9 @@ flow_log: {run}/flows.log
 metrics: 127.0.0.1:9469
 bpf_pin_dir: {pin_dir}
 xdp_mode: generic
+dns:                        # the DNS slow path: the resolver's answers teach hostname rules
+  resolvers: [{resolver}]
+  min_ttl: 5                # short, so that the demo and tests see a name expire
 """
 WG_QUICK_ENV = {"WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}   # no kernel WireGuard here
 TIMEOUT = 90.0
@@ -211,7 +218,7 @@ def _build() -> None:
     ip("-n", NS_CONN, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", NS_APP)
     ip("-n", NS_CONN, "addr", "add", "10.20.0.1/24", "dev", "lan0")
     ip("-n", NS_CONN, "link", "set", "lan0", "up")
-    for addr in ("10.20.0.10/24", "10.20.0.11/24"):
+    for addr in ("10.20.0.10/24", "10.20.0.11/24", "10.20.0.12/24", f"{RESOLVER}/24"):
         ip("-n", NS_APP, "addr", "add", addr, "dev", "eth0")
     ip("-n", NS_APP, "link", "set", "eth0", "up")
     ip("-n", NS_APP, "route", "add", "default", "via", "10.20.0.1")   # the LAN's router is the connector
@@ -224,7 +231,7 @@ def _build() -> None:
     _step(3, total, f"the gateway daemon in {NS_GW} (ztgate gateway run: WireGuard {GW_IF} on "
                     f"{UNDERLAY[NS_GW]}:51820, XDP, store, socket {socket_path()})")
     (RUN / "gateway.yaml").write_text(GATEWAY_CONFIG.format(socket=socket_path(), gw_if=GW_IF, endpoint=UNDERLAY[NS_GW],
-                                                            run=RUN, pin_dir=PIN_DIR))
+                                                            run=RUN, pin_dir=PIN_DIR, resolver=RESOLVER))
     start("gateway", NS_GW, ztgate() + ["gateway", "run", "--config", str(RUN / "gateway.yaml")])
     wait_for("the gateway answering on its socket", gateway_status, log="gateway")
 
@@ -250,14 +257,16 @@ def _build() -> None:
         conf = RUN / f"{ifname}.conf"
         conf.write_text(zt("device", "add", name, "--user", email).stdout)
         os.chmod(conf, 0o600)
-        sh(["wg-quick", "up", str(conf)], ns=ns, env=WG_QUICK_ENV)
+        sh(["wg-quick", "up", str(resolver.without_dns(conf))], ns=ns, env=WG_QUICK_ENV)
         wait_for(f"{name}'s handshake", lambda: _handshake("device.list", name))
         print(f"      {name} ({email}) in {ns}: {_device_address(name)}")
 
     _step(8, total, f"services on {NS_APP}: http 10.20.0.10:8080, tcp echo :22, udp echo :5353, "
-                    "tcp 10.20.0.11:3389")
+                    f"tcp 10.20.0.11:3389, http 10.20.0.12:8080; the resolver (dnsmasq) on {RESOLVER}:53")
     start("services", NS_APP, [sys.executable, "-m", "lab.services"])
     wait_for("the services listening", lambda: "services up" in _tail(RUN / "services.log"), log="services")
+    start("resolver", NS_APP, resolver.command(RUN))
+    wait_for("the resolver answering", lambda: resolver.answers(NS_APP), log="resolver")
 
     _step(9, total, "a first packet: alice fetches http://10.20.0.10:8080/ through her tunnel")
     page = wait_for("alice's first page", lambda: http_get(NS_ALICE, "10.20.0.10", 8080), timeout=15)

@@ -17,6 +17,13 @@ def _load(args):
     return load_policy(args.policy), load_identities(args.identities)
 
 
+def _learned(args):
+    """The `--dns LEARNED.jsonl` file: address -> names (spec/POLICY.md, Hostnames); {} without."""
+    from ..learned import load_learned
+
+    return load_learned(args.dns) if getattr(args, "dns", None) else {}
+
+
 def _print_jsonl(rows) -> None:
     for row in rows:
         print(json.dumps(row))
@@ -30,12 +37,12 @@ def cmd_explain(args) -> int:
     if args.packets and single:
         raise InputError("explain: give either --packets FILE or one packet by flags, not both")
     if args.packets:
-        _print_jsonl(reference_verdicts(policy, identities, load_probes(args.packets)))
+        _print_jsonl(reference_verdicts(policy, identities, load_probes(args.packets), _learned(args)))
         return 0
     if not single:
         raise InputError("explain: give --packets FILE, or a packet: --user EMAIL or --src ADDR, and --dst ADDR")
     pkt = _packet_from_flags(args, identities)
-    _explain_one(policy, identities, pkt, args.json)
+    _explain_one(policy, identities, pkt, args.json, _learned(args))
     return 0
 
 
@@ -63,10 +70,10 @@ def _packet_from_flags(args, identities) -> Packet:
     return packet_from_fields(fields, "explain")
 
 
-def _explain_one(policy, identities, pkt: Packet, as_json: bool) -> None:
+def _explain_one(policy, identities, pkt: Packet, as_json: bool, learned: dict) -> None:
     from ..reference import identify, trace
 
-    decision, misses = trace(policy, identities, pkt)
+    decision, misses = trace(policy, identities, pkt, learned)
     who = identify(policy, identities, pkt.src)
     if as_json:
         out = decision.as_json()
@@ -83,7 +90,12 @@ def _explain_one(policy, identities, pkt: Packet, as_json: bool) -> None:
         print(f"identity none: {pkt.src} is not the tunnel address of an enabled device")
     else:
         print(f"identity device {who.device.name}, user {who.email}, groups {', '.join(sorted(who.groups)) or '-'}")
-    if decision.rule:
+    if learned.get(pkt.dst):
+        print(f"learned  {pkt.dst} for {', '.join(sorted(learned[pkt.dst]))} (the --dns file: for the whole run)")
+    if decision.rule and decision.hostname:
+        print(f"verdict  {decision.verdict.upper()} by rule {decision.rule}, "
+              f"as {pkt.dst} was learned for {decision.hostname}")
+    elif decision.rule:
         print(f"verdict  {decision.verdict.upper()} by rule {decision.rule}")
     elif decision.reason == "default":
         print(f"verdict  {decision.verdict.upper()} by default_action (no rule matched)")
@@ -109,7 +121,7 @@ def cmd_verdicts(args) -> int:
     if os.geteuid() != 0:
         raise ZtError("dataplane verdicts loads a BPF program: run it as root")
     layout = replace(choose_pools(identities), ethernet=args.ethernet)
-    _print_jsonl(compile_and_run(policy, identities, probes, args.repeat, layout))
+    _print_jsonl(compile_and_run(policy, identities, probes, args.repeat, layout, _learned(args)))
     return 0
 
 

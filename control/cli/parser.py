@@ -40,7 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
                 _status_audit_gateway):
         add(nouns)
     _login(nouns)      # issue 14: the device's side
+    _dns(nouns)
     return p
+
+
+def _dns(nouns) -> None:
+    """dns list: the names the DNS slow path learned (control/dns)."""
+    from .dns import cmd_dns_list
+    dn = nouns.add_parser("dns", help="names learned from the private resolvers' answers").add_subparsers(
+        dest="verb", metavar="VERB", required=True)
+    dl = verb(dn, "list", "learned names: addresses, expiry, who asked",
+        "The names the gateway learned from its resolvers' answers to devices (`dns: resolvers:` in the "
+        "gateway config), each address with its expiry and the device whose question it answered, and "
+        "the slow path's counters (answers queued, learned, refused by why, released late).",
+        """
+            ztgate dns list
+            ztgate dns list --name app.lab.example --json
+        """)
+    dl.add_argument("--name", metavar="NAME", help="only this name")
+    gw(dl, reads=True, run=cmd_dns_list)
 
 
 def verb(parent, name: str, help: str, description: str, examples: str):
@@ -75,6 +93,8 @@ def _offline(nouns) -> None:
     ex.add_argument("--sport", type=int, metavar="PORT", help="source port (tcp/udp; default 0)")
     ex.add_argument("--dport", type=int, metavar="PORT", help="destination port (tcp/udp; default 0)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
+    ex.add_argument("--dns", metavar="LEARNED.jsonl",
+                    help='addresses learned for names: one {"name", "address"} a line, valid for the whole run')
     ex.set_defaults(run=cmd_explain)
 
     dp = nouns.add_parser("dataplane", help="the kernel data plane").add_subparsers(
@@ -93,6 +113,8 @@ def _offline(nouns) -> None:
                     help="run each packet N times and add the kernel's mean ns per run")
     ve.add_argument("--ethernet", action="store_true",
                     help="build the Ethernet-device program (frames get an Ethernet header)")
+    ve.add_argument("--dns", metavar="LEARNED.jsonl",
+                    help='addresses learned for names: one {"name", "address"} a line, valid for the whole run')
     ve.set_defaults(run=cmd_verdicts)
     _dataplane_attach(dp)
 

@@ -10,7 +10,9 @@ and only validates a request and states its Plan:
                   (expiry.py: the clock that ends sessions at their time)
   connectors.py   connectors and the routes of private prefixes to them
   flows.py        conntrack's flows: list and kill
+  hostnames.py    names learned from DNS answers: into the kernel, and out at expiry
   views.py        status, the lists, policy/identities show, audit, trace
+  slowpath.py     the DNS slow path's start and stop, `ztgate dns list`
   steps.py        the WireGuard and route steps a Plan stages
   faults.py       fault injection for the tests (ZTGATE_FAULT, ZTGATE_PAUSE_AT)
 
@@ -21,13 +23,15 @@ from __future__ import annotations
 from .connectors import ConnectorOps
 from .core import ONLINE_SECONDS
 from .flows import FlowOps
+from .hostnames import HostnameOps
 from .identities import IdentityOps
 from .rules import RuleOps
 from .sessions import SessionOps, SessionRefused
+from .slowpath import SlowPathOps     # the DNS slow path (control/dns)
 from .views import Views
 
 __all__ = ["Gateway", "ONLINE_SECONDS", "SessionRefused"]
 
 
-class Gateway(RuleOps, SessionOps, IdentityOps, ConnectorOps, FlowOps, Views):
+class Gateway(RuleOps, SessionOps, IdentityOps, ConnectorOps, FlowOps, Views, HostnameOps, SlowPathOps):
     """One gateway: Core's state and transaction, with every operation family's methods."""

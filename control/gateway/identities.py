@@ -142,7 +142,7 @@ class IdentityOps(Core):
                 out["private_key"] = private   # printed once by the CLI, never stored
                 out["config"] = wireguard.client_config(
                     private, [ipaddress.ip_interface(p) for p in steps.own_prefixes(device)], self.public_key,
-                    self.config.endpoint, self._client_routes())
+                    self.config.endpoint, self._client_routes(), dns=self.config.dns.resolvers)
             return out
 
     def _client_routes(self) -> list[str]:

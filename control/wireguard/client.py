@@ -10,10 +10,11 @@ from .keys import check_public_key, decode_key
 
 
 def client_config(private_key: Optional[str], addresses: list, gateway_public_key: str, endpoint: str,
-                  routes: list, keepalive: int = 25) -> str:
+                  routes: list, keepalive: int = 25, dns: tuple = ()) -> str:
     """A client's WireGuard configuration (wg-quick and the WireGuard apps read it):
     its own addresses, the gateway as its one peer at ENDPOINT ("host:port", an IPv6 address
-    in brackets), and ROUTES (the networks reached through the gateway) as AllowedIPs.
+    in brackets), and ROUTES (the networks reached through the gateway) as AllowedIPs; DNS:
+    the private resolvers the device should ask (the gateway learns hostnames from their answers).
     Without a private key (a device that made its own: IDENTITY.md) no PrivateKey line."""
     if private_key is not None:
         decode_key(private_key, "private key")
@@ -29,6 +30,7 @@ def client_config(private_key: Optional[str], addresses: list, gateway_public_ke
         raise InputError(f"bad keepalive {keepalive!r}: seconds from 0 (off) to 65535")
     lines = ["[Interface]"] + ([f"PrivateKey = {private_key}"] if private_key is not None else []) + [
              f"Address = {', '.join(str(a) for a in addrs)}",
+             *([f"DNS = {', '.join(str(r) for r in dns)}"] if dns else []),
              "",
              "[Peer]",
              f"PublicKey = {gateway_public_key}",

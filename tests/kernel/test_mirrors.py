@@ -31,6 +31,7 @@ CONSTANTS = {
     "IDENT_EXPIRED": "ZT_IDENT_EXPIRED == {v} && ZT_MAX_IDENTS <= {v}",
     "SRC_KEY_BANK": "ZT_SRC_KEY_BANK == {v}",
     "BANKS": "ZT_BANKS == {v}",
+    "NAME_WORD_BYTES": "sizeof(((struct zt_names *)0)->w[0]) == {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {

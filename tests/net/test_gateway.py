@@ -170,7 +170,7 @@ def alice(site):
     site.ztgate("user", "add", "alice@example.com", "--group", "developers", "--group", "staff")
     site.ztgate("user", "add", "bob@example.com", "--group", "staff")
     applied = site.ztgate("policy", "apply", LAB / "policy.yaml")
-    assert "+ rule devs-app" in applied.stdout and "applied: 3 changes" in applied.stdout
+    assert "+ rule devs-app" in applied.stdout and "applied: 5 changes" in applied.stdout
     out = site.ztgate("device", "add", "alice-laptop", "--user", "alice@example.com")
     assert "only copy" in out.stderr
     name = site.ns.ifname("al")
@@ -214,11 +214,11 @@ def test_status_rules_devices_metrics_and_trace(site, alice):
     site.tcp(APP_WEB, 8080)
     status = site.json("status")
     assert status["program_id"] and status["attach_mode"] == "generic" and status["interface"] == site.iface
-    assert status["devices_online"] == 1 and status["rules"] == 3 and "prog" in " ".join(status["pinned"])
+    assert status["devices_online"] == 1 and status["rules"] == 5 and "prog" in " ".join(status["pinned"])
     # the config's routes: this host forwards them, and nothing filters what comes back from them
     assert any("10.20.0.0/16 are forwarded by this host itself" in w for w in status["warnings"])
     rules = site.json("rule", "list")
-    assert [r["name"] for r in rules] == ["devs-app", "devs-echo", "staff-web"]
+    assert [r["name"] for r in rules] == ["devs-app", "devs-echo", "staff-web", "staff-dns", "staff-wiki-by-name"]
     assert rules[0]["packets"] > 0
     devices = site.json("device", "list")
     assert devices[0]["last_handshake"] and devices[0]["rx_bytes"] > 0
@@ -227,7 +227,7 @@ def test_status_rules_devices_metrics_and_trace(site, alice):
     assert "ztgate_devices_online 1.0" in text and f"ztgate_policy_generation {status['generation']}.0" in text
     trace = site.json("trace", "--user", "alice@example.com", "--dst", APP_RDP, "--dport", "3389")
     assert trace["kernel"]["verdict"] == trace["reference"]["verdict"] == "block"
-    assert [t["rule"] for t in trace["tried"]] == ["devs-app", "devs-echo", "staff-web"]
+    assert [t["rule"] for t in trace["tried"]] == ["devs-app", "devs-echo", "staff-web", "staff-dns", "staff-wiki-by-name"]
 
 
 def test_rule_changes_decide_open_connections_too(site, alice):
@@ -241,7 +241,7 @@ def test_rule_changes_decide_open_connections_too(site, alice):
     assert wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=5, what="web again")
     site.ztgate("rule", "remove", "no-web")
     shown = yaml.safe_load(site.ztgate("policy", "show").stdout)
-    assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web"]
+    assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web", "staff-dns", "staff-wiki-by-name"]
 
 
 def test_rule_changes_are_written_in_place_and_a_policy_that_outgrows_the_program_is_a_full_build(site, alice):

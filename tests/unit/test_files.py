@@ -156,7 +156,7 @@ def test_cli_refuses_bad_identities(tmp_path):
 
 def test_lab_examples_load():
     pol, ids = load_policy(LAB / "policy.yaml"), load_identities(LAB / "identities.yaml")
-    assert [r.name for r in pol.rules] == ["devs-app", "devs-echo", "staff-web"]
+    assert [r.name for r in pol.rules] == ["devs-app", "devs-echo", "staff-web", "staff-dns", "staff-wiki-by-name"]
     assert pol.default_action == "block"
     assert [d.name for d in ids.devices] == ["alice-laptop", "bob-laptop"]
     assert ids.devices[0].tunnel_ipv6 == ipaddress.ip_address("fd00:5a::2")

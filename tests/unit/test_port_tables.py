@@ -88,7 +88,7 @@ def check(policy: Policy) -> None:
     rules = policy.ordered_rules
     cands = _Candidates(rules, ACTION_CODE[policy.default_action])
     classes = _Interner()
-    _destination_nodes(rules, classes)
+    _destination_nodes(cands, classes)
     want_classes, want_pt, want_services = Sweeps(cands).build(classes.values)
     facts = rule_facts(rules, cands.rid_who, cands.rid_sport, cands.rid_action, cands.rid_protos, cands.default)
     got = build_services(facts, classes.values)

@@ -1,0 +1,74 @@
+"""The learned addresses of a program's builds (zt_learned, ebpf/maps.h): address -> name bits, bit t
+set when the address was learned for a name that the policy's name token t matches
+(control/learned.py computes the bits, control/kernel.py decides when). Written whole when a
+build is loaded, and address by address as names are learned and expire, in place."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from typing import Iterable, Mapping, Union
+
+from .layout import Layout
+from .libbpf import hash_count
+from .mirrors import NAME_WORD_BYTES, SRC_KEY, SRC_KEY_BANK
+
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+class LearnedMap:
+    """zt_learned, bank by bank like the other policy maps (ebpf/maps.h): the bits are of a
+    bank's build, whose name tokens they number, so the bank is in the key (as zt_src_hash's:
+    its family from bit SRC_KEY_BANK up). Each bank's entries are also kept here, so that a
+    bank is made to hold a new build's bits by writing only the entries that differ."""
+
+    def __init__(self, bpf, layout: Layout, banks: int = 2):
+        self.table = bpf["zt_learned"]
+        self.layout = layout
+        self.banks = banks
+        self.held: list[dict] = [{} for _ in range(banks)]
+
+    def _key(self, addr: Address, bank: int):
+        key = self.table.Key()
+        family = addr.version | (bank << SRC_KEY_BANK if self.banks > 1 else 0)
+        ctypes.memmove(ctypes.byref(key), SRC_KEY.pack(family, addr.packed.rjust(16, b"\0")), SRC_KEY.size)
+        return key
+
+    def load(self, bits: Mapping[Address, int], bank: int = 0) -> int:
+        """Make BANK hold exactly these addresses' bits: how many entries were written."""
+        held = self.held[bank]
+        writes = [(a, 0) for a in held if a not in bits] + [(a, b) for a, b in bits.items() if held.get(a) != b]
+        self.set(writes, bank)
+        return len(writes)
+
+    def set(self, entries: Iterable[tuple[Address, int]], bank: int = 0) -> None:
+        """Write (address, name bits) entries into BANK; bits 0 removes the address. Each entry is
+        one bpf_map_update_elem (or delete), which replaces the element whole under RCU: a packet
+        sees the old bits or the new."""
+        size = self.layout.name_words * NAME_WORD_BYTES
+        held = self.held[bank]
+        for addr, bits in entries:
+            key = self._key(addr, bank)
+            if bits:
+                if bits >> (size * 8):
+                    raise ValueError(f"{addr}: name bits {bits:#x} wider than this build's {size * 8}")
+                leaf = self.table.Leaf()
+                ctypes.memmove(ctypes.byref(leaf), bits.to_bytes(size, "little"), size)
+                self.table[key] = leaf
+                held[addr] = bits
+            else:
+                try:
+                    del self.table[key]
+                except KeyError:
+                    pass
+                held.pop(addr, None)
+
+    def get(self, addr: Address, bank: int = 0) -> int:
+        """The name bits the kernel holds for ADDR in BANK (0: none)."""
+        try:
+            leaf = self.table[self._key(addr, bank)]
+        except KeyError:
+            return 0
+        return int.from_bytes(bytes(leaf), "little")
+
+    def count(self) -> int:
+        return hash_count(self.table)

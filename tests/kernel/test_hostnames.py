@@ -1,0 +1,130 @@
+"""Hostnames in the kernel (spec/POLICY.md, Hostnames): with learned names, the kernel's verdict,
+rule, reason and the name that decided equal the reference's; learning writes the build in
+force in place and changes only the learned name's verdicts; expiry takes them away and moves
+the epoch."""
+import ipaddress
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from control.compiler import compile_policy
+from control.config import Config
+from control.kernel import Build, Kernel
+from control.model import TCP, Device, Identities, Packet, Policy, Rule, User
+from control.probe import kernel_verdicts, reference_verdicts
+
+from tests.kernel.test_differential import identities, policies, probes
+from tests.programs import TEST_LAYOUT
+
+NAMES = ["git.corp.example", "a.db.corp.example", "b.a.db.corp.example", "db.corp.example", "wiki.corp.example",
+         "other.example"]
+PATTERNS = ["git.corp.example", "*.db.corp.example", "db.corp.example", "*.corp.example", "wiki.corp.example",
+            "nothing.example", "*.example"]
+
+
+@pytest.fixture(scope="module")
+def program():
+    """A build with the name lookup compiled in (a policy without hostnames has none)."""
+    from dataplane.program import Program
+
+    with Program(replace(TEST_LAYOUT, name_words=1).with_headroom()) as prog:
+        yield prog
+
+
+@st.composite
+def with_hostnames(draw, policy: Policy) -> Policy:
+    """Some rules name destinations by hostname too (some only by hostname)."""
+    rules = []
+    for r in policy.rules:
+        if draw(st.booleans()):
+            names = tuple(draw(st.lists(st.sampled_from(PATTERNS), min_size=draw(st.sampled_from([0, 1, 1, 1])),
+                                        max_size=3)))
+            r = replace(r, dst_hostnames=names, dst_cidrs=r.dst_cidrs if draw(st.booleans()) else None)
+        rules.append(r)
+    return replace(policy, rules=tuple(rules))
+
+
+@st.composite
+def cases(draw):
+    ids = draw(identities())
+    policy = draw(with_hostnames(draw(policies(ids))))
+    pkts = draw(st.lists(probes(ids, policy), min_size=20, max_size=40))
+    dsts = sorted({p.dst for p in pkts if isinstance(p, Packet)}, key=lambda a: (a.version, a))
+    learned_at = [a for a in dsts if draw(st.integers(0, 3))]
+    learned = {a: frozenset(draw(st.sets(st.sampled_from(NAMES), min_size=1, max_size=3))) for a in learned_at}
+    return policy, ids, pkts, learned
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(cases())
+def test_kernel_equals_reference_with_learned_names(program, case):
+    policy, ids, pkts, learned = case
+    tables = compile_policy(policy, ids, program.layout, learned)
+    program.load(tables)
+    got = kernel_verdicts(program, tables, pkts, learned=learned)
+    want = reference_verdicts(policy, ids, pkts, learned)
+    for pkt, g, w in zip(pkts, got, want):
+        assert g == w, f"packet {pkt}, learned {learned.get(getattr(pkt, 'dst', None))}: kernel {g}, reference {w}"
+
+
+SRC = ipaddress.ip_address("100.96.0.2")
+IDS = Identities((User("a@example.com", ()),), (Device("a", "a@example.com", SRC),))
+GIT, DB, OTHER = (ipaddress.ip_address(a) for a in ("10.30.0.1", "10.30.0.2", "10.30.0.3"))
+POLICY = Policy("block", (
+    Rule("no-db", 10, "block", dst_hostnames=("*.db.corp.example",)),
+    Rule("git", 20, "allow", dst_hostnames=("git.corp.example",), dst_ports=((22, 22),)),
+    Rule("lan", 30, "allow", dst_cidrs=(ipaddress.ip_network("10.30.0.0/16"),)),
+))
+PKTS = [Packet(SRC, dst, TCP, 40000, port) for dst in (GIT, DB, OTHER) for port in (22, 80)]
+
+
+def test_learning_in_place_changes_only_that_name(program, tmp_path):
+    """Through Kernel.learn / expire on a loaded build (attached to nothing): no compile, the
+    same tables; only packets to the learned address change verdict, as the reference says;
+    expiry restores them and moves the epoch, as does learning a name of a block rule."""
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    tables = compile_policy(POLICY, IDS, program.layout)
+    program.load(tables)
+    kernel.build = Build(1, program, tables, 0.0, 0.0)
+    before = kernel_verdicts(program, tables, PKTS)
+    assert before == reference_verdicts(POLICY, IDS, PKTS)
+
+    epoch = program.epoch
+    assert kernel.learn([("Git.Corp.Example.", GIT, 300, "a")], now=1000.0) == 1
+    assert program.epoch == epoch                      # an allow rule's name: nothing to revoke
+    learned = {GIT: frozenset({"git.corp.example"})}
+    after = kernel_verdicts(program, tables, PKTS, learned=learned)
+    assert after == reference_verdicts(POLICY, IDS, PKTS, learned)
+    assert after[0] == {"verdict": "allow", "rule": "git", "reason": "rule", "hostname": "git.corp.example"}
+    assert [i for i, (a, b) in enumerate(zip(before, after)) if a != b] == [0]    # only GIT:22
+    assert kernel.build.tables is tables
+
+    assert kernel.learn([("x.db.corp.example", DB, 5, "a")], now=1000.0) == 1
+    assert program.epoch > epoch                        # a block rule's name may revoke an allow
+    learned[DB] = frozenset({"x.db.corp.example"})
+    assert kernel_verdicts(program, tables, PKTS, learned=learned) == reference_verdicts(POLICY, IDS, PKTS, learned)
+
+    epoch = program.epoch
+    assert [e.address for e in kernel.expire(now=1000.0 + 60)] == [DB]   # TTL 5 s, floored at 60 s
+    assert program.epoch > epoch
+    del learned[DB]
+    assert kernel_verdicts(program, tables, PKTS, learned=learned) == after
+    assert [e.address for e in kernel.expire(now=1000.0 + 300)] == [GIT]
+    assert kernel_verdicts(program, tables, PKTS) == before
+    assert program.learned.count() == 0
+
+
+def test_a_new_build_takes_what_was_learned(program, tmp_path):
+    """A policy change compiles the learned table in; what is learned while it compiles is
+    written into it before it is attached (Kernel._catch_up_learned)."""
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    kernel.learn([("git.corp.example", GIT, 300, None)])
+    tables = compile_policy(POLICY, IDS, program.layout, kernel.learned.by_address())
+    program.load(tables)
+    kernel.learn([("a.db.corp.example", DB, 300, None)])        # after the compile, before the attach
+    kernel._catch_up_learned(Build(2, program, tables, 0.0, 0.0))
+    learned = kernel.learned.by_address()
+    assert kernel_verdicts(program, tables, PKTS, learned=learned) == reference_verdicts(POLICY, IDS, PKTS, learned)
+    assert program.learned.get(DB) and program.learned.get(GIT)
