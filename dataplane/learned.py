@@ -1,24 +1,45 @@
 """The learned addresses of one build (zt_learned, ebpf/maps.h): address -> name bits, bit t
 set when the address was learned for a name that the policy's name token t matches
 (control/learned.py computes the bits, control/kernel.py decides when). Written whole when a
-build is loaded, and address by address as names are learned and expire, in place."""
+build is loaded, and address by address as names are learned and expire, in place; with
+zt_learned_filter in front (per slot of a hash of the address, how many are learned)."""
 from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
+import struct
 from typing import Iterable, Mapping, Union
 
+import numpy as np
+
 from .layout import Layout
-from .libbpf import hash_count
-from .mirrors import NAME_WORD_BYTES, SRC_KEY
+from .mirrors import LEARNED_FILTER_BITS, LEARNED_FILTER_COUNT_BYTES, LEARNED_FILTER_MUL, NAME_WORD_BYTES, SRC_KEY
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def filter_slot(addr: Address) -> int:
+    """zt_learned_filter's slot for ADDR, as ebpf/policy.h's learned_names() computes it: the
+    address as zt_pkt holds it (IPv4 in the first four bytes) in four 32-bit words, loaded as
+    the host (little-endian) loads them, XORed, times the multiplier, the top bits."""
+    words = struct.unpack("<4I", addr.packed.ljust(16, b"\0"))
+    mixed = (words[0] ^ words[1] ^ words[2] ^ words[3]) * LEARNED_FILTER_MUL & 0xFFFFFFFF
+    return mixed >> (32 - LEARNED_FILTER_BITS)
 
 
 class LearnedMap:
     def __init__(self, bpf, layout: Layout):
         self.table = bpf["zt_learned"]
         self.layout = layout
+        self.present: set[Address] = set()
+        fd = bpf["zt_learned_filter"].get_fd()
+        self._mm = mmap.mmap(fd, LEARNED_FILTER_COUNT_BYTES << LEARNED_FILTER_BITS, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.counts = np.frombuffer(self._mm, np.uint64)   # (array map values are 8-byte strided)
+
+    def close(self) -> None:
+        del self.counts
+        self._mm.close()
 
     def _key(self, addr: Address):
         key = self.table.Key()
@@ -27,13 +48,17 @@ class LearnedMap:
 
     def load(self, bits: Mapping[Address, int]) -> None:
         """Hold exactly these addresses' bits."""
+        self.counts[:] = 0
         self.table.clear()
+        self.present.clear()
         self.set(bits.items())
 
     def set(self, entries: Iterable[tuple[Address, int]]) -> None:
         """Write (address, name bits) entries; bits 0 removes the address. Each entry is one
         bpf_map_update_elem (or delete), which replaces the element whole under RCU: a packet
-        sees the old bits or the new."""
+        sees the old bits or the new. A new address is in zt_learned before its filter slot
+        counts it; a removed one leaves the count after it left (a packet that sees a count
+        finds the entry, or finds it gone: learned for nothing)."""
         size = self.layout.name_words * NAME_WORD_BYTES
         for addr, bits in entries:
             key = self._key(addr)
@@ -43,11 +68,16 @@ class LearnedMap:
                 leaf = self.table.Leaf()
                 ctypes.memmove(ctypes.byref(leaf), bits.to_bytes(size, "little"), size)
                 self.table[key] = leaf
-            else:
+                if addr not in self.present:
+                    self.present.add(addr)
+                    self.counts[filter_slot(addr)] += 1
+            elif addr in self.present:
                 try:
                     del self.table[key]
                 except KeyError:
                     pass
+                self.present.discard(addr)
+                self.counts[filter_slot(addr)] -= 1
 
     def get(self, addr: Address) -> int:
         """The name bits the kernel holds for ADDR (0: none)."""
@@ -58,4 +88,4 @@ class LearnedMap:
         return int.from_bytes(bytes(leaf), "little")
 
     def count(self) -> int:
-        return hash_count(self.table)
+        return len(self.present)
