@@ -234,6 +234,22 @@ class Kernel:
         with self.learned_lock:
             return self.learned.next_expiry()
 
+    def hostname(self, token: int, dst: Address) -> Optional[str]:
+        """The name a decision of the build in force with name token TOKEN (RunResult.name,
+        a flow event's) came from: the first, in order, of the names DST is learned for now
+        that the token's rule names. None when TOKEN is 0 or DST has since expired."""
+        build = self.build
+        if not token or build is None:
+            return None
+        with self.learned_lock:
+            held = sorted(self.learned.names_of(dst))
+        return next((n for n in held if build.tables.names.tokens(n) >> token & 1), None)
+
+    def learned_names(self, address) -> frozenset:
+        """The names ADDRESS is learned for now."""
+        with self.learned_lock:
+            return self.learned.names_of(address)
+
     def learned_entries(self, name: Optional[str] = None) -> list[Entry]:
         with self.learned_lock:
             return self.learned.entries(name)

@@ -38,8 +38,11 @@ class LearnedMap:
         self.counts = np.frombuffer(self._mm, np.uint64)   # (array map values are 8-byte strided)
 
     def close(self) -> None:
-        del self.counts
-        self._mm.close()
+        """Unmap the filter (twice is fine: a Program may be closed more than once)."""
+        if self._mm is not None:
+            self.counts = None          # the view first: an mmap with a live view cannot close
+            self._mm.close()
+            self._mm = None
 
     def _key(self, addr: Address):
         key = self.table.Key()
