@@ -22,14 +22,13 @@ of this file) for flows, kills, counters, dry runs and pins.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from dataplane.attach import attach, attached, detach
 from dataplane.conntrack import SETTLE
@@ -42,8 +41,9 @@ from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
-from .learned import Entry, Learned
-from .model import Address, Device, Identities, Policy
+from .kernel_names import LearnedNames
+from .learned import Learned
+from .model import Device, Identities, Policy
 
 log = logging.getLogger("ztgate.kernel")
 DEFAULT_RULE = "(default)"   # how counters and logs name decisions of default_action
@@ -91,7 +91,7 @@ class Build:
     written: int = 0       # entries written into that bank (in place: only those that differed)
 
 
-class Kernel:
+class Kernel(LearnedNames):
     def __init__(self, config: Config):
         self.config = config
         # the event cache that conntrack (zt_ct) replaced, pinned by gateways before it
@@ -267,82 +267,6 @@ class Kernel:
         program = self.build.program
         return {d.name for d in devices
                 if all(ident == IDENT_EXPIRED for _, ident, _ in program.sources_of(d.addresses))}
-
-    # -----------------------------------------------------------------------------------------
-    # learned names (spec/POLICY.md, Hostnames): written in place, no compile
-
-    def learn(self, answers: Iterable[tuple], now: Optional[float] = None) -> int:
-        """(name, address, ttl, asker) answers into the learned table and the build in force,
-        before it returns: a packet decided after it sees them. How many were kept (the rest
-        refused by the table's bounds, counted in self.learned.refused)."""
-        with self.learned_lock:
-            kept, touched = 0, set()
-            for name, address, ttl, asker in answers:
-                if self.learned.learn(name, address, ttl, asker, now):
-                    kept += 1
-                    touched.add(ipaddress.ip_address(address))
-            self._write_learned(touched)
-            return kept
-
-    def expire(self, now: Optional[float] = None) -> list[Entry]:
-        """Take out of the table and the kernel what expired by NOW; flows those addresses
-        allowed are decided again."""
-        with self.learned_lock:
-            gone = self.learned.expire(now)
-            self._write_learned({e.address for e in gone})
-            return gone
-
-    def forget(self, name: Optional[str] = None) -> list[Entry]:
-        """Take NAME's addresses (None: every name's) out of the table and the kernel at once."""
-        with self.learned_lock:
-            gone = self.learned.forget(name)
-            self._write_learned({e.address for e in gone})
-            return gone
-
-    def next_expiry(self) -> Optional[float]:
-        """When expire() next has work, on the table's clock (time.monotonic)."""
-        with self.learned_lock:
-            return self.learned.next_expiry()
-
-    def learned_entries(self, name: Optional[str] = None) -> list[Entry]:
-        with self.learned_lock:
-            return self.learned.entries(name)
-
-    def _write_learned(self, addresses: set[Address]) -> None:
-        """These addresses' name bits, as the table has them now, into the build in force. The
-        epoch moves when a bit went away, or came for a block rule: an allowed flow may no
-        longer be (a learned bit for an allow rule only allows more)."""
-        build = self.build
-        if build is None or not addresses:
-            return
-        tables, writes, revoke = build.tables, [], False
-        for addr in addresses:
-            old, bits = tables.learned.get(addr, 0), tables.names.bits(self.learned.names_of(addr))
-            if bits == old:
-                continue
-            writes.append((addr, bits))
-            revoke = revoke or bool(old & ~bits) or bool(bits & ~old & tables.block_names)
-            if bits:
-                tables.learned[addr] = bits
-            else:
-                tables.learned.pop(addr, None)
-        build.program.set_learned(writes, build.bank)
-        if revoke:
-            # no settle: a packet reads the epoch before the tables, so one that reads the new
-            # epoch sees the new bits (as stage_devices)
-            build.program.next_epoch()
-
-    def _catch_up_learned(self, new: Build) -> None:
-        """NEW was compiled with the table as it was then: what was learned or expired since
-        goes into its bank before it is attached or flipped (under learned_lock: learning writes
-        only the bank in force, so the other bank has nothing learned meanwhile but this)."""
-        now = {a: bits for a, bits in ((a, new.tables.names.bits(n)) for a, n in self.learned.by_address().items())
-               if bits}
-        if now != new.tables.learned:
-            gone = [(a, 0) for a in new.tables.learned if a not in now]
-            new.program.set_learned(gone + [(a, b) for a, b in now.items() if new.tables.learned.get(a) != b],
-                                    new.bank)
-            new.tables.learned = now
 
     @staticmethod
     def _next_epoch(program: Program) -> None:

@@ -24,9 +24,26 @@ The slow path (the NFQUEUE DNS reader) and the gateway use this API:
 
     Entry(name, address, expires, asker)       expires: on the table's clock
 
-The kernel side (control/kernel.py) takes by_address() results: Kernel.learn(changed) and
-Kernel.forget(changed) write the changed addresses' name bits in place, and the gateway's
-Gateway.dns_learned(answers) / Gateway.dns_expire() tie the two together (control/gateway/).
+The gateway holds one table, in its Kernel (control/kernel.py), which writes it into the
+build in force in place (zt_learned; no compile) under its own lock:
+
+    Kernel.learned: Learned
+    Kernel.learn(answers, now=None) -> int     answers: (name, address, ttl, asker) tuples; how many kept
+    Kernel.expire(now=None) -> list[Entry]     what expired by now, out of the table and the kernel
+    Kernel.forget(name=None) -> list[Entry]    out at once (all, or one name's)
+    Kernel.next_expiry() -> Optional[float]
+    Kernel.learned_entries(name=None) -> list[Entry]
+    Kernel.learned_names(address) -> frozenset[str]
+    Kernel.hostname(token, dst) -> Optional[str]   the name a kernel decision's name token came from
+
+and the gateway (control/gateway/hostnames.py) schedules expiry (a timer, never a packet):
+
+    Gateway.dns_learned(answers) -> int        Kernel.learn, then the expiry timer moved if need be
+    Gateway.dns_expire() -> list[Entry]        the timer's call
+    Gateway.dns_entries(name=None) -> list[dict]   name, address, expires_in (s), asker
+
+The bounds come from the gateway config's `dns:` section when it has one (min_ttl, max_ttl,
+max_per_name, max_total: control/kernel.py's learned_settings()), else the defaults above.
 
 Times are on `clock` (default time.monotonic, which the gateway's timers use); a TTL is
 clamped to [min_ttl, max_ttl] as the spec says. A (name, address) learned again keeps the

@@ -38,6 +38,9 @@ COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                      
 # Hostnames: zt_learned is keyed like zt_src_hash (SRC_KEY); its value, struct zt_names, is
 # Layout.name_words words of name bits (one when 0), little-endian, bit t: name token t
 NAME_WORD_BYTES = 8          # sizeof(struct zt_names' w[0])
+LEARNED_FILTER_BITS = 16     # ZT_LEARNED_FILTER_BITS: zt_learned_filter has 2^16 slots
+LEARNED_FILTER_MUL = 0x9E3779B1   # ZT_LEARNED_FILTER_MUL: the slot is the top bits of (xor of words) * this
+LEARNED_FILTER_COUNT_BYTES = 8   # a zt_learned_filter value (a count of learned addresses)
 
 # ---------------------------------------------------------------------------------------------
 # Test runs, conntrack, the flow cache and the epoch (ebpf/maps.h)

@@ -36,7 +36,7 @@ REDECIDE_ENTRY = "xdp_ztgate_redecide"
 TAIL_CALLS = (REDECIDE_ENTRY, "xdp_ztgate_icmp_error")
 # The maps of one build: its policy, and counters by its rule ids. Program.pin() pins them.
 POLICY_MAPS = ("zt_bank", "zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables",
-               "zt_services", "zt_sport", "zt_rule_stats", "zt_learned")
+               "zt_services", "zt_sport", "zt_rule_stats", "zt_learned", "zt_learned_filter")
 # The maps every build of one gateway shares, pinned under pin_dir (see ebpf/maps.h).
 SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags", "zt_killed",
                "zt_kills_until")
@@ -132,6 +132,7 @@ class Program:
 
     def close(self) -> None:
         self.policy_tables.close()
+        self.learned.close()
         self.bpf.cleanup()
 
     def __enter__(self) -> "Program":

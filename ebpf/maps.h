@@ -327,6 +327,14 @@ struct zt_names {
 	__u64 w[ZT_NAME_WORDS > 0 ? ZT_NAME_WORDS : 1];
 };
 BPF_F_TABLE("hash", struct zt_src_key, struct zt_names, zt_learned, ZT_BANKS * ZT_MAX_LEARNED, BPF_F_NO_PREALLOC);
+/* In front of it: how many learned addresses fall in each slot of a hash of the address
+ * (zt_filter_slot()): a packet whose slot holds none is learned for no name, known from one
+ * array lookup, not a hash probe that misses. It counts the entries of both banks. Userspace
+ * adds an address to zt_learned before its slot's count, and takes it away after. */
+#define ZT_LEARNED_FILTER_BITS 16
+#define ZT_LEARNED_FILTER_MUL 0x9E3779B1U
+typedef __u64 zt_learned_count;
+BPF_F_TABLE("array", __u32, zt_learned_count, zt_learned_filter, 1 << ZT_LEARNED_FILTER_BITS, BPF_F_MMAPABLE);
 /* 5. counters: per rule of each bank (rule ids belong to the bank's build), and the shared
  * per-CPU state */
 BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_BANKS * ZT_MAX_RULES);

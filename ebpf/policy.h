@@ -113,7 +113,13 @@ static __always_inline void learned_names(const struct zt_pkt *p, __u32 bank, st
 		__builtin_memcpy(&key.addr[12], &p->dst[0], 4);
 	else
 		__builtin_memcpy(key.addr, p->dst, 16);
-	struct zt_names *names = zt_learned.lookup(&key);
+	/* the filter's slot: the address's four words (IPv4: one, the rest zero) as loaded */
+	__u32 slot = ((p->dst[0] ^ p->dst[1] ^ p->dst[2] ^ p->dst[3]) * ZT_LEARNED_FILTER_MUL) >>
+		     (32 - ZT_LEARNED_FILTER_BITS);
+	zt_learned_count *count = zt_learned_filter.lookup(&slot);
+	struct zt_names *names = NULL;
+	if (count && *count)
+		names = zt_learned.lookup(&key);
 	if (names)
 		*out = *names;
 }

@@ -87,7 +87,8 @@ def cmd_trace(args) -> int:
     print(f"identity   " + (f"device {who['device']}, user {who['user']}, groups {', '.join(who['groups']) or '-'}"
                             if who else "none (not the tunnel address of an enabled device)"))
     k, ref = r["kernel"], r["reference"]
-    print(f"kernel     {k['verdict'].upper()} by {k['rule'] or k['reason']} (build {k['build']})")
+    print(f"kernel     {k['verdict'].upper()} by {k['rule'] or k['reason']} (build {k['build']})"
+          + (f", as {p['dst']} was learned for {k['hostname']}" if k.get("hostname") else ""))
     agree = (k["verdict"], k["rule"], k["reason"]) == (ref["verdict"], ref["rule"], ref["reason"])
     print(f"reference  {ref['verdict'].upper()} by {ref['rule'] or ref['reason']}"
           + ("" if agree else "   <- DISAGREES with the kernel: please report this"))

@@ -116,15 +116,17 @@ class Views(Core):
             if user is not None:
                 fields["src"] = self._source_of(user, fields.get("dst"))
             pkt = packet_from_fields(fields, "trace")
-            decision, misses = trace(self.policy, self.identities, pkt)
+            learned = {pkt.dst: self.kernel.learned_names(pkt.dst)}
+            decision, misses = trace(self.policy, self.identities, pkt, learned)
             r, rule = self.kernel.trace(build_raw(pkt))
+            hostname = self.kernel.hostname(r.name, pkt.dst)
             who = identify(self.policy, self.identities, pkt.src)
             return {
                 "packet": {"src": str(pkt.src), "dst": str(pkt.dst), "proto": pkt.protocol_name,
                            "proto_number": pkt.proto, "sport": pkt.sport, "dport": pkt.dport},
                 "identity": {"device": who.device.name, "user": who.email, "groups": sorted(who.groups)} if who else None,
                 "kernel": {"verdict": r.verdict.label, "reason": r.reason.label, "rule": rule,
-                           "build": self.kernel.build.number},
+                           "build": self.kernel.build.number, **({"hostname": hostname} if hostname else {})},
                 "reference": decision.as_json(),
                 "tried": [{"rule": rl.name, "precedence": rl.precedence, "action": rl.action, "why_not": why}
                           for rl, why in misses],

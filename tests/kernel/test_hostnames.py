@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from control.compiler import compile_policy
 from control.config import Config
 from control.kernel import Build, Kernel
+from control.packets import build_raw
 from control.model import TCP, Device, Identities, Packet, Policy, Rule, User
 from control.probe import kernel_verdicts, reference_verdicts
 
@@ -100,6 +101,8 @@ def test_learning_in_place_changes_only_that_name(program, tmp_path):
     assert after[0] == {"verdict": "allow", "rule": "git", "reason": "rule", "hostname": "git.corp.example"}
     assert [i for i, (a, b) in enumerate(zip(before, after)) if a != b] == [0]    # only GIT:22
     assert kernel.build.tables is tables
+    r, rule = kernel.trace(bytes(build_raw(PKTS[0])))            # what `ztgate trace` shows
+    assert (rule, kernel.hostname(r.name, GIT)) == ("git", "git.corp.example")
 
     assert kernel.learn([("x.db.corp.example", DB, 5, "a")], now=1000.0) == 1
     assert program.epoch > epoch                        # a block rule's name may revoke an allow
@@ -113,7 +116,7 @@ def test_learning_in_place_changes_only_that_name(program, tmp_path):
     assert kernel_verdicts(program, tables, PKTS, learned=learned) == after
     assert [e.address for e in kernel.expire(now=1000.0 + 300)] == [GIT]
     assert kernel_verdicts(program, tables, PKTS) == before
-    assert program.learned.count() == 0
+    assert program.learned.count() == 0 and not program.learned.counts.any()   # the filter in front too
 
 
 def test_a_new_build_takes_what_was_learned(program, tmp_path):

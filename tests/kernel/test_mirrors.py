@@ -32,6 +32,9 @@ CONSTANTS = {
     "SRC_KEY_BANK": "ZT_SRC_KEY_BANK == {v}",
     "BANKS": "ZT_BANKS == {v}",
     "NAME_WORD_BYTES": "sizeof(((struct zt_names *)0)->w[0]) == {v}",
+    "LEARNED_FILTER_BITS": "ZT_LEARNED_FILTER_BITS == {v}",
+    "LEARNED_FILTER_MUL": "ZT_LEARNED_FILTER_MUL == {v}",
+    "LEARNED_FILTER_COUNT_BYTES": "sizeof(zt_learned_count) == {v}",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {

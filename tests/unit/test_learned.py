@@ -78,3 +78,29 @@ def test_forget():
     assert t.names_of(A) == {"c.d"} and t.next_expiry() == 60
     t.forget()
     assert len(t) == 0 and t.next_expiry() is None
+
+
+def test_the_gateway_expires_on_its_own_timer(tmp_path):
+    """Gateway.dns_learned schedules the table's next expiry; the timer takes the entry out
+    (through a real Kernel with no build attached: only the table changes)."""
+    import time
+    from types import SimpleNamespace
+
+    from control.config import Config
+    from control.gateway.hostnames import HostnameOps
+    from control.kernel import Kernel
+
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    kernel.learned = Learned(min_ttl=0)
+    gateway = SimpleNamespace(kernel=kernel, _expiry_timer=None, _expiry_at=None,
+                              _expiry_lock=HostnameOps._expiry_lock)
+    for name in ("dns_expire", "_schedule_expiry"):
+        setattr(gateway, name, getattr(HostnameOps, name).__get__(gateway))
+    assert HostnameOps.dns_learned(gateway, [("a.b", A, 0.3, "d"), ("c.d", B, 5, "d")]) == 2
+    assert [e["name"] for e in HostnameOps.dns_entries(gateway)] == ["a.b", "c.d"]
+    deadline = time.monotonic() + 5
+    while len(kernel.learned) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e.name for e in kernel.learned_entries()] == ["c.d"]
+    assert gateway._expiry_at == kernel.next_expiry()        # the next one is scheduled
+    gateway._expiry_timer.cancel()
