@@ -131,3 +131,27 @@ def test_a_new_build_takes_what_was_learned(program, tmp_path):
     learned = kernel.learned.by_address()
     assert kernel_verdicts(program, tables, PKTS, learned=learned) == reference_verdicts(POLICY, IDS, PKTS, learned)
     assert program.learned.get(DB) and program.learned.get(GIT)
+
+
+def test_a_change_in_place_carries_learned_names_into_the_other_bank(program, tmp_path):
+    """A rule change written into the program's other bank (control/kernel.py's in-place path)
+    takes the learned addresses with the NEW policy's name tokens, and what is learned between
+    the compile and the flip; the bank it leaves still holds the old policy's bits meanwhile."""
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    tables = compile_policy(POLICY, IDS, program.layout)
+    program.load(tables)
+    kernel.build = Build(1, program, tables, 0.0, 0.0, program.bank)
+    kernel.learn([("git.corp.example", GIT, 300, "a")], now=1000.0)
+    # the same rules in another order: other name tokens, so other bits for the same names
+    moved = replace(POLICY, rules=(replace(POLICY.rules[1], precedence=5),) + POLICY.rules[:1] + POLICY.rules[2:])
+    new_tables = compile_policy(moved, IDS, program.layout, kernel.learned.by_address())
+    assert new_tables.names.bits({"git.corp.example"}) != tables.names.bits({"git.corp.example"})
+    staged = kernel._stage_in_place(new_tables, 2, [], 0.0)
+    kernel.learn([("a.db.corp.example", DB, 300, "a")], now=1000.0)    # after the compile, before the flip
+    learned = kernel.learned.by_address()
+    assert kernel_verdicts(program, tables, PKTS, learned=learned) == reference_verdicts(POLICY, IDS, PKTS, learned)
+    staged.apply()
+    assert kernel.build.bank == program.bank and kernel.build.tables is new_tables
+    assert kernel_verdicts(program, new_tables, PKTS, learned=learned) == reference_verdicts(moved, IDS, PKTS, learned)
+    kernel.forget()
+    assert kernel_verdicts(program, new_tables, PKTS) == reference_verdicts(moved, IDS, PKTS)
