@@ -6,7 +6,9 @@ gateway daemon with `identity:` set, and a device namespace with a WireGuard int
 - enrollment -> traffic: from the device's POST /v1/devices (a fresh key pair each time) to
   the first UDP echo through the tunnel from a server behind the gateway (the device sets
   its new key and the answer's address, WireGuard shakes hands, the packet passes the XDP
-  program), in milliseconds.
+  program), in milliseconds;
+- SCIM deactivation -> first dropped packet of the last device's open flow (benchscim.py), in
+  milliseconds, against the issue's goal (<= 100 ms p99).
 
 The lab's policy (examples/lab/policy.yaml) lets alice's group (developers) reach the echo.
 
@@ -17,6 +19,7 @@ Everything runs in namespaces made here and removed afterwards (needs root, wire
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -29,6 +32,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+import benchscim
 from control import wireguard
 from control.config import parse_config
 from control.identity.tokens import Verifier
@@ -36,6 +40,7 @@ from tests.idp import running_idp
 from tests.netns import PYTHON, REPO, Namespaces, wait_until
 
 URL = "https://198.18.0.1:8443"
+SCIM_TOKEN = "scim-" + secrets.token_hex(16)
 ECHO = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('10.20.0.10', 5353))\n"
         "while True:\n    d, a = s.recvfrom(2048); s.sendto(d, a)\n")
 
@@ -66,13 +71,15 @@ def verify_us(idp, rounds: int = 2000) -> dict:
 
 def start_gateway(ns: Namespaces, tmp: Path, idp) -> subprocess.Popen:
     cert, key = idp.issue_cert("198.18.0.1")
+    (tmp / "scim-token").write_text(SCIM_TOKEN + "\n")
     config = tmp / "gateway.yaml"
     config.write_text(yaml.safe_dump({
         "interface": ns.ifname("zt"), "endpoint": "198.18.0.1:51820", "routes": ["10.20.0.0/16"],
         "state_dir": str(tmp / "state"), "socket": str(tmp / "ztgate.sock"), "flow_log": str(tmp / "flows.log"),
         "metrics": None, "bpf_pin_dir": f"/sys/fs/bpf/ztgate-bench-{ns.token}",
         "identity": {"issuer": idp.issuer, "client_id": idp.client_id, "ca_file": str(idp.ca_file),
-                     "listen": "198.18.0.1:8443", "tls_cert": str(cert), "tls_key": str(key), "rate_limit": 1000}}))
+                     "listen": "198.18.0.1:8443", "tls_cert": str(cert), "tls_key": str(key), "rate_limit": 1000,
+                     "scim_token_file": str(tmp / "scim-token")}}))
     return ns.popen("gw", PYTHON, "-m", "control.cli", "gateway", "run", "--config", config, cwd=REPO,
                     stdout=subprocess.DEVNULL, stderr=open(tmp / "daemon.stderr", "w"))
 
@@ -121,7 +128,7 @@ def enroll_to_traffic_ms(ns: Namespaces, idp, http: httpx.Client, n: int, log) -
 
 
 def run(n: int, log) -> dict:
-    """{"verify_us": {alg: {median, p99}}, "enroll_ms": [...]}."""
+    """{"verify_us": {alg: {median, p99}}, "enroll_ms": [...], "scim_ms": {"echo_ms": [...], "flow_log_ms": [...]}}."""
     tmp = Path(tempfile.mkdtemp(prefix="ztgate-bench-identity-"))
     os.chmod(tmp, 0o755)
     idp_cm = gateway = None
@@ -154,6 +161,7 @@ def run(n: int, log) -> dict:
             subprocess.run([PYTHON, "-m", "control.cli", "policy", "apply", str(REPO / "examples/lab/policy.yaml"),
                             "--socket", str(tmp / "ztgate.sock")], cwd=REPO, check=True, capture_output=True)
             enroll = enroll_to_traffic_ms(ns, idp, http, n, log)
+            scim = benchscim.run(ns, http, URL, SCIM_TOKEN, idp, f"bench-{n - 1}", tmp / "flows.log", n, log)
             gateway.terminate()
             gateway.wait(timeout=10)
             ns.run("gw", PYTHON, "-m", "control.cli", "gateway", "teardown", "--config", tmp / "gateway.yaml",
@@ -163,7 +171,7 @@ def run(n: int, log) -> dict:
             idp_cm.__exit__(None, None, None)
         subprocess.run(["sh", "-c", "rm -rf /sys/fs/bpf/ztgate-bench-*"], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"verify_us": verify, "enroll_ms": enroll}
+    return {"verify_us": verify, "enroll_ms": enroll, "scim_ms": scim}
 
 
 def rows(result: dict) -> list:
@@ -172,4 +180,19 @@ def rows(result: dict) -> list:
     e = result["enroll_ms"]
     out.append((f"enrollment -> first echo through the tunnel ms ({len(e)})", f"{statistics.median(e):.1f}",
                 f"{percentile(e, 0.99):.1f}"))
+    for clock, values in result["scim_ms"].items():
+        out.append((f"SCIM deactivation -> first dropped packet, {clock.removesuffix('_ms').replace('_', ' ')} "
+                    f"ms ({len(values)})", f"{statistics.median(values):.1f}", f"{percentile(values, 0.99):.1f}"))
+    return out
+
+
+def checks(result: dict) -> list:
+    """The issue's goal for the SCIM rows, as the bench's targets: p99 on either clock (what the device
+    sees, and when the kernel began dropping) within benchscim.GOAL_MS."""
+    out, goal = [], benchscim.GOAL_MS
+    for clock, values in result["scim_ms"].items():
+        p99 = percentile(values, 0.99)
+        out.append({"target": f"SCIM deactivation -> drop p99, {clock.removesuffix('_ms').replace('_', ' ')}",
+                    "value": round(p99, 1), "limit": goal, "unit": "ms", "pass": p99 <= goal,
+                    "gap": round(p99 - goal, 1)})
     return out
