@@ -78,8 +78,10 @@ def remove_all() -> list[str]:
     return names
 
 
-def login(ns: str, name: str, email: str, password: Optional[str] = None, flow: str = "device") -> dict:
-    """`ztgate login --up` in NS as device NAME, approved by EMAIL at the IdP; its JSON answer."""
+def login(ns: str, name: str, email: str, password: Optional[str] = None, flow: str = "device",
+          say=lambda text: None) -> dict:
+    """`ztgate login --up` in NS as device NAME, approved by EMAIL at the IdP; its JSON answer.
+    SAY gets what the device prints for its person, and what the person saw."""
     cmd = lab.in_ns(ns, lab.ztgate() + ["login", "--gateway", idp_lab.ENROLL_URL, "--ca",
                                         str(idp_lab.Paths(lab.RUN).ca), "--config", str(config_of(ns)),
                                         "--name", name, "--flow", flow, "--up", "--json"])
@@ -87,6 +89,7 @@ def login(ns: str, name: str, email: str, password: Optional[str] = None, flow: 
                               env=dict(os.environ, **lab.WG_QUICK_ENV))
     try:
         first = device.stderr.readline()
+        say(f"{ns}: {first.strip()}")
         if flow == "device":            # "To log in, open URL and enter the code CODE"
             url, code = first.split("open ", 1)[1].split(" and enter the code ")
             person = [url.strip(), email, "--code", code.strip()]
@@ -94,6 +97,7 @@ def login(ns: str, name: str, email: str, password: Optional[str] = None, flow: 
             person = [device.stderr.readline().strip(), email]
         approved = lab.sh([sys.executable, "-m", "lab.guest", "person", *person,
                            "--password", password or idp_lab.password(email)], ns=ns, check=False)
+        say(f"the person at the IdP, as {email}: {approved.stdout.strip() or approved.stderr.strip()}")
         out, err = device.communicate(timeout=60)
         if device.returncode != 0:
             raise lab.LabError(f"ztgate login in {ns}: {first}{err.strip()}; the person at the IdP: "
@@ -150,7 +154,8 @@ def main() -> int:
         elif args.verb == "remove":
             remove(args.ns)
         elif args.verb == "login":
-            print(json.dumps(login(args.ns, args.name, args.email, args.password, args.flow)))
+            print(json.dumps(login(args.ns, args.name, args.email, args.password, args.flow,
+                                   say=lambda text: print(text, file=sys.stderr, flush=True))))
         else:
             print(person(args.url, args.email, args.password or idp_lab.password(args.email), args.code))
     except lab.LabError as e:
