@@ -136,17 +136,15 @@ def main() -> int:
     a.add_argument("address", help="a free address of 198.18.0.0/24")
     verbs.add_parser("remove", help="remove a device namespace").add_argument("ns")
     lo = verbs.add_parser("login", help="ztgate login --up in NS, approved at the IdP as EMAIL")
+    lo.add_argument("ns")
+    lo.add_argument("name", help="the device's name")
+    lo.add_argument("--flow", choices=("device", "code"), default="device")
     pe = verbs.add_parser("person", help="(in a device namespace) approve a login at the IdP's page")
+    pe.add_argument("url")
+    pe.add_argument("--code", help="the device code (the device grant's page)")
     for sp in (lo, pe):
-        if sp is lo:
-            sp.add_argument("ns")
-            sp.add_argument("name", help="the device's name")
-        else:
-            sp.add_argument("url")
         sp.add_argument("email")
         sp.add_argument("--password", help="default: the lab's (alice@example.com: alice-password)")
-    lo.add_argument("--flow", choices=("device", "code"), default="device")
-    pe.add_argument("--code", help="the device code (the device grant's page)")
     args = ap.parse_args()
     try:
         if args.verb == "add":

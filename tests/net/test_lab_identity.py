@@ -74,6 +74,7 @@ def verdicts(me: str) -> dict:
 def test_login_groups_renewal_and_deprovisioning(device):
     tag = secrets.token_hex(3)
     email, name = f"carol-{tag}@example.com", f"carol-{tag}"
+    assert cli_json("lab", "status")["idp"]["enrollment_from_idp"]     # where the IdP's SCIM pushes go
     admin = idp_lab.admin(RUN)
     try:
         t0 = time.monotonic()
