@@ -229,9 +229,11 @@ def _build() -> None:
     wait_for("the IdP serving", lambda: idp_lab.serving(RUN), log="idp")
 
     _step(3, total, f"the gateway daemon in {NS_GW} (ztgate gateway run: WireGuard {GW_IF} on "
-                    f"{UNDERLAY[NS_GW]}:51820, XDP, store, socket {socket_path()})")
+                    f"{UNDERLAY[NS_GW]}:51820, XDP, store, socket {socket_path()}; enrollment and SCIM "
+                    f"at {idp_lab.ENROLL_URL}, trusting the IdP)")
     (RUN / "gateway.yaml").write_text(GATEWAY_CONFIG.format(socket=socket_path(), gw_if=GW_IF, endpoint=UNDERLAY[NS_GW],
-                                                            run=RUN, pin_dir=PIN_DIR, resolver=RESOLVER))
+                                                            run=RUN, pin_dir=PIN_DIR, resolver=RESOLVER)
+                                         + idp_lab.gateway_identity(RUN))
     start("gateway", NS_GW, ztgate() + ["gateway", "run", "--config", str(RUN / "gateway.yaml")])
     wait_for("the gateway answering on its socket", gateway_status, log="gateway")
 
@@ -315,7 +317,7 @@ def status(as_json: bool = False) -> int:
         report["check"] = {"alice_http_8080": page.strip() if page else None}
     report["idp"] = _idp_status(present)
     healthy_now = (lab_gateway and bool(report["check"]["alice_http_8080"]) and all(report["processes"].values())
-                   and report["idp"]["discovery_from_gateway"])
+                   and report["idp"]["discovery_from_gateway"] and report["idp"]["enrollment_from_idp"])
     report["healthy"] = healthy_now
     if as_json:
         print(json.dumps(report, indent=2))
@@ -341,13 +343,18 @@ def status(as_json: bool = False) -> int:
     idp = report["idp"]
     print(f"idp:        {idp['issuer']} {'answers the gateway' if idp['discovery_from_gateway'] else 'does NOT answer'}"
           f", signing key {idp['current_kid'] or '(admin socket not answering)'}, CA {idp['ca']}")
+    print(f"enrollment: {idp_lab.ENROLL_URL} {'answers the IdP' if idp['enrollment_from_idp'] else 'does NOT answer'}")
     return 0 if healthy_now else 1
 
 
 def _idp_status(present: set[str]) -> dict:
+    """The IdP answers the gateway (discovery), and the gateway's enrollment service (where
+    the IdP's SCIM pushes go) answers the IdP."""
     keys = idp_lab.current_kids(RUN)
     reached = NS_GW in present and sh(idp_lab.discovery_check(RUN), ns=NS_GW, check=False).returncode == 0
+    enrolls = NS_IDP in present and sh(idp_lab.enrollment_check(RUN), ns=NS_IDP, check=False).returncode == 0
     return {"issuer": idp_lab.ISSUER, "ca": str(idp_lab.Paths(RUN).ca), "discovery_from_gateway": reached,
+            "enrollment": idp_lab.ENROLL_URL, "enrollment_from_idp": enrolls,
             "current_kid": keys["current"] if keys else None, "kids": keys["kids"] if keys else []}
 
 
@@ -358,6 +365,10 @@ def down() -> int:
     if os.geteuid() != 0:
         print("ztgate lab down: run as root", file=sys.stderr)
         return 2
+    from lab.guest import remove_all      # devices made with `python -m lab.guest` (they enroll by login)
+    guests = remove_all()
+    if guests:
+        print(f"removed guest devices {', '.join(guests)}")
     present = namespaces()
     killed = 0
     for ns in NAMESPACES:

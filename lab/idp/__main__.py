@@ -1,4 +1,4 @@
-"""python -m lab.idp serve | token | rotate | drop-old-keys | set-groups | deprovision
+"""python -m lab.idp serve | token | rotate | drop-old-keys | add-user | set-groups | deprovision
 
 `serve` runs the provider (lab/idp/server.py); the others talk to a running one over its admin
 socket (lab/idp/admin.py) and print JSON (token: the bare ID token).
@@ -37,16 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--scim-token-file", type=Path, metavar="FILE")
     sv.add_argument("--scim-ca", type=Path, metavar="FILE", help="CA of the SCIM service's certificate")
     for name, help_ in (("token", "print an ID token"), ("rotate", "add a signing key"),
-                        ("drop-old-keys", "drop all but the current key"), ("set-groups", "set a user's groups"),
+                        ("drop-old-keys", "drop all but the current key"),
+                        ("add-user", "add a user (and provision it at SCIM)"), ("set-groups", "set a user's groups"),
                         ("deprovision", "deprovision a user (and tell SCIM)")):
         sp = verbs.add_parser(name, help=help_)
         sp.add_argument("--admin", required=True, type=Path, metavar="SOCKET", help="STATE/admin.sock")
-        if name in ("token", "set-groups", "deprovision"):
+        if name in ("token", "add-user", "set-groups", "deprovision"):
             sp.add_argument("email")
-        if name in ("token", "set-groups"):
+        if name in ("token", "add-user", "set-groups"):
             sp.add_argument("--groups", default=None, metavar="G,..")
         if name == "token":
             sp.add_argument("--ttl", type=int, metavar="SECONDS")
+        if name == "add-user":
+            sp.add_argument("--password", metavar="TEXT", help="for the login form (default: none, tokens only)")
         if name == "rotate":
             sp.add_argument("--alg", choices=("RS256", "ES256"))
     return p
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
             print(admin.token(a.email, groups, a.ttl))
             return 0
         result = {"rotate": lambda: admin.rotate(a.alg), "drop-old-keys": admin.drop_old_keys,
+                  "add-user": lambda: admin.add_user(a.email, groups or [], a.password),
                   "set-groups": lambda: admin.set_groups(a.email, groups or []),
                   "deprovision": lambda: admin.deprovision(a.email)}[a.verb]()
     except AdminError as e:

@@ -7,6 +7,9 @@ admin side without entering zt-idp). JSON in, JSON out:
     POST /keys/rotate               {"alg"?: "RS256"|"ES256"} -> {"kid"}
     POST /keys/drop-old             -> {"dropped": [...]}
     GET  /users                     -> [{"email", "sub", "groups", "active"}]
+    POST /users                     {"email", "password"?, "groups"?} -> {"user", "scim"}: a user
+                                       added (or its password and groups set), and provisioned
+                                       at the SCIM service provider (if one is set)
     PUT  /users/EMAIL/groups        {"groups": [...]} -> the user
     POST /users/EMAIL/deprovision   -> {"user", "scim"}: the user is off here, and the SCIM
                                        service provider (if one is set) is told
@@ -23,7 +26,7 @@ import httpx
 from flask import Flask, jsonify, request
 
 from .provider import Provider
-from .scim import ScimTarget, deactivate
+from .scim import ScimTarget, deactivate, provision
 
 
 def _user(u) -> dict:
@@ -65,6 +68,13 @@ def create_admin_app(provider: Provider, scim: Optional[ScimTarget]) -> Flask:
     @app.get("/users")
     def users():
         return jsonify([_user(u) for u in provider.directory.all()])
+
+    @app.post("/users")
+    def add_user():
+        body = request.get_json(force=True)
+        user = provider.directory.add(body["email"], list(body.get("groups") or []), body.get("password"))
+        sent = provision(target["scim"], user.email) if target["scim"] else {"sent": False, "error": "no SCIM target"}
+        return jsonify(user=_user(user), scim=sent)
 
     @app.put("/users/<email>/groups")
     def set_groups(email):
@@ -125,6 +135,9 @@ class AdminClient:
 
     def users(self) -> list[dict]:
         return self._call("GET", "/users")
+
+    def add_user(self, email: str, groups: list[str], password: Optional[str] = None) -> dict:
+        return self._call("POST", "/users", {"email": email, "groups": list(groups), "password": password})
 
     def set_groups(self, email: str, groups: list[str]) -> dict:
         return self._call("PUT", f"/users/{email}/groups", {"groups": list(groups)})

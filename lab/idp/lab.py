@@ -22,7 +22,7 @@ ADDRESS = "198.18.0.30"
 PORT = 8443
 ISSUER = f"https://{ADDRESS}:{PORT}"
 GATEWAY = "198.18.0.1"
-ENROLL_URL = f"https://{GATEWAY}:8443"           # the gateway's enrollment service (branch enroll)
+ENROLL_URL = f"https://{GATEWAY}:8443"           # the gateway's enrollment service and SCIM
 
 
 class Paths:
@@ -87,20 +87,29 @@ def current_kids(run: Path) -> Optional[dict]:
         client.close()
 
 
-def discovery_check(run: Path) -> list[str]:
-    """A fetch, to run in the gateway's namespace, of the IdP's discovery document over HTTPS
-    checked against the lab's CA: the way the gateway will reach it (python's urllib, as
-    lab.http_get: nothing else to install)."""
+def _https_check(run: Path, url: str) -> list[str]:
+    """A fetch of URL over HTTPS checked against the lab's CA, to run in a namespace of the lab
+    (python's urllib, as lab.http_get: nothing else to install)."""
     code = ("import ssl, sys, urllib.request\n"
             f"ctx = ssl.create_default_context(cafile={str(Paths(run).ca)!r})\n"
-            f"urllib.request.urlopen({ISSUER + '/.well-known/openid-configuration'!r}, timeout=5, context=ctx)")
+            f"urllib.request.urlopen({url!r}, timeout=5, context=ctx)")
     return [sys.executable, "-c", code]
 
 
+def discovery_check(run: Path) -> list[str]:
+    """The IdP's discovery document, fetched the way the gateway reaches it (run in zt-gw)."""
+    return _https_check(run, ISSUER + "/.well-known/openid-configuration")
+
+
+def enrollment_check(run: Path) -> list[str]:
+    """The gateway's enrollment service (GET /v1/oidc), fetched the way the IdP's SCIM pushes
+    reach it (run in zt-idp)."""
+    return _https_check(run, ENROLL_URL + "/v1/oidc")
+
+
 def gateway_identity(run: Path) -> str:
-    """The `identity:` block the lab's gateway configuration gains once the gateway has an
-    enrollment service (spec/IDENTITY.md; branch enroll). Not written by the lab yet: today's
-    configuration parser refuses keys it does not know."""
+    """The `identity:` block of the lab gateway's configuration (spec/IDENTITY.md): it trusts
+    this IdP and serves enrollment and SCIM at ENROLL_URL with a certificate of the lab's CA."""
     p = Paths(run)
     return (f"identity:\n  issuer: {ISSUER}\n  client_id: ztgate\n  ca_file: {p.ca}\n  session: 24h\n"
             f"  listen: {GATEWAY}:8443\n  tls_cert: {p.enroll_cert}\n  tls_key: {p.enroll_key}\n"
