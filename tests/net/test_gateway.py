@@ -267,7 +267,7 @@ def test_rule_changes_are_written_in_place_and_a_policy_that_outgrows_the_progra
     assert "in place of build" in back, back                 # fewer rules fit the bigger program
     assert site.tcp(APP_WEB, 22) is not None and site.tcp(APP_RDP, 3389) is None
     shown = yaml.safe_load(site.ztgate("policy", "show").stdout)
-    assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web"]
+    assert [r["name"] for r in shown["rules"]] == ["devs-app", "devs-echo", "staff-web", "staff-dns", "staff-wiki-by-name"]
 
 
 def test_disable_cuts_at_once_and_enable_restores(site, alice):
