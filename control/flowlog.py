@@ -4,7 +4,9 @@ back out for `ztgate logs`.
 The kernel writes an event for each drop and each new allowed flow, rate-limited on its side
 (it counts what it did not emit); this pump only reads, names and writes, so the data plane
 never waits for it. Names come from the build that made the decision (events carry its
-number): a rule renamed or a device removed a moment later is still named as it was.
+number): a rule renamed or a device removed a moment later is still named as it was. An
+allow that a learned name decided (a rule by hostname) also names that hostname: the event
+carries the rule's name token, read with that build's tokens against what is learned now.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from dataplane.events import EventReader
+from dataplane.reasons import Verdict
 
 from .protocols import PORTED, name_of
 
@@ -86,9 +89,17 @@ class FlowLog:
             "src": str(e.src), "dst": str(e.dst),
             "proto": name_of(e.proto),
             "sport": e.sport if ports else None, "dport": e.dport if ports else None,
-            "verdict": e.verdict.label, "rule": kernel.rule_name(e.build, e.rule), "reason": e.reason.label,
-            "bytes": e.length,
+            "verdict": e.verdict.label, "rule": kernel.rule_name(e.build, e.rule), **self._hostname(e),
+            "reason": e.reason.label, "bytes": e.length,
         }
+
+    def _hostname(self, e) -> dict:
+        """{"hostname": NAME} for an allow a learned name decided; {} otherwise (and when the
+        address has expired since, or the build is no longer kept)."""
+        if not e.name or e.verdict is not Verdict.ALLOW:
+            return {}
+        name = self.gateway.kernel.hostname(e.name, e.dst, e.build)
+        return {"hostname": name} if name else {}
 
 
 def read_events(path: Path, cursor: Optional[list], user: Optional[str], verdict: Optional[str],

@@ -49,11 +49,14 @@ class LearnedNames:
         with self.learned_lock:
             return self.learned.next_expiry()
 
-    def hostname(self, token: int, dst: Address) -> Optional[str]:
-        """The name a decision of the build in force with name token TOKEN (RunResult.name,
-        a flow event's) came from: the first, in order, of the names DST is learned for now
-        that the token's rule names. None when TOKEN is 0 or DST has since expired."""
-        build = self.build
+    def hostname(self, token: int, dst: Address, build_number: Optional[int] = None) -> Optional[str]:
+        """The name a decision with name token TOKEN (RunResult.name, a flow event's) came
+        from: the first, in order, of the names DST is learned for now that the token's rule
+        names. The token is read with the tables of BUILD_NUMBER (a flow event's build: tokens
+        are numbered per build, so an older build's are found in self.names, as rule_name
+        finds its rules), or of the build in force when None. None when TOKEN is 0, the build
+        is no longer kept, or DST has since expired."""
+        build = self.build if build_number is None else self.names.get(build_number)
         if not token or build is None:
             return None
         with self.learned_lock:

@@ -34,7 +34,7 @@ build in force in place (zt_learned; no compile) under its own lock:
     Kernel.next_expiry() -> Optional[float]
     Kernel.learned_entries(name=None) -> list[Entry]
     Kernel.learned_names(address) -> frozenset[str]
-    Kernel.hostname(token, dst) -> Optional[str]   the name a kernel decision's name token came from
+    Kernel.hostname(token, dst, build_number=None) -> Optional[str]   the name a kernel decision's name token came from
 
 and the gateway (control/gateway/hostnames.py) schedules expiry (a timer, never a packet):
 

@@ -41,11 +41,13 @@ class Event:
     verdict: Verdict
     reason: Reason
     length: int             # bytes of the frame as XDP saw it
+    name: int = 0           # the deciding rule's name token when a learned name decided; 0: none
+                            # (Kernel.hostname(name, dst, build) tells the name)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Event":
         (time_ns, build, device, ident, rule, length, sport, dport, src, dst, family, proto, verdict, reason,
-         _) = EVENT.unpack_from(raw)
+         name, _) = EVENT.unpack_from(raw)
         if family == 4:
             s, d = ipaddress.IPv4Address(src[:4]), ipaddress.IPv4Address(dst[:4])
         elif family == 6:
@@ -53,7 +55,7 @@ class Event:
         else:
             s = d = None
         return cls(time_ns, build, device, ident, rule, family, s, d, proto, sport, dport, Verdict(verdict),
-                   Reason(reason), length)
+                   Reason(reason), length, name)
 
 
 class EventReader:

@@ -61,4 +61,4 @@ FSLOT = np.dtype([("key", CT_KEY), ("epoch", "<u8"), ("checked_ns", "<u8"), ("un
 
 EVENT = Packed((("time_ns", "Q"), ("build", "I"), ("device", "I"), ("ident", "I"), ("rule", "I"), ("len", "I"),
                 ("sport", "H"), ("dport", "H"), ("src", "16s"), ("dst", "16s"), ("family", "B"), ("proto", "B"),
-                ("verdict", "B"), ("reason", "B"), ("pad", "I")))
+                ("verdict", "B"), ("reason", "B"), ("name", "B"), ("pad", "3s")))

@@ -42,7 +42,8 @@ static __always_inline int emit(struct zt_cpu *cpu, const struct zt_decision *d,
 	e->proto = p->proto;
 	e->verdict = d->verdict;
 	e->reason = d->reason;
-	e->pad = 0;
+	e->name = d->name;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	zt_events.ringbuf_submit(e, 0);
 	cpu->ev_sent++;
 	return 1;

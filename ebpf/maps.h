@@ -205,7 +205,12 @@ struct zt_event {
 	__u8 proto;
 	__u8 verdict;
 	__u8 reason;
-	__u32 pad;
+	/* the deciding candidate's name token (zt_decision.name): 0 unless a learned name decided.
+	 * A byte of what was the trailing __u32 pad: the record keeps its 72 bytes and its
+	 * alignment, so readers and builds sharing the pinned ring buffer agree on its shape, and
+	 * an older build's events (pad written 0) read as "no name". */
+	__u8 name;
+	__u8 pad[3];
 };
 
 /* Per CPU: counters by reason, the last decision, and the event limiter. The limiter is a

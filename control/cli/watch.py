@@ -20,7 +20,10 @@ LOG_COLUMNS = [("time", "time"), ("user", "user"), ("device", "device"), ("proto
 
 def _log_row(e: dict) -> dict:
     join = lambda a, p: a if p is None else (f"[{a}]:{p}" if ":" in a else f"{a}:{p}")
-    return dict(e, time=e["time"][11:23], **{"from": join(e["src"], e.get("sport")), "to": join(e["dst"], e.get("dport"))})
+    # an allow by a rule by hostname names the learned name it came from, after the rule
+    rule = f"{e['rule']} ({e['hostname']})" if e.get("hostname") else e.get("rule")
+    return dict(e, time=e["time"][11:23], rule=rule,
+                **{"from": join(e["src"], e.get("sport")), "to": join(e["dst"], e.get("dport"))})
 
 
 def _duration(text: str) -> float:

@@ -154,6 +154,7 @@ def test_the_record_layout(program):
     assert (r4[64], r4[65], r4[66], r4[67]) == (4, 17, Verdict.BLOCK, Reason.RULE)
     assert int.from_bytes(r4[20:24], "little") == 2 == v4.rule    # rule no-dns
     assert (r6[64], v6.family) == (6, 6)
+    assert r4[68] == 0 == v4.name and r4[69:72] == bytes(3)    # no learned name decided; the pad zero
 
 
 # ---------------------------------------------------------------------------------------------

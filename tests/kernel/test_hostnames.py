@@ -155,3 +155,41 @@ def test_a_change_in_place_carries_learned_names_into_the_other_bank(program, tm
     assert kernel_verdicts(program, new_tables, PKTS, learned=learned) == reference_verdicts(moved, IDS, PKTS, learned)
     kernel.forget()
     assert kernel_verdicts(program, new_tables, PKTS) == reference_verdicts(moved, IDS, PKTS)
+
+
+def test_a_flow_event_carries_the_name_token_that_decided(program, tmp_path):
+    """The event of a packet a rule by hostname allowed carries the deciding candidate's name
+    token (struct zt_event.name), as the trace does; the flow log names the hostname with it,
+    read with the event's build's tokens (Kernel.names), whatever build is in force since.
+    Packets that no name decided carry 0."""
+    from dataplane.events import EventReader
+
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    tables = compile_policy(POLICY, IDS, program.layout)
+    program.load(tables)
+    build = Build(program.build, program, tables, 0.0, 0.0, program.bank)
+    kernel.build, kernel.names[build.number] = build, build
+    kernel.learn([("git.corp.example", GIT, 300, "a")])
+    by_name, by_cidr = Packet(SRC, GIT, TCP, 40000, 22), Packet(SRC, GIT, TCP, 40001, 80)
+    with EventReader(program) as reader:
+        while reader.poll(0):
+            pass                                         # what earlier tests left
+        with program.on_one_cpu() as cpu:
+            r = program.run(bytes(build_raw(by_name)), cpu=cpu, dry=True)    # what `ztgate trace` reads
+            for pkt in (by_name, by_cidr):
+                program.run(bytes(build_raw(pkt)), cpu=cpu)
+        events = reader.poll(100)
+    assert [(e.dport, kernel.rule_name(e.build, e.rule), e.verdict.label) for e in events] == [
+        (22, "git", "allow"), (80, "lan", "allow")]
+    named, unnamed = events
+    assert named.name == r.name != 0 and tables.names.tokens("git.corp.example") >> named.name & 1
+    assert unnamed.name == 0
+    assert kernel.hostname(named.name, named.dst, named.build) == "git.corp.example"
+    assert kernel.hostname(unnamed.name, unnamed.dst, unnamed.build) is None
+
+    # another build in force, whose tokens name nothing: the event's build still tells the name
+    plain = compile_policy(replace(POLICY, rules=POLICY.rules[2:]), IDS, program.layout)
+    kernel.build = kernel.names[build.number + 1] = Build(build.number + 1, program, plain, 0.0, 0.0, program.bank)
+    assert kernel.hostname(named.name, named.dst) is None
+    assert kernel.hostname(named.name, named.dst, named.build) == "git.corp.example"
+    assert kernel.hostname(named.name, named.dst, build.number + 2) is None        # a build not kept

@@ -97,6 +97,15 @@ def test_every_mirror_is_checked():
     assert public == set(CONSTANTS) | set(STRUCTS)
 
 
+def test_the_event_record_keeps_its_size():
+    """struct zt_event is the record of the ring buffer that every build of a gateway shares
+    (pinned): a reader of one build reads another's records, so fields go into its trailing
+    pad (the name token took a byte of it) and the record stays 72 bytes. The C's size and
+    every field's offset are checked against this mirror below."""
+    assert mirrors.EVENT.size == 72
+    assert [(f, o, n) for f, o, n in fields(mirrors.EVENT)][-2:] == [("name", 68, 1), ("pad", 69, 3)]
+
+
 def test_the_mirrors_agree_with_the_c(capfd):
     from bcc import BPF
 

@@ -186,6 +186,13 @@ def test_a_name_resolved_passes_on_its_first_syn_and_lives_by_the_ttl_floor(up):
     assert page == f"ztgate lab wiki {WIKI}:8080, you are 100.96.0.3\n"
     time.sleep(2)                              # the record's TTL (1 s) is over; the floor (5 s) is not
     assert connect_time(NS_BOB) is not None
+    # the flow log names the hostname the allow came from (the event's name token, resolved as
+    # the log is written: a moment after the packet), in --json and after the rule in `ztgate logs`
+    named = lambda: [e for e in flow_events("--device", "bob-laptop", "--verdict", "allow")
+                     if e["dst"] == WIKI and e["dport"] == 8080 and "hostname" in e]
+    wait_until(named, timeout=5, what="the flow log's allow of bob's connection to name its hostname")
+    assert {(e["rule"], e["hostname"]) for e in named()} == {("staff-wiki-by-name", NAME)}
+    assert f"staff-wiki-by-name ({NAME})" in cli("logs", "--device", "bob-laptop", "--verdict", "allow").stdout
     forgotten()
     before = len(blocks("alice-laptop", WIKI))
     assert connect_time(NS_ALICE, timeout=1.5) is None, "alice never resolved it, and it expired"
