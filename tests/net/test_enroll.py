@@ -437,6 +437,9 @@ def test_the_page_in_headless_chromium(site, monkeypatch):
         browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
         try:
             browser.set_page_load_timeout(30)
+            # find_element waits for its element: a click's navigation (IdP, redirect, the
+            # gateway's callback) may still be under way on a loaded host
+            browser.implicitly_wait(20)
             browser.get(URL + "/")
             browser.find_element(By.ID, "login").click()
             assert browser.current_url.startswith(site.idp.issuer)
