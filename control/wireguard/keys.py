@@ -26,8 +26,14 @@ def public_key_of(private_b64: str) -> str:
 
 
 def check_public_key(s: str) -> str:
-    """The key itself if it is well formed, else InputError saying what a key looks like."""
-    decode_key(s, "public key")
+    """The key itself if it is well formed and spelled as WireGuard spells it, else InputError
+    saying what a key looks like. Base64 leaves two unused bits in a 32-byte key's last
+    character, so four spellings decode to one key: only the one WireGuard writes is taken, so
+    that a key compared as text (held by another device?) is the key itself."""
+    raw = decode_key(s, "public key")
+    if b64(raw) != s:
+        raise InputError(f"WireGuard public key {s!r} is not spelled as WireGuard spells it: "
+                         f"write {b64(raw)!r} (the same key)")
     return s
 
 
