@@ -49,17 +49,22 @@ class IdentityOps(Core):
             if devices and not with_devices:
                 raise InputError(f"user {email!r} has devices ({', '.join(d.name for d in devices)}): "
                                  "remove them first, or pass --with-devices")
-            ids = Identities(tuple(u for u in self.identities.users if u.key != user.key),
-                             tuple(d for d in self.identities.devices if d.user != user.key))
-
-            def write(tx) -> None:
-                for d in devices:
-                    tx.remove_device(d.name)
-                tx.remove_user(user.email)
-            out = self._commit(uid, Plan("user remove", {"email": email, "devices": [d.name for d in devices]},
-                                         replace(self.state, identities=ids), write,
-                                         self._cut_steps(ids, devices, remove=True)))
+            out = self._remove_user(uid, user, devices, "user remove", {"email": email})
             return dict(out, devices_removed=[d.name for d in devices])
+
+    def _remove_user(self, uid: int, user, devices: list[Device], what: str, detail: dict) -> dict:
+        """USER goes with DEVICES (all of its own): their entries and peers first, so every flow
+        ends. The caller holds the lock."""
+        ids = Identities(tuple(u for u in self.identities.users if u.key != user.key),
+                         tuple(d for d in self.identities.devices if d.user != user.key))
+
+        def write(tx) -> None:
+            for d in devices:
+                tx.remove_device(d.name)
+            tx.remove_user(user.email)
+        return self._commit(uid, Plan(what, dict(detail, devices=[d.name for d in devices]),
+                                      replace(self.state, identities=ids), write,
+                                      self._cut_steps(ids, devices, remove=True)))
 
     def group_add(self, uid: int, name: str) -> dict:
         with self.lock:

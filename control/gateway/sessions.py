@@ -282,17 +282,7 @@ class SessionOps(IdentityOps):
         with self.lock:
             user = self._provisioned(None, scim_id)
             devices = [d for d in self.identities.devices if d.user == user.key]
-            ids = Identities(tuple(u for u in self.identities.users if u.key != user.key),
-                             tuple(d for d in self.identities.devices if d.user != user.key))
-
-            def write(tx) -> None:
-                for d in devices:
-                    tx.remove_device(d.name)
-                tx.remove_user(user.email)
-            out = self._commit(uid, Plan("scim user delete", {"email": user.email, "scim_id": scim_id,
-                                                              "devices": [d.name for d in devices]},
-                                         replace(self.state, identities=ids), write,
-                                         self._cut_steps(ids, devices, remove=True)))
+            out = self._remove_user(uid, user, devices, "scim user delete", {"email": user.email, "scim_id": scim_id})
             return dict(out, user=user.email, devices_removed=[d.name for d in devices])
 
     def provider_group_members(self, uid: int, group: str, emails: list[str]) -> dict:
