@@ -6,5 +6,6 @@ on an NFQUEUE until the addresses they teach are in the kernel, then released.
     messages.py    questions and answers read with dnspython; what an answer teaches
     questions.py   the devices' outstanding questions, which answers must match
     netfilter.py   the gateway's own iptables chain that queues them
+    failopen.py    the queue bound fail-open: when it is full, packets pass unlearned
     slowpath.py    the thread that reads the queue, learns and releases
 """

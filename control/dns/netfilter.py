@@ -8,7 +8,8 @@ mangle table, jumped to from FORWARD. For each resolver R (ip6tables for IPv6 on
     -o INTERFACE -s R -p udp|tcp --sport 53   R's answer on its way to a device
 
 both to queue NUM with --queue-bypass: with no slow path reading the queue (stopped, crashed,
-starting) or the queue full, the packet passes unqueued, and an answer then teaches nothing:
+starting), the packet passes unqueued; with the queue full, it passes too (the slow path binds
+the queue fail-open: failopen.py), and an answer then teaches nothing:
 a connection to its name is blocked and logged as such, never allowed. Questions only pass
 the ingress program when the policy allows them; answers only pass the connector-side
 program as replies of flows it allowed. The chain is made at start (after removing one left

@@ -7,7 +7,7 @@ their answers teach lasts, the queue the answers wait on, and how much may be le
       min_ttl: 60                  # seconds an address is learned for at least ...
       max_ttl: 86400               # ... and at most, whatever the record's TTL
       queue: 5300                  # the NFQUEUE number (one per gateway on a host)
-      queue_length: 1024           # packets waiting at most; more pass unlearned (--queue-bypass)
+      queue_length: 1024           # packets waiting at most; more pass unlearned (fail-open)
       max_per_name: 64             # addresses learned per name
       max_total: 16384             # (name, address) pairs learned in all (control/learned.py's bounds)
 """

@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from typing import Callable, Optional
 
+from .failopen import set_fail_open
 from .messages import Refused, read_answer, read_question, teachings
 from .questions import Questions
 from .settings import DnsConfig
@@ -142,6 +143,9 @@ class SlowPath:
         self.queue = NetfilterQueue()
         self.queue.bind(self.dns.queue, self._on_packet, max_len=self.dns.queue_length)
         try:
+            # a full queue (or a reader held, e.g. by a swap holding the learned lock) then
+            # lets answers pass unlearned instead of dropping them: before the rules exist
+            set_fail_open(self.queue.get_fd(), self.dns.queue)
             netfilter.install(self.interface, self.dns.resolvers, self.dns.queue)
         except BaseException:
             self.queue.unbind()
