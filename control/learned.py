@@ -64,6 +64,7 @@ from .model import Address
 
 LABEL = re.compile(r"[A-Za-z0-9-]{1,63}\Z")
 MAX_NAME = 253
+HEAP_SLACK = 64               # stale expiry-heap items allowed over 2 per live entry
 
 
 def hostname_problem(text: str) -> str:
@@ -179,7 +180,17 @@ class Learned:
             return True
         held[address] = Entry(name, address, expires, asker or (old.asker if old else None))
         heapq.heappush(self._heap, (expires, name, str(address)))
+        if len(self._heap) > 2 * self.total + HEAP_SLACK:
+            self._rebuild_heap()
         return True
+
+    def _rebuild_heap(self) -> None:
+        """One heap item per entry again. A renewal pushes a new item and leaves the old one
+        stale until it reaches the top, so answers repeated for a long TTL would grow the heap
+        without bound; rebuilt when it is twice the live entries, the cost is amortized O(1)
+        per learn and the heap stays within 2 * total + HEAP_SLACK."""
+        self._heap = [(e.expires, e.name, str(e.address)) for held in self._by_name.values() for e in held.values()]
+        heapq.heapify(self._heap)
 
     def expire(self, now: Optional[float] = None) -> list[Entry]:
         now = self.clock() if now is None else now

@@ -104,3 +104,16 @@ def test_the_gateway_expires_on_its_own_timer(tmp_path):
     assert [e.name for e in kernel.learned_entries()] == ["c.d"]
     assert gateway._expiry_at == kernel.next_expiry()        # the next one is scheduled
     gateway._expiry_timer.cancel()
+
+
+def test_repeated_renewals_keep_the_expiry_heap_bounded():
+    """Each renewal that moves an expiry later pushes a heap item; the stale ones must not pile
+    up (200k items for 2 names was seen before the heap was rebuilt)."""
+    t = Learned(min_ttl=60, clock=lambda: 0.0)
+    for i in range(20000):
+        t.learn("a.b", A, 60, now=float(i))
+        t.learn("c.d", B, 60, now=float(i))
+        assert len(t._heap) <= 2 * len(t) + 64
+    assert t.next_expiry() == 19999 + 60
+    assert t.expire(19999 + 59.9) == [] and len(t) == 2
+    assert {e.name for e in t.expire(19999 + 60)} == {"a.b", "c.d"} and t.next_expiry() is None
