@@ -65,11 +65,12 @@ def base_layout(config: Config) -> Layout:
 
 def learned_settings(config: Config) -> dict:
     """Learned(...)'s bounds from the gateway config's `dns:` section (min_ttl, max_ttl,
-    max_per_name, max_total), the defaults of spec/POLICY.md where it has none."""
+    max_per_name, max_total, max_per_device), the defaults of spec/POLICY.md where it has none."""
     dns = getattr(config, "dns", None) or {}
     get = dns.get if isinstance(dns, dict) else lambda key, default: getattr(dns, key, default)
     return {"min_ttl": get("min_ttl", 60), "max_ttl": get("max_ttl", 86400),
-            "max_per_name": get("max_per_name", 64), "max_total": get("max_total", 16384)}
+            "max_per_name": get("max_per_name", 64), "max_total": get("max_total", 16384),
+            "max_per_device": get("max_per_device", 1024)}
 
 
 @dataclass

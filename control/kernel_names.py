@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from .learned import Entry
+from .learned import Entry, normalize
 from .model import Address
 
 if TYPE_CHECKING:
@@ -19,15 +19,27 @@ class LearnedNames:
     def learn(self, answers: Iterable[tuple], now: Optional[float] = None) -> int:
         """(name, address, ttl, asker) answers into the learned table and the build in force,
         before it returns: a packet decided after it sees them. How many were kept (the rest
-        refused by the table's bounds, counted in self.learned.refused)."""
+        refused by the table's bounds, or because no rule of the build in force names the
+        name: counted in self.learned.refused, "unnamed" for those). With no build in force
+        (a Kernel attached to nothing) every name is kept."""
         with self.learned_lock:
             kept, touched = 0, set()
             for name, address, ttl, asker in answers:
-                if self.learned.learn(name, address, ttl, asker, now):
+                if not self.named(name):
+                    self.learned.refused["unnamed"] += 1
+                elif self.learned.learn(name, address, ttl, asker, now):
                     kept += 1
                     touched.add(ipaddress.ip_address(address))
             self._write_learned(touched)
             return kept
+
+    def named(self, name: str) -> bool:
+        """Some rule of the build in force names NAME (exact or by a wildcard), or no build is
+        in force. A name no rule names is not learned: it would decide nothing, and a device
+        resolving many names would fill the table. A rule added later takes effect for a
+        name with its next answer."""
+        build = self.build
+        return build is None or bool(build.tables.names.tokens(normalize(name)))
 
     def expire(self, now: Optional[float] = None) -> list[Entry]:
         """Take out of the table and the kernel what expired by NOW; flows those addresses

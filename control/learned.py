@@ -11,7 +11,8 @@ The slow path (the NFQUEUE DNS reader) and the gateway use this API:
       .tokens(name) -> int                     bit t set: token t's patterns match the name
       .bits(names) -> int                      the same for a set of names (an address's)
 
-    Learned(min_ttl=60, max_ttl=86400, max_per_name=64, max_total=16384, clock=time.monotonic)
+    Learned(min_ttl=60, max_ttl=86400, max_per_name=64, max_total=16384, max_per_device=1024,
+            clock=time.monotonic)
       .learn(name, address, ttl, asker=None, now=None) -> bool
                                                False: refused by a bound (counted in .refused)
       .expire(now=None) -> list[Entry]         the entries whose time came, removed
@@ -20,7 +21,8 @@ The slow path (the NFQUEUE DNS reader) and the gateway use this API:
       .names_of(address) -> frozenset[str]     the names an address is learned for now
       .by_address(addresses=None) -> dict      address -> names_of(address), for the kernel
       .next_expiry() -> Optional[float]        when expire() next has work (the clock's time)
-      .refused: Counter                        "per_name", "total": answers' addresses not kept
+      .refused: Counter                        "per_name", "total", "per_device": answers' addresses
+                                               not kept; "unnamed": no rule names the name (Kernel.learn)
 
     Entry(name, address, expires, asker)       expires: on the table's clock
 
@@ -43,7 +45,12 @@ and the gateway (control/gateway/hostnames.py) schedules expiry (a timer, never 
     Gateway.dns_entries(name=None) -> list[dict]   name, address, expires_in (s), asker
 
 The bounds come from the gateway config's `dns:` section when it has one (min_ttl, max_ttl,
-max_per_name, max_total: control/kernel.py's learned_settings()), else the defaults above.
+max_per_name, max_total, max_per_device: control/kernel.py's learned_settings()), else the
+defaults above. max_per_device bounds the pairs one asker brought in that are still learned
+(renewals by anyone count for the one who brought the pair in), so one device cannot fill
+the table for everyone; an answer with no asker (None) is bounded by the other two only.
+Kernel.learn keeps only names that a rule of the build in force names (its Patterns), so
+the names of all the other answers take no room either.
 
 Times are on `clock` (default time.monotonic, which the gateway's timers use); a TTL is
 clamped to [min_ttl, max_ttl] as the spec says. A (name, address) learned again keeps the
@@ -145,17 +152,19 @@ class Learned:
     """Name -> addresses, each until its expiry, bounded per name and in all."""
 
     def __init__(self, min_ttl: int = 60, max_ttl: int = 86400, max_per_name: int = 64, max_total: int = 16384,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_per_device: int = 1024, clock: Callable[[], float] = time.monotonic):
         if not 0 <= min_ttl <= max_ttl:
             raise ValueError(f"min_ttl {min_ttl} must lie in 0..max_ttl {max_ttl}")
         self.min_ttl, self.max_ttl = min_ttl, max_ttl
-        self.max_per_name, self.max_total = max_per_name, max_total
+        self.max_per_name, self.max_total, self.max_per_device = max_per_name, max_total, max_per_device
         self.clock = clock
         self._by_name: dict[str, dict[Address, Entry]] = {}
         self._by_address: dict[Address, set[str]] = {}
         self._heap: list[tuple[float, str, str]] = []   # (expires, name, address text): may hold stale items
         self.total = 0
         self.refused: Counter = Counter()
+        self._brought: dict[tuple[str, Address], str] = {}   # (name, address) -> the asker who brought it in
+        self.per_device: Counter = Counter()                  # asker -> pairs it brought in, still learned
 
     def learn(self, name: str, address, ttl: float, asker: Optional[str] = None, now: Optional[float] = None) -> bool:
         """ADDRESS stands for NAME for TTL seconds (clamped) from NOW. False when a bound refused it."""
@@ -172,6 +181,12 @@ class Learned:
             if self.total >= self.max_total:
                 self.refused["total"] += 1
                 return False
+            if asker is not None:
+                if self.per_device[asker] >= self.max_per_device:
+                    self.refused["per_device"] += 1
+                    return False
+                self.per_device[asker] += 1
+                self._brought[(name, address)] = asker
             self.total += 1
             self._by_name.setdefault(name, held)
             self._by_address.setdefault(address, set()).add(name)
@@ -219,6 +234,11 @@ class Learned:
         if not names:
             del self._by_address[entry.address]
         self.total -= 1
+        asker = self._brought.pop((entry.name, entry.address), None)
+        if asker is not None:
+            self.per_device[asker] -= 1
+            if not self.per_device[asker]:
+                del self.per_device[asker]
 
     def entries(self, name: Optional[str] = None) -> list[Entry]:
         names = [normalize(name)] if name is not None else sorted(self._by_name)

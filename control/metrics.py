@@ -116,6 +116,14 @@ def dns_metrics(gw):
         for reason, n in sorted(c.refused.items()):
             refused.add_metric([reason], n)
         yield refused
+        pairs = CounterMetricFamily("ztgate_dns_pairs_refused", "(name, address) pairs of answers not learned, by "
+                                    "bound: per_name, total, per_device, unnamed (no rule names it)",
+                                    labels=["bound"])
+        with gw.kernel.learned_lock:
+            held_back = sorted(gw.kernel.learned.refused.items())
+        for bound, n in held_back:
+            pairs.add_metric([bound], n)
+        yield pairs
         yield CounterMetricFamily("ztgate_dns_questions", "Devices' questions seen", value=c.questions)
         yield GaugeMetricFamily("ztgate_dns_outstanding", "Questions awaiting their answer", value=len(sp.questions))
     elif gw.config.dns.enabled:

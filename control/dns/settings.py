@@ -10,6 +10,9 @@ their answers teach lasts, the queue the answers wait on, and how much may be le
       queue_length: 1024           # packets waiting at most; more pass unlearned (fail-open)
       max_per_name: 64             # addresses learned per name
       max_total: 16384             # (name, address) pairs learned in all (control/learned.py's bounds)
+      max_per_device: 1024         # pairs one device's answers brought in, learned at once
+                                   # (a max_total below it bounds a device as well)
+      questions_per_device: 256    # questions one device may have awaiting their answer
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class DnsConfig:
     queue_length: int = 1024
     max_per_name: int = 64
     max_total: int = 16384
+    max_per_device: int = 1024
+    questions_per_device: int = 256
 
     @property
     def enabled(self) -> bool:
@@ -37,7 +42,8 @@ class DnsConfig:
 
 
 BOUNDS = {"min_ttl": (1, 7 * 86400), "max_ttl": (1, 7 * 86400), "queue": (0, 65535),
-          "queue_length": (16, 1 << 20), "max_per_name": (1, 4096), "max_total": (1, 1 << 22)}
+          "queue_length": (16, 1 << 20), "max_per_name": (1, 4096), "max_total": (1, 1 << 22),
+          "max_per_device": (1, 1 << 22), "questions_per_device": (1, 16384)}
 
 
 def parse_dns(doc: Any, bad) -> DnsConfig:

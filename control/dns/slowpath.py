@@ -38,13 +38,15 @@ class Counters:
 
 class SlowPath:
     """learn([(name, address, ttl)...], asker): write what one answer taught into the kernel
-    (the gateway's); asker_of(address): the device that has that tunnel address, by name."""
+    (the gateway's), return how many pairs were kept, or raise Refused(why) when it keeps
+    nothing for a reason of its own; asker_of(address): the device that has that tunnel
+    address, by name."""
 
     def __init__(self, dns: DnsConfig, interface: str, learn: Callable, asker_of: Callable[[str], str]):
         self.dns, self.interface = dns, interface
         self.learn, self.asker_of = learn, asker_of
         self.resolvers = {str(r) for r in dns.resolvers}
-        self.questions = Questions()
+        self.questions = Questions(per_device=dns.questions_per_device)
         self.counters = Counters()
         self.lock = threading.Lock()          # one packet at a time: the thread, or a caller of handle()
         self.queue = None
@@ -109,6 +111,8 @@ class SlowPath:
         asker = self.asker_of(str(seg.dst))
         try:
             kept = self.learn([(t.name, t.address, self.dns.clamp(t.ttl)) for t in taught], asker)
+        except Refused:               # LEARN says why nothing was kept (e.g. "unnamed")
+            raise
         except Exception as e:        # the kernel refused it: released all the same, unlearned
             log.warning("learning %s (asked by %s): %s", ", ".join(f"{t.name} {t.address}" for t in taught), asker, e)
             raise Refused("not-learned") from e

@@ -12,6 +12,7 @@ import time
 from typing import Optional
 
 from ..dns import netfilter
+from ..dns.messages import Refused
 from ..dns.slowpath import SlowPath
 from ..errors import InputError
 from .core import Core
@@ -46,7 +47,11 @@ class SlowPathOps(Core):
 
     def _dns_learn(self, taught: list, asker: str) -> int:
         """One answer's (name, address, ttl), written into the kernel before it is released
-        (Gateway.dns_learned, control/gateway/hostnames.py); how many the bounds kept."""
+        (Gateway.dns_learned, control/gateway/hostnames.py); how many the bounds kept.
+        Refused("unnamed") when no rule names any of its names (nothing to learn: most
+        answers; the kernel checks again under its lock, as the build in force may change)."""
+        if not any(self.kernel.named(name) for name, _, _ in taught):
+            raise Refused("unnamed")
         return self.dns_learned([(name, address, ttl, asker) for name, address, ttl in taught])
 
     def _asker_of(self, address: str) -> str:

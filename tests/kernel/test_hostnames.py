@@ -193,3 +193,18 @@ def test_a_flow_event_carries_the_name_token_that_decided(program, tmp_path):
     assert kernel.hostname(named.name, named.dst) is None
     assert kernel.hostname(named.name, named.dst, named.build) == "git.corp.example"
     assert kernel.hostname(named.name, named.dst, build.number + 2) is None        # a build not kept
+
+
+def test_names_no_rule_names_are_not_learned(program, tmp_path):
+    """With a build in force, Kernel.learn keeps only names its rules name (exactly or by a
+    wildcard): the others would decide nothing and take room (refused "unnamed")."""
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    tables = compile_policy(POLICY, IDS, program.layout)
+    program.load(tables)
+    kernel.build = Build(1, program, tables, 0.0, 0.0, program.bank)
+    assert kernel.named("GIT.corp.example.") and kernel.named("x.db.corp.example") and not kernel.named("db.corp.example")
+    assert kernel.learn([("git.corp.example", GIT, 300, "a"), ("cdn.other.example", OTHER, 300, "a"),
+                         ("x.db.corp.example", DB, 300, "a")]) == 2
+    assert {e.name for e in kernel.learned_entries()} == {"git.corp.example", "x.db.corp.example"}
+    assert kernel.learned.refused == {"unnamed": 1} and not program.learned.get(OTHER)
+    kernel.forget()

@@ -211,3 +211,40 @@ def test_dns_config():
                 {"min_ttl": 100, "max_ttl": 10}, {"queue": -1}, {"bogus": 1}, {"queue_length": True}):
         with pytest.raises(InputError, match="dns"):
             parse_config({"dns": bad})
+
+
+def test_a_learner_may_say_why_nothing_was_kept():
+    """The gateway's learn raises Refused("unnamed") when no rule names the answer's names:
+    counted as that, not as a bound or an error."""
+    def unnamed(taught, asker):
+        raise Refused("unnamed")
+    sp = SlowPath(DnsConfig(resolvers=(ipaddress.ip_address(RES),)), "zt0", unnamed, str)
+    q = query("app.corp.example")
+    sp.handle(packet(DEV, 40000, RES, 53, q.to_wire()))
+    assert sp.handle(packet(RES, 53, DEV, 40000, answer(q, rr("app.corp.example.", 5, "A", "10.20.0.10")).to_wire())) \
+        == "refused:unnamed"
+    assert sp.counters.refused == {"unnamed": 1} and sp.counters.learned == 0
+
+
+def test_dns_limits_per_device():
+    cfg = parse_config({"dns": {"resolvers": ["10.20.0.53"], "max_per_device": 10, "questions_per_device": 5}})
+    assert (cfg.dns.max_per_device, cfg.dns.questions_per_device) == (10, 5)
+    assert (DnsConfig().max_per_device, DnsConfig().questions_per_device) == (1024, 256)
+    for bad in ({"max_per_device": 0}, {"questions_per_device": 20000}):
+        with pytest.raises(InputError, match="dns"):
+            parse_config({"dns": bad})
+
+
+def test_one_device_asking_fast_leaves_the_others_questions_alone():
+    """A device's questions beyond its share push out only its own oldest ones."""
+    table = Questions(limit=16384, lifetime=10, per_device=256)
+    q = Question(7, "app.corp.example", 1)
+    others = [Questions.key(f"100.96.0.{i}", 40000, RES, "udp", 7) for i in range(3, 6)]
+    for key in others:
+        table.asked(key, q, now=0)
+    for i in range(20000):          # ~1.7k/s for 10 s (the questions' lifetime): one device
+        table.asked(Questions.key(DEV, 1024 + i % 60000, RES, "udp", i & 0xFFFF), q, now=i / 2000)
+    assert len(table) == 256 + 3 and table.forgotten == 20000 - 256
+    assert all(table.answered(key, q, now=9.9) for key in others)
+    assert table.answered(Questions.key(DEV, 1024 + 19999, RES, "udp", 19999), q, now=9.9)
+    assert not table.answered(Questions.key(DEV, 1024, RES, "udp", 0), q, now=9.9)

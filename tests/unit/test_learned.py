@@ -117,3 +117,20 @@ def test_repeated_renewals_keep_the_expiry_heap_bounded():
     assert t.next_expiry() == 19999 + 60
     assert t.expire(19999 + 59.9) == [] and len(t) == 2
     assert {e.name for e in t.expire(19999 + 60)} == {"a.b", "c.d"} and t.next_expiry() is None
+
+
+def test_one_device_cannot_fill_the_table():
+    """max_per_device bounds the pairs one asker brought in (still learned); others still learn,
+    renewals are not new pairs, and an expired pair gives its room back."""
+    t = Learned(max_per_device=2, max_total=100, clock=lambda: 0.0)
+    assert t.learn("a.b", A, 60, asker="greedy") and t.learn("c.d", A, 60, asker="greedy")
+    assert not t.learn("e.f", A, 60, asker="greedy")
+    assert t.learn("a.b", A, 120, asker="greedy")            # a renewal: no new pair
+    assert t.learn("e.f", A, 60, asker="other") and t.learn("a.b", B, 90, asker="other")
+    assert t.learn("g.h", C, 60)                              # no asker: the other bounds only
+    assert t.refused == {"per_device": 1} and t.per_device == {"greedy": 2, "other": 2}
+    assert {e.name for e in t.expire(60)} == {"c.d", "e.f", "g.h"}
+    assert t.per_device == {"greedy": 1, "other": 1}
+    assert t.learn("e.f", A, 60, asker="greedy", now=60)
+    t.forget()
+    assert t.per_device == {} and len(t) == 0
