@@ -117,11 +117,12 @@ def dns_metrics(gw):
             refused.add_metric([reason], n)
         yield refused
         pairs = CounterMetricFamily("ztgate_dns_pairs_refused", "(name, address) pairs of answers not learned, by "
-                                    "bound: per_name, total, per_device, unnamed (no rule names it)",
+                                    "bound: per_name, total, per_device, unnamed (no rule names it), "
+                                    "per_answer (beyond 256 pairs an answer)",
                                     labels=["bound"])
         with gw.kernel.learned_lock:
             held_back = sorted(gw.kernel.learned.refused.items())
-        for bound, n in held_back:
+        for bound, n in held_back + [("per_answer", c.pairs_over_cap)]:
             pairs.add_metric([bound], n)
         yield pairs
         yield CounterMetricFamily("ztgate_dns_questions", "Devices' questions seen", value=c.questions)

@@ -6,7 +6,8 @@ that the same device asked the same resolver (questions.py matches them), and is
 response (QR 1, opcode QUERY, rcode NOERROR, not truncated) whose one question is the one
 asked. Then, as spec/POLICY.md says, every A/AAAA record of the asked type at the end of the
 CNAME chain that starts at the question's name teaches its address for every name of the
-chain, for the record's TTL (clamped by the caller). Records off the chain, of another class
+chain, for the record's TTL (clamped by the caller), up to MAX_TEACHINGS pairs an answer
+(the rest are counted and not taught). Records off the chain, of another class
 or type, or in other sections teach nothing. Anything dnspython cannot read whole
 (compression loops or forward pointers, counts larger than the message, trailing bytes,
 bad names) teaches nothing.
@@ -49,6 +50,12 @@ class Teaching:
     name: str
     address: ipaddress._BaseAddress
     ttl: int
+
+
+class Taught(list):
+    """What an answer teaches, at most MAX_TEACHINGS pairs (record by record, each for every
+    name of the chain); .over: how many more it held, not taught."""
+    over = 0
 
 
 def _read(wire: bytes, question_only: bool = False) -> dns.message.Message:
@@ -108,7 +115,7 @@ def read_answer(wire: bytes) -> tuple[Question, dns.message.Message]:
     return _one_question(msg), msg
 
 
-def teachings(question: Question, msg: dns.message.Message) -> list[Teaching]:
+def teachings(question: Question, msg: dns.message.Message) -> Taught:
     """What an answer to QUESTION teaches (see the module's doc)."""
     chain = [dns.name.from_text(question.name)]
     for _ in range(MAX_CHAIN):
@@ -128,7 +135,8 @@ def teachings(question: Question, msg: dns.message.Message) -> list[Teaching]:
     if records is None:
         return []
     names = [n for n in (name_text(c) for c in chain) if n is not None]
-    out = [Teaching(n, ipaddress.ip_address(rd.address), records.ttl) for rd in records for n in names]
-    if len(out) > MAX_TEACHINGS:
-        raise Refused("too-many-records")
+    out = Taught(Teaching(n, ipaddress.ip_address(rd.address), records.ttl) for rd in records for n in names)
+    if len(out) > MAX_TEACHINGS:        # the first ones teach; the rest are counted, not learned
+        out.over = len(out) - MAX_TEACHINGS
+        del out[MAX_TEACHINGS:]
     return out

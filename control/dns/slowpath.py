@@ -33,6 +33,7 @@ class Counters:
         self.learned = 0          # answers that taught at least one address
         self.refused: Counter = Counter()     # answers (and questions) that taught nothing, by why
         self.late = 0             # answers released later than LATE_SECONDS after they arrived
+        self.pairs_over_cap = 0   # (name, address) pairs of answers beyond what one answer teaches
         self.holds: deque = deque(maxlen=SAMPLES)     # seconds each answer was held
 
 
@@ -106,6 +107,7 @@ class SlowPath:
         if not self.questions.answered(key, question, now):
             raise Refused("unasked")
         taught = teachings(question, msg)
+        self.counters.pairs_over_cap += taught.over
         if not taught:
             raise Refused("no-address")
         asker = self.asker_of(str(seg.dst))

@@ -248,3 +248,17 @@ def test_one_device_asking_fast_leaves_the_others_questions_alone():
     assert all(table.answered(key, q, now=9.9) for key in others)
     assert table.answered(Questions.key(DEV, 1024 + 19999, RES, "udp", 19999), q, now=9.9)
     assert not table.answered(Questions.key(DEV, 1024, RES, "udp", 0), q, now=9.9)
+
+
+def test_an_answer_over_the_cap_teaches_up_to_it():
+    """300 A records: the first 256 pairs teach, the other 44 are counted, not learned."""
+    from control.dns.messages import MAX_TEACHINGS
+    sp, rec = slowpath()
+    q = query("big.corp.example")
+    many = [rr("big.corp.example.", 300, "A", f"10.21.{i // 250}.{i % 250 + 1}") for i in range(300)]
+    r = answer(q)
+    r.answer.append(dns.rrset.from_text_list("big.corp.example.", 300, "IN", "A", [m[3] for m in many]))
+    sp.handle(packet(DEV, 40000, RES, 53, q.to_wire()))
+    assert sp.handle(packet(RES, 53, DEV, 40000, r.to_wire())) == "learned"
+    assert len(rec.got) == MAX_TEACHINGS == 256 and sp.counters.pairs_over_cap == 44
+    assert len({a for _, a, _, _ in rec.got}) == 256
