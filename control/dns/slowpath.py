@@ -19,6 +19,7 @@ from .failopen import set_fail_open
 from .messages import Refused, read_answer, read_question, teachings
 from .questions import Questions
 from .settings import DnsConfig
+from .streams import Streams
 from .wire import read_segment, dns_messages
 
 log = logging.getLogger("ztgate.dns")
@@ -48,6 +49,7 @@ class SlowPath:
         self.learn, self.asker_of = learn, asker_of
         self.resolvers = {str(r) for r in dns.resolvers}
         self.questions = Questions(per_device=dns.questions_per_device)
+        self.streams = Streams()              # DNS over TCP, across segments
         self.counters = Counters()
         self.lock = threading.Lock()          # one packet at a time: the thread, or a caller of handle()
         self.queue = None
@@ -69,9 +71,20 @@ class SlowPath:
                 return self._answer(seg, now)
             return "other"
 
+    def _messages(self, seg, now) -> list[bytes]:
+        """The DNS messages SEG carries whole, or completes (TCP: streams.py)."""
+        if seg.transport == "udp":
+            return dns_messages(seg)
+        now = time.monotonic() if now is None else now
+        messages = self.streams.feed(seg, now)
+        for why, n in self.streams.dropped.items():    # unfinished messages given up: counted once
+            self.counters.refused[f"tcp-{why}"] += n
+        self.streams.dropped.clear()
+        return messages
+
     def _question(self, seg, now) -> str:
         said = "no-message"
-        for wire in dns_messages(seg):
+        for wire in self._messages(seg, now):
             try:
                 q = read_question(wire)
             except Refused as e:
@@ -83,13 +96,11 @@ class SlowPath:
         return said
 
     def _answer(self, seg, now) -> str:
-        messages = dns_messages(seg)
+        messages = self._messages(seg, now)
         if not messages:
-            if seg.payload:                   # TCP data that is not whole messages
-                self.counters.queued += 1
-                self.counters.refused["partial-tcp"] += 1
-                return "refused:partial-tcp"
-            return "no-message"               # a bare TCP segment (SYN, ACK, FIN)
+            # TCP data of a message not finished yet (held in streams.py, released), or a bare
+            # TCP segment (SYN, ACK, FIN)
+            return "held" if seg.payload else "no-message"
         said = "answer"
         for wire in messages:
             self.counters.queued += 1

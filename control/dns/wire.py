@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 UDP, TCP = 17, 6
+FIN, SYN, RST = 0x01, 0x02, 0x04
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Segment:
     dport: int
     transport: str            # "udp" or "tcp"
     payload: bytes            # the UDP payload, or the TCP segment's data
+    seq: int = 0              # TCP: the sequence number of the segment's first byte (or of its SYN)
+    flags: int = 0            # TCP: the header's flags (FIN, SYN, RST below)
 
 
 def read_segment(data: bytes) -> Optional[Segment]:
@@ -50,28 +53,15 @@ def read_segment(data: bytes) -> Optional[Segment]:
             return None
         return Segment(src, sport, dst, dport, "udp", bytes(data[l4 + 8:l4 + length]))
     if proto == TCP and end - l4 >= 20:
-        sport, dport = struct.unpack_from("!HH", data, l4)
+        sport, dport, seq = struct.unpack_from("!HHI", data, l4)
         offset = (data[l4 + 12] >> 4) * 4
         if offset < 20 or l4 + offset > end:
             return None
-        return Segment(src, sport, dst, dport, "tcp", bytes(data[l4 + offset:end]))
+        return Segment(src, sport, dst, dport, "tcp", bytes(data[l4 + offset:end]), seq, data[l4 + 13])
     return None
 
 
 def dns_messages(seg: Segment) -> list[bytes]:
-    """The DNS messages a segment carries whole. UDP: its payload. TCP: each 2-byte length and
-    message, when the segment's data is exactly a run of them; a message that spans segments
-    (or a segment that starts inside one) gives nothing: it is released unlearned, never
-    reassembled (a connection to its name is then blocked and logged, never allowed)."""
-    if seg.transport == "udp":
-        return [seg.payload] if seg.payload else []
-    out, at, data = [], 0, seg.payload
-    while at < len(data):
-        if at + 2 > len(data):
-            return []
-        (n,) = struct.unpack_from("!H", data, at)
-        if n == 0 or at + 2 + n > len(data):
-            return []
-        out.append(data[at + 2:at + 2 + n])
-        at += 2 + n
-    return out
+    """The DNS message a UDP datagram carries (none if empty). TCP's are read by streams.py,
+    which follows the byte stream across segments."""
+    return [seg.payload] if seg.payload else []

@@ -141,3 +141,59 @@ def test_fail_open_is_refused_loudly_on_a_socket_not_bound_to_the_queue(path):
     finally:
         mine.unbind()
         other.unbind()
+
+
+def test_a_large_answer_over_tcp_teaches_before_its_last_segment_is_released(path):
+    """A TCP answer of 200 A records (about 3.3 kB: three segments on the veths' 1500-byte
+    MTU) teaches them all, with the segment that completes it: by the time the device has read
+    the whole answer, it was learned."""
+    import struct
+
+    calls = []
+
+    def learn(taught, asker):
+        calls.append((list(taught), asker))
+        return len(taught)
+
+    sp = started(learn)
+    listener = ns_socket(RES_NS, socket.SOCK_STREAM, timeout=5)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((RES, 53))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            n = struct.unpack("!H", conn.recv(2, socket.MSG_WAITALL))[0]
+            q = dns.message.from_wire(conn.recv(n, socket.MSG_WAITALL))
+            r = dns.message.make_response(q)
+            r.answer.append(dns.rrset.from_text_list(q.question[0].name, 300, "IN", "A",
+                                                     [f"10.99.{1 + i // 250}.{i % 250 + 1}" for i in range(200)]))
+            wire = r.to_wire()
+            conn.sendall(struct.pack("!H", len(wire)) + wire)
+            conn.recv(1)                          # until the device closes
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        client = ns_socket(DEV_NS, socket.SOCK_STREAM, timeout=5)
+        client.connect((RES, 53))
+        query = dns.message.make_query("big.corp.example", "A").to_wire()
+        client.sendall(struct.pack("!H", len(query)) + query)
+        got = b""
+        while len(got) < 2 or len(got) < 2 + struct.unpack_from("!H", got)[0]:
+            more = client.recv(65536)
+            assert more, "the resolver closed before its whole answer"
+            got += more
+        n, got = struct.unpack_from("!H", got)[0], got[2:]
+        assert n > 3000 and len(got) == n
+        assert len(calls) == 1, f"the answer taught {len(calls)} times before the device had it whole"
+        taught, asker = calls[0]
+        assert len(taught) == 200 and asker == DEV and all(name == "big.corp.example" for name, _, _ in taught)
+        assert len(dns.message.from_wire(got).answer[0]) == 200
+        client.close()
+        server.join(5)
+    finally:
+        listener.close()
+        with inside(GW_NS):
+            sp.stop()

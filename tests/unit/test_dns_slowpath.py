@@ -145,9 +145,9 @@ def test_questions_match_device_resolver_transport_id_and_name():
     assert len(table) == 2 and table.forgotten == 1
 
 
-def packet(src, sport, dst, dport, payload: bytes, tcp: bool = False) -> bytes:
+def packet(src, sport, dst, dport, payload: bytes, tcp: bool = False, seq: int = 0, flags: str = "PA") -> bytes:
     ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
-    l4 = TCP(sport=sport, dport=dport, flags="PA") if tcp else UDP(sport=sport, dport=dport)
+    l4 = TCP(sport=sport, dport=dport, flags=flags, seq=seq) if tcp else UDP(sport=sport, dport=dport)
     return bytes(ip / l4 / payload)
 
 
@@ -180,14 +180,16 @@ def test_an_answer_teaches_only_the_device_that_asked_with_the_ttl_clamped():
     assert sp.counters.queued == 4 and sp.counters.learned == 1 and sp.counters.refused["unasked"] == 3
 
 
-def test_tcp_whole_messages_teach_and_split_ones_do_not():
+def test_tcp_whole_messages_teach_and_split_ones_teach_when_completed():
+    """Issue 16: a message split over segments teaches with the segment that completes it (here
+    a retransmission of the whole, of which only the new bytes count); until then it is held."""
     sp, rec = slowpath()
     q = query("app.corp.example", qid=9)
     qw = q.to_wire()
     aw = answer(q, rr("app.corp.example.", 300, "A", "10.20.0.10")).to_wire()
     sp.handle(packet(DEV, 40000, RES, 53, struct.pack("!H", len(qw)) + qw, tcp=True))
     framed = struct.pack("!H", len(aw)) + aw
-    assert sp.handle(packet(RES, 53, DEV, 40000, framed[:10], tcp=True)) == "refused:partial-tcp"
+    assert sp.handle(packet(RES, 53, DEV, 40000, framed[:10], tcp=True)) == "held"
     assert sp.handle(packet(RES, 53, DEV, 40000, framed, tcp=True)) == "learned"
     assert rec.got == [("app.corp.example", "10.20.0.10", 300, f"dev-{DEV}")]
     assert sp.handle(packet(RES, 53, DEV, 40000, b"", tcp=True)) == "no-message"
