@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
-from .learned import hostname_problem
+from .learned import hostname_problem, normalize
 from .wireguard.keys import check_public_key
 from .yamlfile import read_yaml
 from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES
@@ -121,7 +121,8 @@ def _ports(where: _Where, field: str, value: Any) -> tuple:
 
 
 def _hostnames(where: _Where, field: str, value: Any) -> tuple:
-    """DNS names and `*.` wildcards (spec/POLICY.md, Hostnames), kept in lower case."""
+    """DNS names and `*.` wildcards (spec/POLICY.md, Hostnames), kept as they compare: in lower
+    case, without a trailing dot."""
     out = []
     for item in _list(where, field, value):
         if not isinstance(item, str) or not item:
@@ -129,7 +130,7 @@ def _hostnames(where: _Where, field: str, value: Any) -> tuple:
         problem = hostname_problem(item)
         if problem:
             raise where.error(field, f"{item!r} {problem}")
-        out.append(item.lower())
+        out.append(normalize(item))
     return tuple(out)
 
 

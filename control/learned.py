@@ -76,9 +76,10 @@ HEAP_SLACK = 64               # stale expiry-heap items allowed over 2 per live 
 
 def hostname_problem(text: str) -> str:
     """What makes TEXT not a rule hostname (spec: labels of letters, digits and hyphens, 1-63
-    characters, 253 in all, `*` only as the whole leftmost label of a longer name), or ""."""
-    if text.endswith("."):
-        return "ends with a dot: write it without the trailing dot"
+    characters, 253 in all, `*` only as the whole leftmost label of a longer name), or "".
+    One trailing dot is the same name (names compare without it: normalize() drops it)."""
+    if text.endswith(".") and text != ".":
+        text = text[:-1]
     if len(text) > MAX_NAME:
         return f"is {len(text)} characters long; a DNS name has at most {MAX_NAME}"
     labels = text.split(".")

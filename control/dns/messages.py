@@ -31,7 +31,7 @@ import dns.rdatatype
 ASKED_TYPES = {dns.rdatatype.A: "A", dns.rdatatype.AAAA: "AAAA"}
 MAX_CHAIN = 8                 # CNAME hops followed from the question's name
 MAX_TEACHINGS = 256           # (name, address) pairs one answer may teach
-LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+LABEL = re.compile(r"[a-z0-9-]{1,63}\Z")     # as rules may write them (control/learned.py's hostname_problem)
 
 
 class Refused(Exception):
@@ -68,8 +68,10 @@ def _read(wire: bytes, question_only: bool = False) -> dns.message.Message:
 
 
 def name_text(name: dns.name.Name) -> Optional[str]:
-    """A name as policy rules write it, or None if no rule could name it (labels of letters,
-    digits and hyphens; a `*` label is never learned: an answer may not teach a wildcard)."""
+    """A name as policy rules write it, or None if no rule could name it (labels of 1-63
+    letters, digits and hyphens, as spec/POLICY.md's syntax has them, hyphens first or last
+    included: every name a rule may hold can be learned; a `*` label is never learned: an
+    answer may not teach a wildcard)."""
     try:
         text = name.to_text(omit_final_dot=True).lower()
     except dns.exception.DNSException:

@@ -26,6 +26,7 @@ from ..errors import KernelError
 log = logging.getLogger("ztgate.dns")
 TABLE = "mangle"
 TOOLS = {4: "iptables-legacy", 6: "ip6tables-legacy"}
+WAIT = "5"                    # seconds an iptables call waits for the xtables lock
 
 
 def chain_name(interface: str) -> str:
@@ -40,10 +41,16 @@ def _tool(version: int) -> str:
 
 
 def _run(version: int, *args: str, check: bool = True) -> bool:
-    r = subprocess.run([_tool(version), "-w", "5", "-t", TABLE, *args], capture_output=True, text=True)
+    r = _call(version, *args)
     if check and r.returncode != 0:
         raise KernelError(f"{TOOLS[version]} -t {TABLE} {' '.join(args)}: {r.stderr.strip()}")
     return r.returncode == 0
+
+
+def _call(version: int, *args: str) -> subprocess.CompletedProcess:
+    """One iptables call, waiting at most WAIT seconds for the xtables lock (another tool may
+    hold it: then the call fails, and says so)."""
+    return subprocess.run([_tool(version), "-w", WAIT, "-t", TABLE, *args], capture_output=True, text=True)
 
 
 def rules(interface: str, resolvers: tuple, queue: int, version: int) -> list[list[str]]:
@@ -76,16 +83,30 @@ def install(interface: str, resolvers: tuple, queue: int) -> None:
 
 
 def remove(interface: str) -> bool:
-    """Remove the chain and its jump, in both families, if there. True if anything was."""
-    chain, found = chain_name(interface), False
+    """Remove the chain and its jump, in both families, if there. True if anything was. What
+    cannot be removed (the xtables lock held past WAIT, the chain still referenced) is logged
+    as an error naming the command and what iptables said; the next start removes it again
+    before making the chain anew, and refuses to start the slow path if it still cannot."""
+    chain, found, failed = chain_name(interface), False, []
     for version in (4, 6):
         if not shutil.which(TOOLS[version]):
             continue
         while _run(version, "-D", "FORWARD", "-j", chain, check=False):
             found = True
         if _run(version, "-F", chain, check=False):
-            _run(version, "-X", chain, check=False)
             found = True
+            r = _call(version, "-X", chain)
+            if r.returncode != 0:
+                failed.append(f"{TOOLS[version]} -X {chain}: {r.stderr.strip()}")
+        left = _call(version, "-S", chain)
+        if left.returncode == 0 or "No chain" not in left.stderr:
+            found = True
+            failed.append(f"{TOOLS[version]} -t {TABLE} -S {chain}: "
+                          + ("the chain is still there" if left.returncode == 0 else left.stderr.strip()))
+    if failed:
+        log.error("the DNS slow path's chain %s could not be removed: %s. Answers still go to its queue; with "
+                  "no gateway reading it they pass unlearned (--queue-bypass). The next start removes it again "
+                  "(or: ztgate gateway teardown)", chain, "; ".join(failed))
     return found
 
 

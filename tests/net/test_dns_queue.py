@@ -197,3 +197,39 @@ def test_a_large_answer_over_tcp_teaches_before_its_last_segment_is_released(pat
         listener.close()
         with inside(GW_NS):
             sp.stop()
+
+
+def test_a_chain_that_cannot_be_removed_is_logged_and_the_next_start_replaces_it(caplog):
+    """Gateway stop cannot remove the chain (here: a rule of someone else's still jumps to it):
+    an error says so, naming iptables' words; once it can be, the next start's install replaces
+    the leftover whole (the old resolver's rules gone, one jump)."""
+    import logging
+
+    from control.dns import netfilter
+    from control.errors import KernelError
+    ns, chain = "zt-t-qc", netfilter.chain_name("zt0")
+    mangle = lambda *a: subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "iptables-legacy", "-w", "5", "-t",
+                                        "mangle", *a], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    _ip("netns", "add", ns)
+    try:
+        with inside(ns):
+            netfilter.install("zt0", (ipaddress.ip_address("10.99.0.9"),), QUEUE)
+            assert mangle("-A", "OUTPUT", "-j", chain).returncode == 0
+            with caplog.at_level(logging.ERROR, logger="ztgate.dns"):
+                assert netfilter.remove("zt0")
+            assert netfilter.present("zt0")
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and chain in errors[0] and "-X" in errors[0], errors
+            with pytest.raises(KernelError, match=chain):
+                netfilter.install("zt0", (ipaddress.ip_address(RES),), QUEUE)    # refused loudly, not doubled
+            assert mangle("-D", "OUTPUT", "-j", chain).returncode == 0
+            netfilter.install("zt0", (ipaddress.ip_address(RES),), QUEUE)
+        rules = mangle("-S").stdout
+        assert rules.count(f"-j {chain}") == 1 and "10.99.0.9" not in rules and rules.count(RES) == 4, rules
+        caplog.clear()
+        with inside(ns):
+            assert netfilter.remove("zt0") and not netfilter.present("zt0")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -264,3 +264,16 @@ def test_an_answer_over_the_cap_teaches_up_to_it():
     assert sp.handle(packet(RES, 53, DEV, 40000, r.to_wire())) == "learned"
     assert len(rec.got) == MAX_TEACHINGS == 256 and sp.counters.pairs_over_cap == 44
     assert len({a for _, a, _, _ in rec.got}) == 256
+
+
+def test_every_name_a_rule_may_hold_can_be_learned():
+    """Validation and learning agree (spec/POLICY.md: labels of letters, digits and hyphens):
+    a label with a hyphen first or last is a rule's name, so an answer for it teaches."""
+    from control.dns.messages import name_text
+    from control.learned import hostname_problem
+    for name in ("a-.corp.example", "-a.corp.example", "x--y.corp.example"):
+        assert hostname_problem(name) == "" and name_text(dns.name.from_text(name)) == name
+        q = query(name)
+        assert learned_from(q, answer(q, rr(name + ".", 30, "A", "10.20.0.10"))) == [(name, "10.20.0.10", 30)]
+    for name in ("_ldap.corp.example", "a b.corp.example"):
+        assert hostname_problem(name) and name_text(dns.name.from_text(name)) is None

@@ -15,7 +15,6 @@ from tests.examples import LAB
 from tests.unit.test_files import ROOT, ZTGATE, assert_refused, policy, write
 
 BAD = [
-    ("trailing-dot", ["git.corp.example."], "trailing dot"),
     ("star-alone", ["*"], "every name"),
     ("star-inside", ["git.*.example"], "leftmost label"),
     ("star-partial", ["*git.corp.example"], "leftmost label"),
@@ -107,3 +106,9 @@ def test_explain_names_the_learned_name(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "ALLOW by rule git, as 10.30.0.1 was learned for git.corp.example" in run.stdout
+
+
+def test_a_trailing_dot_is_the_same_name():
+    """spec/POLICY.md: names compare case-insensitively, without a trailing dot."""
+    doc = policy({"destination": {"hostnames": ["Git.Corp.Example.", "*.db.corp.example."]}})
+    assert parse_policy(doc).rules[1].dst_hostnames == ("git.corp.example", "*.db.corp.example")

@@ -8,13 +8,14 @@ from control.learned import Learned, Patterns, hostname_problem, matches, normal
 A, B, C = (ipaddress.ip_address(x) for x in ("10.20.0.10", "10.20.0.11", "fd20::5"))
 
 
-@pytest.mark.parametrize("text", ["git.corp.example", "*.db.corp.example", "a", "x-1.y", "A.B", "a" * 63 + ".b"])
+@pytest.mark.parametrize("text", ["git.corp.example", "*.db.corp.example", "a", "x-1.y", "A.B", "a" * 63 + ".b",
+                                  "git.corp.example.", "*.db.corp.example.", "a-.corp.example", "-a.b"])
 def test_valid_hostnames(text):
     assert hostname_problem(text) == ""
 
 
 @pytest.mark.parametrize("text, says", [
-    ("git.corp.example.", "trailing dot"), ("*", "every name"), ("a.*.b", "leftmost label"), ("*x.b", "leftmost label"),
+    ("git.corp.example..", "empty label"), (".", "empty label"), ("*", "every name"), ("a.*.b", "leftmost label"), ("*x.b", "leftmost label"),
     ("a..b", "empty label"), ("a_b.c", "letters, digits and hyphens"), ("a" * 64 + ".b", "1-63"),
     (".".join(["a" * 63] * 4) + ".bc", "at most 253"), ("*.*.b", "leftmost label"),
 ])
