@@ -198,4 +198,5 @@ class SlowPath:
     def snapshot(self) -> dict:
         c = self.counters
         return {"questions": c.questions, "queued": c.queued, "learned": c.learned, "late": c.late,
-                "refused": dict(c.refused), "outstanding": len(self.questions)}
+                "refused": dict(c.refused), "outstanding": len(self.questions),
+                "pairs_over_cap": c.pairs_over_cap, "tcp_streams": len(self.streams)}
