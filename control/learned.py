@@ -31,6 +31,8 @@ build in force in place (zt_learned; no compile) under its own lock:
 
     Kernel.learned: Learned
     Kernel.learn(answers, now=None) -> int     answers: (name, address, ttl, asker) tuples; how many kept
+                                               (only names a rule of the build in force names)
+    Kernel.named(name) -> bool                 a rule of the build in force names it (or no build)
     Kernel.expire(now=None) -> list[Entry]     what expired by now, out of the table and the kernel
     Kernel.forget(name=None) -> list[Entry]    out at once (all, or one name's)
     Kernel.next_expiry() -> Optional[float]
