@@ -172,7 +172,7 @@ def throughput(n: int) -> float:
     from control.dns.slowpath import SlowPath
     from control.learned import Learned
 
-    table = Learned(max_total=1 << 22, max_per_name=4)
+    table = Learned(max_total=1 << 22, max_per_name=4, max_per_device=1 << 22)   # one device asks them all
     learn = lambda taught, asker: sum(table.learn(n_, a, ttl, asker) for n_, a, ttl in taught)
     sp = SlowPath(DnsConfig(resolvers=(ipaddress.ip_address(RESOLVER),)), "zt0", learn, str)
     rng = random.Random(1)
