@@ -277,3 +277,21 @@ def test_every_name_a_rule_may_hold_can_be_learned():
         assert learned_from(q, answer(q, rr(name + ".", 30, "A", "10.20.0.10"))) == [(name, "10.20.0.10", 30)]
     for name in ("_ldap.corp.example", "a b.corp.example"):
         assert hostname_problem(name) and name_text(dns.name.from_text(name)) is None
+
+
+def test_metrics_count_the_pairs_not_learned(tmp_path):
+    from types import SimpleNamespace
+
+    from control.config import Config
+    from control.kernel import Kernel
+    from control.learned import Learned
+    from control.metrics import dns_metrics
+
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    kernel.learned = Learned(max_per_device=1)
+    kernel.learn([("a.b", "10.0.0.1", 60, "d"), ("a.b", "10.0.0.2", 60, "d")])
+    sp, _ = slowpath()
+    sp.counters.pairs_over_cap = 3
+    gw = SimpleNamespace(slowpath=sp, kernel=kernel, config=SimpleNamespace(dns=sp.dns))
+    pairs = next(m for m in dns_metrics(gw) if m.name == "ztgate_dns_pairs_refused")
+    assert {s.labels["bound"]: s.value for s in pairs.samples} == {"per_device": 1, "per_answer": 3}
