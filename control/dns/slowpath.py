@@ -76,7 +76,8 @@ class SlowPath:
         if seg.transport == "udp":
             return dns_messages(seg)
         now = time.monotonic() if now is None else now
-        messages = self.streams.feed(seg, now)
+        device = str(seg.src if seg.dport == 53 else seg.dst)
+        messages = self.streams.feed(seg, device, now)
         for why, n in self.streams.dropped.items():    # unfinished messages given up: counted once
             self.counters.refused[f"tcp-{why}"] += n
         self.streams.dropped.clear()

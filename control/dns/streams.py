@@ -10,9 +10,10 @@ taken to start a message: a gateway started mid-connection may read garbage ther
 dnspython refuses). Segments come in order: a retransmission of bytes already read adds only
 what is new; a gap (a segment lost before the gateway, or reordered) ends the stream's
 unfinished message, counted as dropped "gap"; the next data starts a new one. FIN and RST end
-the stream. Bounded: MAX_STREAMS flows and MAX_BYTES of unfinished messages in all (the least
-recently used stream goes first, "evicted"), and a stream idle for LIFETIME seconds goes
-("expired").
+the stream. Bounded: PER_DEVICE flows of one device (its own least recently used goes first),
+MAX_STREAMS flows and MAX_BYTES of unfinished messages in all (the least recently used stream
+goes first, "evicted"), and a stream idle for LIFETIME seconds goes ("expired"). A device
+opening many connections to a resolver thus pushes out its own streams before the others'.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from .wire import FIN, RST, SYN, Segment
 
 MAX_STREAMS = 256             # TCP flows followed at once
+PER_DEVICE = 16               # of them, one device's
 MAX_BYTES = 4 << 20           # bytes of unfinished messages held in all (a message is at most 65537)
 LIFETIME = 10.0               # seconds a stream may wait for its next segment
 SEQ = 1 << 32
@@ -36,15 +38,19 @@ class Stream:
 
 
 class Streams:
-    def __init__(self, max_streams: int = MAX_STREAMS, max_bytes: int = MAX_BYTES, lifetime: float = LIFETIME):
+    def __init__(self, max_streams: int = MAX_STREAMS, max_bytes: int = MAX_BYTES, lifetime: float = LIFETIME,
+                 per_device: int = PER_DEVICE):
         self.max_streams, self.max_bytes, self.lifetime = max_streams, max_bytes, lifetime
+        self.per_device = per_device
         self.table: OrderedDict[tuple, Stream] = OrderedDict()     # least recently used first
+        self.by_device: dict[str, OrderedDict[tuple, None]] = {}  # the same keys, per device
         self.held = 0                                              # bytes of unfinished messages
         self.dropped: Counter = Counter()    # unfinished messages given up, by why: gap, evicted, expired, closed
 
-    def feed(self, seg: Segment, now: float) -> list[bytes]:
-        """The DNS messages SEG completes, in order (none: it only adds to one, or has no data)."""
-        key = (str(seg.src), seg.sport, str(seg.dst), seg.dport)
+    def feed(self, seg: Segment, device: str, now: float) -> list[bytes]:
+        """The DNS messages SEG completes, in order (none: it only adds to one, or has no data).
+        DEVICE: the flow's device end (the source of questions, the destination of answers)."""
+        key = (str(seg.src), seg.sport, str(seg.dst), seg.dport, device)
         self._expire(now)
         if seg.flags & RST:
             self._drop(key, "closed")
@@ -73,6 +79,7 @@ class Streams:
                 if old >= len(data):
                     stream.seen = now
                     self.table.move_to_end(key)
+                    self.by_device[key[-1]].move_to_end(key)
                     return []
                 data = data[old:]
         self.held -= len(stream.data)
@@ -102,14 +109,26 @@ class Streams:
         return out
 
     def _keep(self, key: tuple, stream: Stream) -> None:
+        mine = self.by_device.setdefault(key[-1], OrderedDict())
+        if key not in mine:
+            while len(mine) >= self.per_device:
+                self._drop(next(iter(mine)), "evicted")
         self.table[key] = stream
         self.table.move_to_end(key)
+        mine[key] = None
+        mine.move_to_end(key)
         while len(self.table) > self.max_streams or self.held > self.max_bytes:
             self._drop(next(iter(self.table)), "evicted")
 
     def _drop(self, key: tuple, why: str) -> None:
         stream = self.table.pop(key, None)
-        if stream is not None and stream.data:
+        if stream is None:
+            return
+        mine = self.by_device[key[-1]]
+        del mine[key]
+        if not mine:
+            del self.by_device[key[-1]]
+        if stream.data:
             self.held -= len(stream.data)
             self.dropped[why] += 1
 

@@ -33,33 +33,43 @@ def big_answer(q, n: int = 200) -> bytes:
 
 def test_a_message_in_pieces_comes_out_whole_with_its_last_piece():
     s, wire = Streams(), framed(b"x" * 3000)
-    s.feed(seg(b"", ISN - 1, "S"), 0)
-    assert s.feed(seg(wire[:1], ISN), 0) == []                     # half the length prefix
-    assert s.feed(seg(wire[1:1400], ISN + 1), 0) == []
-    assert s.feed(seg(wire[1:1400], ISN + 1), 0) == []              # a retransmission: nothing new
+    s.feed(seg(b"", ISN - 1, "S"), DEV, 0)
+    assert s.feed(seg(wire[:1], ISN), DEV, 0) == []                     # half the length prefix
+    assert s.feed(seg(wire[1:1400], ISN + 1), DEV, 0) == []
+    assert s.feed(seg(wire[1:1400], ISN + 1), DEV, 0) == []              # a retransmission: nothing new
     assert s.held == 1400
-    assert s.feed(seg(wire[1000:], ISN + 1000), 0) == [b"x" * 3000]   # overlaps; completes it
+    assert s.feed(seg(wire[1000:], ISN + 1000), DEV, 0) == [b"x" * 3000]   # overlaps; completes it
     assert s.held == 0
     two = framed(b"a" * 5) + framed(b"b" * 7)
-    assert s.feed(seg(two + framed(b"c" * 9)[:4], ISN + len(wire)), 0) == [b"a" * 5, b"b" * 7]
+    assert s.feed(seg(two + framed(b"c" * 9)[:4], ISN + len(wire)), DEV, 0) == [b"a" * 5, b"b" * 7]
     assert s.held == 4
 
 
 def test_a_gap_fin_rst_bounds_and_idleness_end_an_unfinished_message():
     s = Streams(max_streams=2, max_bytes=100, lifetime=10)
-    s.feed(seg(framed(b"y" * 50)[:20], 1000), 0)
-    assert s.feed(seg(framed(b"y" * 50)[30:], 1030), 0) == [] and s.dropped == {"gap": 1}   # 10 bytes missing
-    s.feed(seg(framed(b"z" * 50)[:20], 5000, "FPA", sport=54), 0)
-    s.feed(seg(framed(b"z" * 50)[:20], 6000, sport=55), 0)
-    s.feed(seg(b"", 0, "R", sport=55), 0)
+    s.feed(seg(framed(b"y" * 50)[:20], 1000), DEV, 0)
+    assert s.feed(seg(framed(b"y" * 50)[30:], 1030), DEV, 0) == [] and s.dropped == {"gap": 1}   # 10 bytes missing
+    s.feed(seg(framed(b"z" * 50)[:20], 5000, "FPA", sport=54), DEV, 0)
+    s.feed(seg(framed(b"z" * 50)[:20], 6000, sport=55), DEV, 0)
+    s.feed(seg(b"", 0, "R", sport=55), DEV, 0)
     assert s.dropped == {"gap": 1, "closed": 2}
     for port in range(100, 103):                                   # a third flow pushes out the oldest
-        s.feed(seg(b"\x00\x50" + b"q" * 10, 0, sport=port), 1)
+        s.feed(seg(b"\x00\x50" + b"q" * 10, 0, sport=port), DEV, 1)
     assert len(s) == 2 and s.dropped["evicted"] >= 1
-    s.feed(seg(b"\x00\x50" + b"q" * 90, 0, sport=200), 2)          # over max_bytes with the others
+    s.feed(seg(b"\x00\x50" + b"q" * 90, 0, sport=200), DEV, 2)          # over max_bytes with the others
     assert s.held <= 100
-    s.feed(seg(b"\x00\x50", 0, sport=300), 20)                     # the rest idled out
+    s.feed(seg(b"\x00\x50", 0, sport=300), DEV, 20)                     # the rest idled out
     assert s.dropped["expired"] >= 1 and len(s) == 1
+
+
+def test_a_device_with_many_connections_pushes_out_only_its_own():
+    s = Streams(per_device=4)
+    s.feed(seg(b"\x00\x50" + b"o" * 10, 0, dst="100.96.0.9"), "100.96.0.9", 0)     # another device's unfinished answer
+    for port in range(1000, 1100):
+        s.feed(seg(b"\x00\x50" + b"q" * 10, 0, dport=port), DEV, 1)
+    assert len(s) == 5 and s.dropped == {"evicted": 96}
+    rest = b"o" * 70
+    assert s.feed(seg(rest, 12, dst="100.96.0.9"), "100.96.0.9", 2) == [b"o" * 80]
 
 
 def slowpath():
