@@ -109,10 +109,10 @@ class Streams:
         return out
 
     def _keep(self, key: tuple, stream: Stream) -> None:
+        mine = self.by_device.get(key[-1], {})
+        while key not in mine and len(mine) >= self.per_device:
+            self._drop(next(iter(mine)), "evicted")        # (may remove the device's dict: fetched anew below)
         mine = self.by_device.setdefault(key[-1], OrderedDict())
-        if key not in mine:
-            while len(mine) >= self.per_device:
-                self._drop(next(iter(mine)), "evicted")
         self.table[key] = stream
         self.table.move_to_end(key)
         mine[key] = None

@@ -99,3 +99,12 @@ def test_a_question_in_pieces_is_remembered():
     assert sp.handle(packet(DEV, 40001, RES, 53, qw[1:], tcp=True, seq=101)) == "question"
     a = framed(answer(q, rr("app.corp.example.", 300, "A", "10.20.0.10")).to_wire())
     assert sp.handle(packet(RES, 53, DEV, 40001, a, tcp=True, seq=1)) == "learned"
+
+
+def test_one_connection_a_device():
+    s = Streams(per_device=1)
+    for port in (1000, 1001, 1002):
+        s.feed(seg(b"\x00\x50" + b"q" * 10, 0, dport=port), DEV, 0)
+    assert len(s) == 1 and s.by_device[DEV] and s.dropped == {"evicted": 2}
+    s.feed(seg(b"", 0, "R", dport=1002), DEV, 0)
+    assert len(s) == 0 and s.by_device == {} and s.held == 0
