@@ -208,7 +208,7 @@ async def enroll(request: Request) -> Response:
     try:
         out = await run_in_threadpool(svc.gateway_call, "login", issuer=who.issuer, subject=who.subject,
                                       email=who.email, provider_groups=list(who.groups), device=name,
-                                      public_key=public, session_seconds=svc.cfg.session)
+                                      public_key=public, session_seconds=svc.cfg.session, issued_at=who.issued_at)
     except Refusal as e:
         raise Refusal(e.status, str(e), html=True) from None
     config = out["config"].replace("[Interface]\n", f"[Interface]\nPrivateKey = {private}\n", 1)
