@@ -77,3 +77,16 @@ def test_an_ipv6_client_is_its_slash_64():
     assert c.post("/", content=b"x").status_code == 429
     c.address = "2001:db8:1:3::1"
     assert c.post("/", content=b"x").status_code == 200
+
+
+def test_one_client_cannot_push_out_the_others_pending_logins():
+    """The page's pending logins (GET /login) and page sessions: one client (an IPv6 /64) holds
+    at most its share; its requests push out its own oldest, never another client's."""
+    from control.identity.browser import Expiring
+    logins = Expiring(most=50, per_client=10)
+    theirs = logins.put("a person's login", "192.0.2.9")
+    for i in range(1000):
+        logins.put("flood", f"2001:db8::{i:x}")
+    assert logins.get(theirs) == "a person's login" and len(logins) == 11
+    used = logins.put("once", "203.0.113.1")
+    assert logins.get(used, pop=True) == "once" and "203.0.113.1" not in logins.of_client
