@@ -21,7 +21,6 @@ import asyncio
 import functools
 import logging
 import socket
-import sys
 import threading
 import time
 from typing import Optional
@@ -156,11 +155,14 @@ class Door:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 protocol, conn, ssl=server.config.ssl, ssl_handshake_timeout=HANDSHAKE_SECONDS)
-        except BaseException:           # a failed or late handshake (or shutdown): the place is free
+        except asyncio.CancelledError:  # shutdown
             slot.release()
             conn.close()
-            if sys.exc_info()[0] is asyncio.CancelledError:
-                raise
+            raise
+        except Exception as e:          # a failed or late handshake: the place is free
+            log.debug("enrollment service: no TLS session: %s", e)
+            slot.release()
+            conn.close()
 
     def close(self) -> None:
         self.task.cancel()
