@@ -152,6 +152,9 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
         email = _string(w, "email", raw.get("email"))
         if "@" not in email:
             raise w.error("email", f"{email!r} is not an email address")
+        if not email.isascii():     # emails compare by lower(), which folds Unicode too (K, U+212A: k)
+            raise w.error("email", f"{email!r}: only ASCII email addresses are accepted "
+                                   "(an internationalised domain in its xn-- form)")
         if email.lower() in emails:
             raise w.error("email", f"duplicate email {email!r} (emails compare case-insensitively)")
         emails.add(email.lower())

@@ -12,6 +12,12 @@ PortRange = tuple[int, int]  # inclusive
 from .protocols import ICMP, ICMPV6, PROTOCOL_NAMES, TCP, UDP  # noqa: F401 (imported from here too)
 
 
+def fold(email: str) -> str:
+    """An email as it compares: case-insensitively in ASCII only, as SQLite's NOCASE does
+    (str.lower() folds Unicode too: KELVIN SIGN, U+212A, would become a k)."""
+    return email.encode("utf-8", "surrogatepass").lower().decode("utf-8", "surrogatepass")
+
+
 @dataclass(frozen=True)
 class User:
     email: str                 # as written; compare with .key
@@ -27,7 +33,7 @@ class User:
 
     @property
     def key(self) -> str:
-        return self.email.lower()
+        return fold(self.email)
 
     @property
     def all_groups(self) -> tuple[str, ...]:
@@ -59,11 +65,11 @@ class Identities:
     devices: tuple[Device, ...]
 
     def user(self, email: str) -> User:
-        return self._users_by_key[email.lower()]
+        return self._users_by_key[fold(email)]
 
     def find_user(self, email: str) -> Optional[User]:
         """The user with this email (compared case-insensitively), or None."""
-        return self._users_by_key.get(email.lower())
+        return self._users_by_key.get(fold(email))
 
     def session_expired(self, device: Device, now: float) -> bool:
         """An enabled device whose packets drop as session-expired at NOW: its session is

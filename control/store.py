@@ -69,6 +69,22 @@ ALTER TABLE devices ADD COLUMN session_expires REAL;
 SCHEMA += IDP_COLUMNS
 MIGRATIONS[3] = IDP_COLUMNS
 SCHEMA_VERSION = 3
+
+# Schema 4: tokens issued before a time are refused (IDENTITY.md; control/gateway/floors.py).
+# deleted_users: a user SCIM deleted (by email, and by issuer and subject when it had logged
+# in), so that a token issued before the deletion does not enroll it again. sessions_ended:
+# when `user expire` (kind "user", its email) or `device expire` ("device", its name) ended
+# sessions, so that a token issued before does not renew them.
+LOGIN_FLOORS = """
+CREATE TABLE deleted_users (
+    email TEXT PRIMARY KEY COLLATE NOCASE, issuer TEXT, subject TEXT, deleted REAL NOT NULL);
+CREATE INDEX deleted_users_subject ON deleted_users(issuer, subject);
+CREATE TABLE sessions_ended (
+    kind TEXT NOT NULL, name TEXT NOT NULL COLLATE NOCASE, ended REAL NOT NULL, PRIMARY KEY (kind, name));
+"""
+SCHEMA += LOGIN_FLOORS
+MIGRATIONS[4] = LOGIN_FLOORS
+SCHEMA_VERSION = 4
 USER_COLUMNS = "email, issuer, subject, provider_groups, active, scim_id, external_id"
 
 

@@ -52,9 +52,9 @@ class IdentityOps(Core):
             out = self._remove_user(uid, user, devices, "user remove", {"email": email})
             return dict(out, devices_removed=[d.name for d in devices])
 
-    def _remove_user(self, uid: int, user, devices: list[Device], what: str, detail: dict) -> dict:
+    def _remove_user(self, uid: int, user, devices: list[Device], what: str, detail: dict, also=None) -> dict:
         """USER goes with DEVICES (all of its own): their entries and peers first, so every flow
-        ends. The caller holds the lock."""
+        ends. ALSO(tx): more to write in the same transaction. The caller holds the lock."""
         ids = Identities(tuple(u for u in self.identities.users if u.key != user.key),
                          tuple(d for d in self.identities.devices if d.user != user.key))
 
@@ -62,6 +62,8 @@ class IdentityOps(Core):
             for d in devices:
                 tx.remove_device(d.name)
             tx.remove_user(user.email)
+            if also is not None:
+                also(tx)
         return self._commit(uid, Plan(what, dict(detail, devices=[d.name for d in devices]),
                                       replace(self.state, identities=ids), write,
                                       self._cut_steps(ids, devices, remove=True)))

@@ -25,8 +25,8 @@ from typing import Any, Optional
 from .. import wireguard
 from ..errors import InputError, ZtError
 from ..files import DEVICE_NAME, parse_identities, unprintable
-from ..model import Device, Identities, User
-from . import steps
+from ..model import Device, Identities, User, fold
+from . import admission, floors, steps
 from .core import Plan
 from .expiry import ExpiryClock
 from .identities import IdentityOps, check_groups
@@ -66,10 +66,10 @@ class SessionOps(IdentityOps):
     # login and renewal (the enrollment service)
 
     def login(self, uid: int, *, issuer: str, subject: str, email: str, provider_groups: list[str], device: str,
-              public_key: str, session_seconds: float) -> dict:
+              public_key: str, session_seconds: float, issued_at: Optional[float] = None) -> dict:
         """The token's user (made at first login) with its provider groups; the device made
         (a free tunnel address, a WireGuard peer) or, the same user, name and key again, its
-        session renewed."""
+        session renewed. ISSUED_AT: the token's iat (floors.py; None: the socket's caller)."""
         with self.lock:
             _check_login(issuer, subject, email, provider_groups, session_seconds)
             key = wireguard.check_public_key(public_key)
@@ -81,13 +81,16 @@ class SessionOps(IdentityOps):
             if old is not None:
                 if old.user != user.key or old.public_key != key:
                     raise SessionRefused(409, f"device name {device!r} is taken: pick another name")
+                self._admit(admission.too_early(self.store.db, user, device, issued_at))
                 return self._session(uid, "renewal", user, self._renewable(old, expires), created=False)
             if key == self.public_key or any(d.public_key == key for d in self.identities.devices):
                 raise SessionRefused(409, "that public key is enrolled already: each device has its own key pair")
+            self._admit(admission.too_early(self.store.db, user, None, issued_at),       # (the socket: no cap)
+                        issued_at is not None and admission.over_cap(self.identities, user, self._max_devices))
             return self._session(uid, "login", user, self._session_device(device, user, key, expires), created=True)
 
     def renew(self, uid: int, *, issuer: str, subject: str, email: str, provider_groups: list[str], device: str,
-              session_seconds: float) -> dict:
+              session_seconds: float, issued_at: Optional[float] = None) -> dict:
         """A fresh token of the device's user: its session starts again, its groups are the token's."""
         with self.lock:
             _check_login(issuer, subject, email, provider_groups, session_seconds)
@@ -95,6 +98,7 @@ class SessionOps(IdentityOps):
             old = next((d for d in self.identities.devices if d.name == device and d.user == user.key), None)
             if old is None:
                 raise SessionRefused(404, f"{user.email} has no device named {device!r}")
+            self._admit(admission.too_early(self.store.db, user, device, issued_at))
             return self._session(uid, "renewal", user, self._renewable(old, time.time() + session_seconds),
                                  created=False)
 
@@ -106,7 +110,7 @@ class SessionOps(IdentityOps):
             found = self.identities.find_user(email)
             if found is not None and found.issuer is not None:
                 raise SessionRefused(409, f"user {email!r} is another identity's at the identity provider")
-        elif found.key != email.lower():
+        elif found.key != fold(email):
             raise SessionRefused(409, f"the identity provider now names {found.email!r} {email!r}: the gateway "
                                       "keeps emails (rules name them); remove the user to enroll it again")
         if found is None and must_exist:
@@ -116,10 +120,22 @@ class SessionOps(IdentityOps):
         return replace(found or User(email, ()), issuer=issuer, subject=subject,
                        provider_groups=tuple(dict.fromkeys(groups)))
 
+    def _admit(self, *refusals) -> None:
+        """Raise the first refusal (admission.py) of REFUSALS that is not None."""
+        for refused in refusals:
+            if refused:
+                raise SessionRefused(*refused)
+
+    @property
+    def _max_devices(self):
+        return getattr(self.config.identity, "max_devices", None)
+
     @staticmethod
     def _renewable(device: Device, expires: float) -> Device:
         if not device.enabled:
             raise SessionRefused(403, f"device {device.name!r} is disabled")
+        if device.session_expires is None:          # IDENTITY.md: hand-made devices never expire
+            raise SessionRefused(409, f"device {device.name!r} was enrolled by hand and has no session to renew")
         return replace(device, session_expires=expires)
 
     def _session_device(self, name: str, user: User, key: str, expires: float) -> Device:
@@ -169,23 +185,29 @@ class SessionOps(IdentityOps):
             if device.session_expires is None:
                 raise InputError(f"device {name!r} was enrolled by hand and has no session "
                                  "(`ztgate device disable` cuts it)")
-            return self._end_sessions(uid, "device expire", {"name": name}, [device])
+            return self._end_sessions(uid, "device expire", {"name": name}, [device], floor=("device", name))
 
     def user_expire(self, uid: int, email: str) -> dict:
         with self.lock:
             user = self._user(email)
             return self._end_sessions(uid, "user expire", {"email": user.email},
-                                      [d for d in self.identities.devices if d.user == user.key])
+                                      [d for d in self.identities.devices if d.user == user.key],
+                                      floor=("user", user.key))
 
     def _end_sessions(self, uid: int, what: str, detail: dict, devices: list[Device],
-                      user: Optional[User] = None) -> dict:
+                      user: Optional[User] = None, floor: Optional[tuple[str, str]] = None) -> dict:
         """The sessions of DEVICES that are not over end now (and USER, if given, is stored as it
-        is): their entries say session-expired, the epoch moves, their flows end."""
+        is): their entries say session-expired, the epoch moves, their flows end. FLOOR (kind,
+        name): tokens issued until now no longer log in there (floors.py), even when no
+        session was left to end."""
         now = time.time()
         ended = {d.name: replace(d, session_expires=now) for d in devices
                  if d.session_expires is not None and d.session_expires > now}
         ids = self.identities
         if user is None and not ended:
+            if floor is not None:
+                floors.note_ended(self.store.db, *floor, now)
+                self.store.note(uid, what, dict(detail, ended=[], logins_after=now))
             return {"generation": self.store.generation(), "unchanged": True, "ended": []}
         users = tuple(user if user is not None and u.key == user.key else u for u in ids.users)
         ids = Identities(users, tuple(ended.get(d.name, d) for d in ids.devices))
@@ -196,6 +218,8 @@ class SessionOps(IdentityOps):
                 tx.put_idp_user(user)
             for name in ended:
                 tx.set_session(name, now)
+            if floor is not None:
+                floors.note_ended(tx.db, *floor, now)
         out = self._commit(uid, Plan(what, dict(detail, ended=sorted(ended)), replace(self.state, identities=ids),
                                      write, self._devices_step(ids, touched)))
         return dict(out, ended=sorted(ended))
@@ -258,13 +282,14 @@ class SessionOps(IdentityOps):
                 _check_text(external_id, "externalId")
             _check_bool(active, "active")
             found = next((u for u in self.identities.users if u.scim_id == scim_id), None)
-            if found is not None and found.key != email.lower():
+            if found is not None and found.key != fold(email):
                 raise SessionRefused(409, f"SCIM user {scim_id!r} is {found.email!r} here, not {email!r}: the gateway "
                                           "keeps emails (rules name them); delete the user to provision it again")
             if found is None:
                 found = self.identities.find_user(email)
                 if found is not None and found.scim_id is not None:
                     raise SessionRefused(409, f"user {email!r} is another SCIM user's")
+                self._admit(admission.hand_made(self.identities, found))
             created = found is None
             user = replace(found or User(email, ()), scim_id=scim_id, external_id=external_id, active=active)
             if created:
@@ -278,11 +303,13 @@ class SessionOps(IdentityOps):
             return dict(out, user=user.email, scim_id=scim_id, active=active, created=created)
 
     def scim_user_delete(self, uid: int, scim_id: str) -> dict:
-        """The user goes, with its devices (their entries and peers first: every flow ends)."""
+        """The user goes, with its devices (their entries and peers first: every flow ends), and
+        tokens issued until now do not enroll it again (floors.py)."""
         with self.lock:
             user = self._provisioned(None, scim_id)
             devices = [d for d in self.identities.devices if d.user == user.key]
-            out = self._remove_user(uid, user, devices, "scim user delete", {"email": user.email, "scim_id": scim_id})
+            out = self._remove_user(uid, user, devices, "scim user delete", {"email": user.email, "scim_id": scim_id},
+                                    also=lambda tx: floors.note_deleted(tx, user, time.time()))
             return dict(out, user=user.email, devices_removed=[d.name for d in devices])
 
     def provider_group_members(self, uid: int, group: str, emails: list[str]) -> dict:
@@ -292,7 +319,7 @@ class SessionOps(IdentityOps):
             check_groups([group])
             if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
                 raise InputError("emails: a list of strings")
-            wanted = {e.lower() for e in emails}
+            wanted = {fold(e) for e in emails}
             changed = []
             for u in self.identities.users:
                 if (u.key in wanted) != (group in u.provider_groups):

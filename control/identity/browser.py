@@ -35,11 +35,12 @@ from starlette.routing import Route
 
 from .. import wireguard
 from ..files import DEVICE_NAME
-from .http import Refusal, log
+from .http import Refusal, client_key, log
 from .tokens import Identity
 
 LOGIN_SECONDS = 600          # a pending login, and a logged-in page, last this long
 MAX_PENDING = 10_000         # pending logins and page sessions kept at most (the oldest go first)
+PER_CLIENT = 100             # of which one client address (an IPv6 /64) holds at most (its oldest go first)
 STATE_COOKIE, SESSION_COOKIE = "ztgate_login", "ztgate_page"
 HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
            "X-Content-Type-Options": "nosniff",
@@ -50,27 +51,47 @@ STYLE = ("body{font-family:sans-serif;max-width:40em;margin:2em auto;padding:0 1
 
 
 class Expiring:
-    """key -> value for LOGIN_SECONDS, at most MAX_PENDING of them; thread-safe."""
+    """key -> value for LOGIN_SECONDS, at most MAX_PENDING of them, at most PER_CLIENT of one
+    client's (so that one client's requests cannot push out everybody else's); thread-safe."""
 
-    def __init__(self):
+    def __init__(self, most: int = MAX_PENDING, per_client: int = PER_CLIENT):
+        self.most, self.per_client = most, per_client
         self.lock = threading.Lock()
-        self.items: dict[str, tuple[float, object]] = {}
+        self.items: dict[str, tuple[float, object, str]] = {}      # key -> (until, value, client)
+        self.of_client: dict[str, list[str]] = {}                   # client -> its keys, oldest first
 
-    def put(self, value) -> str:
+    def put(self, value, client: str = "") -> str:
         key = secrets.token_urlsafe(32)
+        client = client_key(client)
         with self.lock:
             now = time.monotonic()
-            self.items = {k: v for k, v in self.items.items() if v[0] > now} \
-                if len(self.items) >= MAX_PENDING else self.items
-            while len(self.items) >= MAX_PENDING:
+            mine = [k for k in self.of_client.get(client, []) if k in self.items]
+            while len(mine) >= self.per_client:
+                self.items.pop(mine.pop(0), None)
+            if len(self.items) >= self.most:
+                self.items = {k: v for k, v in self.items.items() if v[0] > now}
+                self.of_client = {c: [k for k in keys if k in self.items] for c, keys in self.of_client.items()}
+                self.of_client = {c: keys for c, keys in self.of_client.items() if keys}
+                mine = self.of_client.get(client, [])
+            while len(self.items) >= self.most:
                 self.items.pop(next(iter(self.items)))
-            self.items[key] = (now + LOGIN_SECONDS, value)
+            self.items[key] = (now + LOGIN_SECONDS, value, client)
+            self.of_client[client] = mine + [key]
         return key
 
     def get(self, key: Optional[str], pop: bool = False):
         with self.lock:
             found = (self.items.pop if pop else self.items.get)(key or "", None)
+            if pop and found:
+                keys = self.of_client.get(found[2], [])
+                if key in keys:
+                    keys.remove(key)
+                if not keys:
+                    self.of_client.pop(found[2], None)
         return found[1] if found and found[0] > time.monotonic() else None
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class Logins:
@@ -92,6 +113,10 @@ def error_page(status: int, message: str) -> HTMLResponse:
 
 def set_cookie(response: Response, name: str, value: str) -> None:
     response.set_cookie(name, value, max_age=LOGIN_SECONDS, path="/", secure=True, httponly=True, samesite="lax")
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 def redirect_uri(request: Request) -> str:
@@ -121,7 +146,7 @@ async def login(request: Request) -> Response:
     verifier, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(24)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     back = redirect_uri(request)
-    state = svc.logins.pending.put((verifier, nonce, back))
+    state = svc.logins.pending.put((verifier, nonce, back), client_of(request))
     scopes = ["openid", "email", "profile"] + (["groups"] if "groups" in meta.get("scopes_supported", []) else [])
     query = urlencode({"response_type": "code", "client_id": svc.cfg.client_id, "redirect_uri": back,
                        "scope": " ".join(scopes), "state": state, "nonce": nonce, "code_challenge": challenge,
@@ -163,7 +188,7 @@ async def callback(request: Request) -> Response:
     except Refusal as e:
         raise Refusal(e.status, str(e), html=True) from None
     response = RedirectResponse("/", status_code=303, headers=HEADERS)
-    set_cookie(response, SESSION_COOKIE, svc.logins.pages.put((who, secrets.token_urlsafe(32))))
+    set_cookie(response, SESSION_COOKIE, svc.logins.pages.put((who, secrets.token_urlsafe(32)), client_of(request)))
     response.delete_cookie(STATE_COOKIE, path="/")
     return response
 
@@ -208,7 +233,7 @@ async def enroll(request: Request) -> Response:
     try:
         out = await run_in_threadpool(svc.gateway_call, "login", issuer=who.issuer, subject=who.subject,
                                       email=who.email, provider_groups=list(who.groups), device=name,
-                                      public_key=public, session_seconds=svc.cfg.session)
+                                      public_key=public, session_seconds=svc.cfg.session, issued_at=who.issued_at)
     except Refusal as e:
         raise Refusal(e.status, str(e), html=True) from None
     config = out["config"].replace("[Interface]\n", f"[Interface]\nPrivateKey = {private}\n", 1)

@@ -18,6 +18,7 @@ the rest of the file: every refusal names the key.
       scim_token_file: /etc/ztgate/scim-token   # optional: enables /scim/v2
       public_url: https://gw.example.com:8443   # optional: the page's own URL (its redirect URI)
       rate_limit: 20                        # requests a second per client address (3 s of them at once)
+      max_devices: 10                       # devices a user may have when enrolling one through the IdP
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 
 REQUIRED = ("issuer", "client_id", "listen", "tls_cert", "tls_key")
 OPTIONAL = ("client_secret_file", "audiences", "ca_file", "email_claim", "groups_claim", "allowed_domains",
-            "session", "scim_token_file", "public_url", "rate_limit")
+            "session", "scim_token_file", "public_url", "rate_limit", "max_devices")
 DURATION = re.compile(r"(\d+)([smhd]?)\Z")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 SESSION_MIN, SESSION_MAX = 60, 365 * 86400
@@ -54,6 +55,7 @@ class IdentityConfig:
     scim_token_file: Optional[Path] = None
     public_url: Optional[str] = None
     rate_limit: int = 20
+    max_devices: int = 10
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -162,4 +164,9 @@ def parse_identity(doc: Any, bad: Callable[[str, str], Exception]) -> IdentityCo
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 100_000:
             raise bad("identity.rate_limit", f"must be requests a second from 1 to 100000, got {v!r}")
         values["rate_limit"] = v
+    if "max_devices" in doc:
+        v = doc["max_devices"]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 10_000:
+            raise bad("identity.max_devices", f"must be a number of devices from 1 to 10000, got {v!r}")
+        values["max_devices"] = v
     return IdentityConfig(**values)

@@ -64,7 +64,7 @@ def check_name(name: Any) -> str:
 
 def login_args(svc, who: Identity) -> dict:
     return {"issuer": who.issuer, "subject": who.subject, "email": who.email, "provider_groups": list(who.groups),
-            "session_seconds": svc.cfg.session}
+            "session_seconds": svc.cfg.session, "issued_at": who.issued_at}
 
 
 def answer(out: dict) -> dict:

@@ -9,6 +9,7 @@ gateway's operations validate before they commit.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -55,6 +56,18 @@ async def json_body(request: Request, empty_ok: bool = False) -> Any:
         raise Refusal(400, f"the body is not JSON: {e}") from None
 
 
+def client_key(address: str) -> str:
+    """Whom limits count a client address as: an IPv4 address, or an IPv6 /64 (one host is
+    given a whole /64, and may take any address of it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+
 def bearer(request: Request) -> str:
     """The token of `Authorization: Bearer TOKEN`, or ''."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -62,7 +75,7 @@ def bearer(request: Request) -> str:
 
 
 class Buckets:
-    """A token bucket per client address."""
+    """A token bucket per client address (per client_key: an IPv6 /64 is one client)."""
 
     def __init__(self, rate: float = RATE, burst: int = BURST):
         self.rate, self.burst = rate, burst
@@ -72,6 +85,7 @@ class Buckets:
     def take(self, client: str) -> float:
         """0 when CLIENT may go on now, else the seconds until it may."""
         now = time.monotonic()
+        client = client_key(client)
         with self.lock:
             tokens, when = self.buckets.get(client, (self.burst, now))
             tokens = min(self.burst, tokens + (now - when) * self.rate)

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..model import fold
 from .http import Refusal, json_body
 from .scim import page, parse_filter, patch_operations, scim_json, service_of
 
@@ -86,7 +87,7 @@ async def users(request: Request) -> Response:
                 return u.scim_id == value
             if attr == "externalId":
                 return u.external_id == value
-            return u.key == value.lower()
+            return u.key == fold(value)
         return page(request, [user_resource(request, u) for u in scim_users(svc) if matches(u)])
     body = await json_body(request)
     if not isinstance(body, dict):

@@ -26,6 +26,7 @@ from ..config import Config
 from ..errors import InputError, ZtError
 from ..gateway.sessions import SessionRefused
 from . import browser, devices, scim, scim_users
+from .front import GatedServer
 from .http import BodyTooLarge, Limits, Refusal, error, log
 from .tokens import Identity, ProviderUnavailable, TokenRefused, Verifier
 
@@ -58,7 +59,7 @@ class EnrollmentService:
         except (OSError, ValueError) as e:
             raise InputError(f"{config.source}: identity.tls_cert / identity.tls_key "
                              f"({self.cfg.tls_cert}, {self.cfg.tls_key}): cannot be loaded: {e}") from None
-        self.server = uvicorn.Server(self.uvicorn)
+        self.server = GatedServer(self.uvicorn)     # uvicorn behind front.py's door (deadlines, per-address cap)
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:

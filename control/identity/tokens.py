@@ -66,6 +66,7 @@ class Identity:
     groups: tuple
     expires: int
     claims: dict
+    issued_at: int = 0          # iat: a token issued before the gateway took a login away is refused
 
 
 def algorithms_of(jwk: dict) -> tuple:
@@ -242,6 +243,9 @@ class Verifier:
         email = claims.get(self.cfg.email_claim)
         if not isinstance(email, str) or email.count("@") != 1 or not email.split("@")[0]:
             raise TokenRefused(self.cfg.email_claim, f"missing or not an email address: {email!r:.80}")
+        if not email.isascii():     # Unicode case folding would make another address of it (K, U+212A: k)
+            raise TokenRefused(self.cfg.email_claim, f"{email!r:.80}: only ASCII email addresses are accepted "
+                                                     "(an internationalised domain in its xn-- form)")
         verified = claims.get("email_verified", True)
         if verified is False or isinstance(verified, str) and verified.lower() == "false":
             raise TokenRefused("email_verified", f"false: the provider has not verified {email}")
@@ -249,7 +253,8 @@ class Verifier:
         if self.cfg.allowed_domains and domain not in self.cfg.allowed_domains:
             raise TokenRefused("domain", f"{domain!r} is not an allowed domain "
                                          f"({', '.join(self.cfg.allowed_domains)})", status=403)
-        return Identity(self.cfg.issuer, sub, email, self._groups(claims), int(claims["exp"]), claims)
+        return Identity(self.cfg.issuer, sub, email, self._groups(claims), int(claims["exp"]), claims,
+                        int(claims["iat"]))
 
     def _groups(self, claims: dict) -> tuple:
         """The groups claim (a dotted path reaches a nested one): a list of strings, or absent."""

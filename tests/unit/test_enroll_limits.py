@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from control.identity.http import BodyTooLarge, Limits, error
+from control.identity.http import BodyTooLarge, Limits, client_key, error
 
 
 async def echo(request: Request) -> JSONResponse:
@@ -63,3 +63,30 @@ def test_body_size():
     streamed = c.post("/", content=chunks())
     assert streamed.status_code == 413
     assert c.post("/", content=b"1", headers={"Content-Length": "-1"}).status_code == 413
+
+
+def test_an_ipv6_client_is_its_slash_64():
+    """One host is given a whole /64: counting its addresses one by one would give it 2^64 buckets."""
+    assert client_key("2001:db8:1:2::5") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::5") != client_key("2001:db8:1:2::5")
+    assert client_key("::ffff:192.0.2.7") == client_key("192.0.2.7") == "192.0.2.7"
+    c = client(rate=1, burst=2)
+    c.address = "2001:db8:1:2::1"
+    assert [c.post("/", content=b"x").status_code for _ in range(2)] == [200, 200]
+    c.address = "2001:db8:1:2::2"                   # the same /64: the same bucket
+    assert c.post("/", content=b"x").status_code == 429
+    c.address = "2001:db8:1:3::1"
+    assert c.post("/", content=b"x").status_code == 200
+
+
+def test_one_client_cannot_push_out_the_others_pending_logins():
+    """The page's pending logins (GET /login) and page sessions: one client (an IPv6 /64) holds
+    at most its share; its requests push out its own oldest, never another client's."""
+    from control.identity.browser import Expiring
+    logins = Expiring(most=50, per_client=10)
+    theirs = logins.put("a person's login", "192.0.2.9")
+    for i in range(1000):
+        logins.put("flood", f"2001:db8::{i:x}")
+    assert logins.get(theirs) == "a person's login" and len(logins) == 11
+    used = logins.put("once", "203.0.113.1")
+    assert logins.get(used, pop=True) == "once" and "203.0.113.1" not in logins.of_client

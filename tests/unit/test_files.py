@@ -188,3 +188,14 @@ def test_emails_compare_case_insensitively(tmp_path):
     tcp = lambda dst: Packet(ipaddress.ip_address("100.96.0.2"), ipaddress.ip_address(dst), 6, 1000, 22)
     assert decide(pol, ids, tcp("10.0.0.1")).rule == "by-user"
     assert decide(pol, ids, tcp("10.0.0.2")).rule == "by-local-group"
+
+
+def test_emails_are_ascii_and_fold_ascii_only():
+    """K (U+212A, KELVIN SIGN).lower() is an ASCII k: such an address would be another user's."""
+    from control.files import parse_identities
+    from control.model import Identities, User, fold
+    with pytest.raises(InputError, match="only ASCII email addresses"):
+        parse_identities({"users": [{"email": "\u212aarl@example.com"}]})
+    assert fold("\u212aarl@Example.COM") == "\u212aarl@example.com" and fold("Karl@X.org") == "karl@x.org"
+    ids = Identities((User("karl@example.com", ()),), ())
+    assert ids.find_user("KARL@example.com") is not None and ids.find_user("\u212aarl@example.com") is None

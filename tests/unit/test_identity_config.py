@@ -31,6 +31,7 @@ def test_defaults_and_every_key():
         ("a", "b"), ("example.com",), 900, "https://gw.example.com:8443", ("::", 443))
     assert identity(issuer="http://127.0.0.1:9000").issuer == "http://127.0.0.1:9000"
     assert identity(issuer="http://[::1]:9000", session=3600).session == 3600
+    assert identity().max_devices == 10 and identity(max_devices=3).max_devices == 3
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -46,6 +47,8 @@ def test_defaults_and_every_key():
     ({"session": 10}, "identity.session: must be a duration from 1m to 365d"),
     ({"public_url": "http://gw.example.com"}, "identity.public_url: 'http://gw.example.com': the enrollment page"),
     ({"rate_limit": 0}, "identity.rate_limit: must be requests a second from 1 to 100000, got 0"),
+    ({"max_devices": 0}, "identity.max_devices: must be a number of devices from 1 to 10000, got 0"),
+    ({"max_devices": True}, "identity.max_devices: must be a number of devices from 1 to 10000, got True"),
     ({"scim_token": "/t"}, "identity: unknown setting 'scim_token' (known: issuer, client_id,"),
 ])
 def test_refusals_name_the_key(changes, message):

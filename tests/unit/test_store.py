@@ -129,5 +129,5 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     db.close()
     s = Store(path)
     assert s.generation() == 7 and [u.email for u in s.identities().users] == ["ann@example.com"]
-    assert s.connectors() == [] and s._meta("schema") == 3   # (every migration ran: 1 -> 2 -> 3)
+    assert s.connectors() == [] and s._meta("schema") == 4   # (every migration ran: 1 -> 2 -> 3 -> 4)
     s.close()

@@ -6,7 +6,7 @@ import pytest
 
 from control.errors import InputError
 from control.model import Device, User
-from control.store import IDP_COLUMNS, SCHEMA, Store
+from control.store import IDP_COLUMNS, SCHEMA, SCHEMA_VERSION, Store
 
 
 def test_provider_users_and_sessions_round_trip(tmp_path):
@@ -57,7 +57,7 @@ def test_a_version_2_database_gains_the_provider_columns(tmp_path):
     db.commit()
     db.close()
     s = Store(path)
-    assert s._meta("schema") == 3 and s.generation() == 3
+    assert s._meta("schema") == SCHEMA_VERSION and s.generation() == 3
     (ann,) = s.identities().users
     assert ann.active and ann.issuer is None and ann.provider_groups == ()
     assert s.identities().devices[0].session_expires is None
