@@ -315,16 +315,22 @@ BPF_F_TABLE("array", __u32, struct zt_node, zt_nodes, ZT_BANKS * ZT_MAX_NODES, B
 BPF_F_TABLE("array", __u32, struct zt_class, zt_classes, ZT_BANKS * ZT_MAX_CLASSES, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", __u32, struct zt_ports, zt_port_tables, ZT_BANKS * ZT_MAX_PORT_TABLES, BPF_F_MMAPABLE);
 /* 4. service -> candidates, and the source-port bits some candidates test */
-BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_MAX_SERVICES, BPF_F_MMAPABLE);
+/* A build for a policy with hostnames holds each bank's services twice, as two halves of
+ * the bank's rows: the lists as compiled, then the same lists without their name candidates
+ * (ZT_SVC_VARIANTS), which a packet whose destination was learned for no name walks: the name
+ * candidates cannot hold for it, so it walks what the policy without hostnames walks
+ * (README.md, "Hostnames"). Entry (bank * ZT_SVC_VARIANTS + variant) * ZT_MAX_SERVICES + svc. */
+#ifndef ZT_NAME_WORDS
+#define ZT_NAME_WORDS 0
+#endif
+#define ZT_SVC_VARIANTS (ZT_NAME_WORDS ? 2 : 1)
+BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_SVC_VARIANTS * ZT_MAX_SERVICES, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, ZT_BANKS * 65536, BPF_F_MMAPABLE);
 /* 4b. hostnames: a learned address -> its name bits (bit t: learned for a name that name
  * token t matches; see README.md, "Hostnames"). Written in place by userspace as names are
  * learned and expire; read once per packet that the policy decides, by walk(). ZT_NAME_WORDS
  * 0 (a policy without hostnames): never read. Not preallocated: capacity costs nothing until
  * learned. Key as zt_src_hash's, the bank in its family (the bits are of that bank's build). */
-#ifndef ZT_NAME_WORDS
-#define ZT_NAME_WORDS 0
-#endif
 #ifndef ZT_MAX_LEARNED
 #define ZT_MAX_LEARNED 16384
 #endif

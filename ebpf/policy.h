@@ -105,8 +105,9 @@ static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 
 /* The name bits of the destination (README.md, "Hostnames"): zero when it was learned for no
  * name. Copied out of the map: a scalar the walk tests like the who-bits, not a pointer that
- * may be NULL (whose two states the verifier would walk every candidate with). */
-static __always_inline void learned_names(const struct zt_pkt *p, __u32 bank, struct zt_names *out)
+ * may be NULL (whose two states the verifier would walk every candidate with). Returns
+ * whether the destination was learned at all (its bits may still be zero for this build). */
+static __always_inline int learned_names(const struct zt_pkt *p, __u32 bank, struct zt_names *out)
 {
 	struct zt_src_key key = {.family = p->family | bank << ZT_SRC_KEY_BANK};
 	if (p->family == 4)
@@ -120,25 +121,31 @@ static __always_inline void learned_names(const struct zt_pkt *p, __u32 bank, st
 	struct zt_names *names = NULL;
 	if (count && *count)
 		names = zt_learned.lookup(&key);
-	if (names)
-		*out = *names;
+	if (!names)
+		return 0;
+	*out = *names;
+	return 1;
 }
 
 /* 4. Walk the service's candidates: the first whose conditions hold decides. A program built
- * for a policy with hostnames reads the destination's learned names once, first (one hash
- * lookup); one for a policy without them has neither the lookup nor the test. */
+ * for a policy with hostnames reads the destination's learned names once, first (the filter,
+ * and a hash probe when its slot is not empty), and walks the service's list without its name
+ * candidates when the destination was learned for no name (zt_services, maps.h); one for a
+ * policy without them has neither the lookup nor the test. */
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
+#if ZT_NAME_WORDS
+	struct zt_names nb = {};
+	int named = learned_names(p, d->bank, &nb);
+	svc_id += (d->bank * ZT_SVC_VARIANTS + !named) * ZT_MAX_SERVICES;
+#else
 	svc_id = ZT_IN_BANK(d->bank, svc_id, ZT_MAX_SERVICES);
+#endif
 	struct zt_svc *svc = zt_services.lookup(&svc_id);
 	if (!svc)
 		return -1;
 	struct zt_sport *sp = NULL;
-#if ZT_NAME_WORDS
-	struct zt_names nb = {};
-	learned_names(p, d->bank, &nb);
-#endif
 	for (int i = 0; i < ZT_MAX_CANDS; i++) {
 		struct zt_cand c = svc->c[i];
 		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
