@@ -338,14 +338,31 @@ struct zt_names {
 	__u64 w[ZT_NAME_WORDS > 0 ? ZT_NAME_WORDS : 1];
 };
 BPF_F_TABLE("hash", struct zt_src_key, struct zt_names, zt_learned, ZT_BANKS * ZT_MAX_LEARNED, BPF_F_NO_PREALLOC);
-/* In front of it: how many learned addresses fall in each slot of a hash of the address
- * (zt_filter_slot()): a packet whose slot holds none is learned for no name, known from one
- * array lookup, not a hash probe that misses. It counts the entries of both banks. Userspace
- * adds an address to zt_learned before its slot's count, and takes it away after. */
+/* In front of it, per slot of a hash of the address (learned_names()), per bank: which of
+ * that bank's learned addresses fall there. ref[bank] 0: none (the destination was learned for
+ * no name: one array lookup, no probe that misses); 1 or 2: exactly one, whose address and
+ * bits are copy[2 * bank + ref - 1] (the same lookup: no probe either); ZT_LEARNED_MANY: more than
+ * one, probe zt_learned. Userspace writes a copy that no packet reads (the other one; reused
+ * 2 ms after it was last unlinked at the earliest), then both refs with one aligned 8-byte
+ * store; an address is in zt_learned before a ref says MANY, and leaves it after the ref
+ * stopped saying so (dataplane/learned.py). One slot in a build without hostnames. */
 #define ZT_LEARNED_FILTER_BITS 16
 #define ZT_LEARNED_FILTER_MUL 0x9E3779B1U
-typedef __u64 zt_learned_count;
-BPF_F_TABLE("array", __u32, zt_learned_count, zt_learned_filter, 1 << ZT_LEARNED_FILTER_BITS, BPF_F_MMAPABLE);
+#define ZT_LEARNED_MANY 0xFFFFFFFFU
+typedef __u64 zt_learned_count; /* both refs: ref[0] in the low half */
+struct zt_learned_one {
+	__u32 family;
+	__u32 addr[4]; /* as zt_pkt holds it: IPv4 in addr[0], the rest zero */
+	__u32 pad;
+	struct zt_names names;
+};
+struct zt_learned_slot {
+	__u32 ref[ZT_BANKS];
+	struct zt_learned_one copy[ZT_BANKS * 2]; /* bank b's two: 2b, 2b + 1 (one dimension: bcc's
+						   * Python mirror of a map value reads one) */
+};
+BPF_F_TABLE("array", __u32, struct zt_learned_slot, zt_learned_filter,
+	    ZT_NAME_WORDS ? 1 << ZT_LEARNED_FILTER_BITS : 1, BPF_F_MMAPABLE);
 /* 5. counters: per rule of each bank (rule ids belong to the bank's build), and the shared
  * per-CPU state */
 BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_BANKS * ZT_MAX_RULES);
