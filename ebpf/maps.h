@@ -328,8 +328,9 @@ BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_SVC_VARIAN
 BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, ZT_BANKS * 65536, BPF_F_MMAPABLE);
 /* 4b. hostnames: a learned address -> its name bits (bit t: learned for a name that name
  * token t matches; see README.md, "Hostnames"). Written in place by userspace as names are
- * learned and expire; read once per packet that the policy decides, by walk(). ZT_NAME_WORDS
- * 0 (a policy without hostnames): never read. Not preallocated: capacity costs nothing until
+ * learned and expire; read by walk() for a destination whose filter slot (below) holds more
+ * than one learned address: the others are answered by the slot. ZT_NAME_WORDS 0 (a policy
+ * without hostnames): never read. Not preallocated: capacity costs nothing until
  * learned. Key as zt_src_hash's, the bank in its family (the bits are of that bank's build). */
 #ifndef ZT_MAX_LEARNED
 #define ZT_MAX_LEARNED 16384
