@@ -40,7 +40,9 @@ COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                      
 NAME_WORD_BYTES = 8          # sizeof(struct zt_names' w[0])
 LEARNED_FILTER_BITS = 16     # ZT_LEARNED_FILTER_BITS: zt_learned_filter has 2^16 slots
 LEARNED_FILTER_MUL = 0x9E3779B1   # ZT_LEARNED_FILTER_MUL: the slot is the top bits of (xor of words) * this
-LEARNED_FILTER_COUNT_BYTES = 8   # a zt_learned_filter value (a count of learned addresses)
+LEARNED_FILTER_COUNT_BYTES = 8   # zt_learned_count: a zt_learned_filter slot's refs, one per bank (its first 8 bytes)
+LEARNED_MANY = 0xFFFFFFFF    # ZT_LEARNED_MANY: a ref saying more than one address falls in the slot
+LEARNED_ONE_NAMES = 24       # struct zt_learned_one: family, addr[4], pad, then the name bits (after the refs)
 
 # ---------------------------------------------------------------------------------------------
 # Test runs, conntrack, the flow cache and the epoch (ebpf/maps.h)

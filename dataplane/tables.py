@@ -143,7 +143,7 @@ class PolicyTables:
         pt[:, 1, :] = 0
         pt[:, :, :tables.port_tables.shape[2]] = tables.port_tables
         written += self._write("zt_port_tables", pt, bank)
-        written += self._write("zt_services", _pad(tables.services, lay.max_cands, 0), bank)
+        written += self._write("zt_services", service_rows(_pad(tables.services, lay.max_cands, 0), lay), bank)
         written += self._write("zt_sport", _pad(tables.sport, lay.sport_words, 0), bank)
         self.clear_rule_stats(bank)
         return written
@@ -258,6 +258,31 @@ class PolicyTables:
         words = self.in_bank("zt_idents").view(np.uint64)
         words[first_id:first_id + n, :width] = rows
         words[first_id:first_id + n, width:] = 0
+
+
+def service_rows(services: np.ndarray, layout: Layout) -> np.ndarray:
+    """One bank's rows of zt_services for these services ((n, max_cands) CAND): the lists as
+    compiled; in a build with hostnames (name_words > 0), then, from row max_services on, each
+    list again without its name candidates (ebpf/maps.h zt_services: what a packet whose
+    destination was learned for no name walks)."""
+    if not layout.name_words:
+        return services
+    out = np.zeros((2 * layout.max_services, services.shape[1]), services.dtype)
+    out[:len(services)] = services
+    out[layout.max_services:layout.max_services + len(services)] = without_names(services)
+    return out
+
+
+def without_names(rows: np.ndarray) -> np.ndarray:
+    """Service rows ((n, cands) CAND) without their name candidates, the others in their order,
+    zeros after: row by row, so it applies to any subset of a table's rows. A name candidate
+    holds only for a destination learned for a name, and the list's unconditional end has no
+    name: for any other destination, each row decides as its original does."""
+    keep = rows["name"] == 0
+    order = np.argsort(~keep, axis=1, kind="stable")   # the kept first, each side in its order
+    out = np.take_along_axis(rows, order, axis=1)
+    out[~np.take_along_axis(keep, order, axis=1)] = np.zeros((), rows.dtype)
+    return out
 
 
 def _pad(rows: np.ndarray, width: int, fill) -> np.ndarray:

@@ -315,16 +315,23 @@ BPF_F_TABLE("array", __u32, struct zt_node, zt_nodes, ZT_BANKS * ZT_MAX_NODES, B
 BPF_F_TABLE("array", __u32, struct zt_class, zt_classes, ZT_BANKS * ZT_MAX_CLASSES, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", __u32, struct zt_ports, zt_port_tables, ZT_BANKS * ZT_MAX_PORT_TABLES, BPF_F_MMAPABLE);
 /* 4. service -> candidates, and the source-port bits some candidates test */
-BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_MAX_SERVICES, BPF_F_MMAPABLE);
-BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, ZT_BANKS * 65536, BPF_F_MMAPABLE);
-/* 4b. hostnames: a learned address -> its name bits (bit t: learned for a name that name
- * token t matches; see README.md, "Hostnames"). Written in place by userspace as names are
- * learned and expire; read once per packet that the policy decides, by walk(). ZT_NAME_WORDS
- * 0 (a policy without hostnames): never read. Not preallocated: capacity costs nothing until
- * learned. Key as zt_src_hash's, the bank in its family (the bits are of that bank's build). */
+/* A build for a policy with hostnames holds each bank's services twice, as two halves of
+ * the bank's rows: the lists as compiled, then the same lists without their name candidates
+ * (ZT_SVC_VARIANTS), which a packet whose destination was learned for no name walks: the name
+ * candidates cannot hold for it, so it walks what the policy without hostnames walks
+ * (README.md, "Hostnames"). Entry (bank * ZT_SVC_VARIANTS + variant) * ZT_MAX_SERVICES + svc. */
 #ifndef ZT_NAME_WORDS
 #define ZT_NAME_WORDS 0
 #endif
+#define ZT_SVC_VARIANTS (ZT_NAME_WORDS ? 2 : 1)
+BPF_F_TABLE("array", __u32, struct zt_svc, zt_services, ZT_BANKS * ZT_SVC_VARIANTS * ZT_MAX_SERVICES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct zt_sport, zt_sport, ZT_BANKS * 65536, BPF_F_MMAPABLE);
+/* 4b. hostnames: a learned address -> its name bits (bit t: learned for a name that name
+ * token t matches; see README.md, "Hostnames"). Written in place by userspace as names are
+ * learned and expire; read by walk() for a destination whose filter slot (below) holds more
+ * than one learned address: the others are answered by the slot. ZT_NAME_WORDS 0 (a policy
+ * without hostnames): never read. Not preallocated: capacity costs nothing until
+ * learned. Key as zt_src_hash's, the bank in its family (the bits are of that bank's build). */
 #ifndef ZT_MAX_LEARNED
 #define ZT_MAX_LEARNED 16384
 #endif
@@ -332,14 +339,31 @@ struct zt_names {
 	__u64 w[ZT_NAME_WORDS > 0 ? ZT_NAME_WORDS : 1];
 };
 BPF_F_TABLE("hash", struct zt_src_key, struct zt_names, zt_learned, ZT_BANKS * ZT_MAX_LEARNED, BPF_F_NO_PREALLOC);
-/* In front of it: how many learned addresses fall in each slot of a hash of the address
- * (zt_filter_slot()): a packet whose slot holds none is learned for no name, known from one
- * array lookup, not a hash probe that misses. It counts the entries of both banks. Userspace
- * adds an address to zt_learned before its slot's count, and takes it away after. */
+/* In front of it, per slot of a hash of the address (learned_names()), per bank: which of
+ * that bank's learned addresses fall there. ref[bank] 0: none (the destination was learned for
+ * no name: one array lookup, no probe that misses); 1 or 2: exactly one, whose address and
+ * bits are copy[2 * bank + ref - 1] (the same lookup: no probe either); ZT_LEARNED_MANY: more than
+ * one, probe zt_learned. Userspace writes a copy that no packet reads (the other one; reused
+ * 2 ms after it was last unlinked at the earliest), then both refs with one aligned 8-byte
+ * store; an address is in zt_learned before a ref says MANY, and leaves it after the ref
+ * stopped saying so (dataplane/learned.py). One slot in a build without hostnames. */
 #define ZT_LEARNED_FILTER_BITS 16
 #define ZT_LEARNED_FILTER_MUL 0x9E3779B1U
-typedef __u64 zt_learned_count;
-BPF_F_TABLE("array", __u32, zt_learned_count, zt_learned_filter, 1 << ZT_LEARNED_FILTER_BITS, BPF_F_MMAPABLE);
+#define ZT_LEARNED_MANY 0xFFFFFFFFU
+typedef __u64 zt_learned_count; /* both refs: ref[0] in the low half */
+struct zt_learned_one {
+	__u32 family;
+	__u32 addr[4]; /* as zt_pkt holds it: IPv4 in addr[0], the rest zero */
+	__u32 pad;
+	struct zt_names names;
+};
+struct zt_learned_slot {
+	__u32 ref[ZT_BANKS];
+	struct zt_learned_one copy[ZT_BANKS * 2]; /* bank b's two: 2b, 2b + 1 (one dimension: bcc's
+						   * Python mirror of a map value reads one) */
+};
+BPF_F_TABLE("array", __u32, struct zt_learned_slot, zt_learned_filter,
+	    ZT_NAME_WORDS ? 1 << ZT_LEARNED_FILTER_BITS : 1, BPF_F_MMAPABLE);
 /* 5. counters: per rule of each bank (rule ids belong to the bank's build), and the shared
  * per-CPU state */
 BPF_PERCPU_ARRAY(zt_rule_stats, struct zt_counter, ZT_BANKS * ZT_MAX_RULES);

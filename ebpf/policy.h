@@ -105,8 +105,10 @@ static __always_inline int bit_set(const __u64 *words, __u32 nwords, __u32 bit)
 
 /* The name bits of the destination (README.md, "Hostnames"): zero when it was learned for no
  * name. Copied out of the map: a scalar the walk tests like the who-bits, not a pointer that
- * may be NULL (whose two states the verifier would walk every candidate with). */
-static __always_inline void learned_names(const struct zt_pkt *p, __u32 bank, struct zt_names *out)
+ * may be NULL (whose two states the verifier would walk every candidate with). Returns
+ * whether the destination was learned at all. The filter's slot answers alone unless more
+ * than one address of this bank falls in it (zt_learned_filter, maps.h). */
+static __always_inline int learned_names(const struct zt_pkt *p, __u32 bank, struct zt_names *out)
 {
 	struct zt_src_key key = {.family = p->family | bank << ZT_SRC_KEY_BANK};
 	if (p->family == 4)
@@ -116,29 +118,47 @@ static __always_inline void learned_names(const struct zt_pkt *p, __u32 bank, st
 	/* the filter's slot: the address's four words (IPv4: one, the rest zero) as loaded */
 	__u32 slot = ((p->dst[0] ^ p->dst[1] ^ p->dst[2] ^ p->dst[3]) * ZT_LEARNED_FILTER_MUL) >>
 		     (32 - ZT_LEARNED_FILTER_BITS);
-	zt_learned_count *count = zt_learned_filter.lookup(&slot);
-	struct zt_names *names = NULL;
-	if (count && *count)
-		names = zt_learned.lookup(&key);
-	if (names)
-		*out = *names;
+	struct zt_learned_slot *s = zt_learned_filter.lookup(&slot);
+	/* one 8-byte load: userspace writes both refs with one aligned store */
+	__u64 refs = s ? *(volatile const zt_learned_count *)s->ref : 0;
+	__u32 ref = bank ? (__u32)(refs >> 32) : (__u32)refs;
+	int named = 0;
+	if (ref == ZT_LEARNED_MANY) {
+		struct zt_names *names = zt_learned.lookup(&key);
+		if (names) {
+			*out = *names;
+			named = 1;
+		}
+	} else if (ref && s) {
+		const struct zt_learned_one *one = &s->copy[(bank & 1) * 2 + ((ref - 1) & 1)];
+		if (one->family == p->family && !((one->addr[0] ^ p->dst[0]) | (one->addr[1] ^ p->dst[1]) |
+						  (one->addr[2] ^ p->dst[2]) | (one->addr[3] ^ p->dst[3]))) {
+			*out = one->names;
+			named = 1;
+		}
+	}
+	return named;
 }
 
 /* 4. Walk the service's candidates: the first whose conditions hold decides. A program built
- * for a policy with hostnames reads the destination's learned names once, first (one hash
- * lookup); one for a policy without them has neither the lookup nor the test. */
+ * for a policy with hostnames reads the destination's learned names once, first (the filter,
+ * and a hash probe when its slot is not empty), and walks the service's list without its name
+ * candidates when the destination was learned for no name (zt_services, maps.h); one for a
+ * policy without them has neither the lookup nor the test. */
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
+#if ZT_NAME_WORDS
+	struct zt_names nb = {};
+	int named = learned_names(p, d->bank, &nb);
+	svc_id += (d->bank * ZT_SVC_VARIANTS + !named) * ZT_MAX_SERVICES;
+#else
 	svc_id = ZT_IN_BANK(d->bank, svc_id, ZT_MAX_SERVICES);
+#endif
 	struct zt_svc *svc = zt_services.lookup(&svc_id);
 	if (!svc)
 		return -1;
 	struct zt_sport *sp = NULL;
-#if ZT_NAME_WORDS
-	struct zt_names nb = {};
-	learned_names(p, d->bank, &nb);
-#endif
 	for (int i = 0; i < ZT_MAX_CANDS; i++) {
 		struct zt_cand c = svc->c[i];
 		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))

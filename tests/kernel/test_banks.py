@@ -25,7 +25,8 @@ from tests.kernel.test_attach import (ALLOWED, BLOCKED, GW, IDS, PEER, POLICY, n
 from tests.kernel.test_differential import identities, packets, policies
 from tests.programs import TEST_LAYOUT
 
-# the banked arrays (zt_learned is a hash, and zt_learned_filter counts both banks: tests/kernel/test_hostnames.py)
+# the banked arrays (zt_learned is a hash, and zt_learned_filter holds both banks per slot:
+# tests/kernel/test_hostnames.py, tests/kernel/test_learned_filter.py)
 ARRAYS = [name for name in POLICY_MAPS
           if name not in ("zt_bank", "zt_src_hash", "zt_rule_stats", "zt_learned", "zt_learned_filter")]
 

@@ -35,6 +35,9 @@ CONSTANTS = {
     "LEARNED_FILTER_BITS": "ZT_LEARNED_FILTER_BITS == {v}",
     "LEARNED_FILTER_MUL": "ZT_LEARNED_FILTER_MUL == {v}",
     "LEARNED_FILTER_COUNT_BYTES": "sizeof(zt_learned_count) == {v}",
+    "LEARNED_MANY": "ZT_LEARNED_MANY == {v}",
+    "LEARNED_ONE_NAMES": "__builtin_offsetof(struct zt_learned_one, names) == {v} && "
+                         "__builtin_offsetof(struct zt_learned_slot, copy) == sizeof(zt_learned_count)",
 }
 # mirrors.py's struct layouts: the C struct each copies
 STRUCTS = {
