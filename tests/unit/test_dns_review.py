@@ -246,3 +246,32 @@ def test_the_fail_open_request_leaves_the_shared_socket_blocking():
         assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) == before and not before & os.O_NONBLOCK
     finally:
         sock.close()
+
+
+def test_stream_bounds_hold_under_random_segments():
+    """Review: fuzz_streams2.py, shortened: the tables stay consistent and bounded."""
+    import random
+    from control.dns.wire import FIN, RST
+    for seed in range(200):
+        rng = random.Random(seed)
+        s = Streams(max_streams=rng.randrange(1, 8), max_bytes=rng.randrange(50, 400), lifetime=5,
+                    per_device=rng.randrange(1, 4), per_device_bytes=rng.randrange(100, 300))
+        now, seqs = 0.0, {}
+        for _ in range(100):
+            dev, port = f"100.96.0.{rng.randrange(4)}", rng.randrange(5)
+            flags = rng.choice([0x18] * 6 + [SYN, FIN | 0x10, RST])
+            seq = seqs.get((dev, port), rng.randrange(1 << 32)) if rng.random() > 0.1 else rng.randrange(1 << 32)
+            data = rng.randbytes(rng.randrange(0, 60)) if not flags & (SYN | RST) else b""
+            if rng.random() < 0.3 and data:
+                data = bytes([0, rng.randrange(0, 80)]) + data
+            now += rng.random()
+            s.feed(Segment(ipaddress.ip_address(dev), port, ipaddress.ip_address(RES), 53, "tcp", data, seq, flags),
+                   dev, now)
+            seqs[(dev, port)] = (seq + len(data) + (1 if flags & SYN else 0)) % (1 << 32)
+            held = {}
+            for k, st in s.table.items():
+                held[k[-1]] = held.get(k[-1], 0) + len(st.data)
+            assert s.held == sum(held.values()) and {d: n for d, n in held.items() if n} == dict(s.held_by), seed
+            assert sorted(s.table) == sorted(k for v in s.by_device.values() for k in v), seed
+            assert len(s.table) <= s.max_streams and s.held <= s.max_bytes, seed
+            assert all(len(v) <= s.per_device for v in s.by_device.values()), seed
