@@ -6,6 +6,7 @@ reason, and events it did not emit; this collector only names them.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -103,7 +104,7 @@ def dns_metrics(gw):
     """The DNS slow path's own counters, kept in userspace where it runs (control/dns)."""
     sp = getattr(gw, "slowpath", None)
     if sp is not None:
-        c = sp.counters
+        c = SimpleNamespace(**sp.counters.copy())      # one consistent copy, under the counters' lock
         yield GaugeMetricFamily("ztgate_dns_up", "1 while the DNS slow path reads its queue", value=1)
         answers = CounterMetricFamily("ztgate_dns_answers", "Resolvers' answers through the slow path",
                                       labels=["outcome"])

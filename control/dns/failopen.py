@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
+import time
 
 from ..errors import KernelError
 
@@ -36,21 +38,29 @@ def config_message(queue: int, seq: int = SEQ) -> bytes:
 
 def set_fail_open(fd: int, queue: int, timeout: float = 2.0) -> None:
     """Turn fail-open on for QUEUE, bound on the netlink socket FD (netfilterqueue's get_fd()),
-    before anything is queued to it; KernelError if the kernel refuses or does not answer."""
+    before anything is queued to it; KernelError if the kernel refuses or does not answer.
+    The duplicate shares the queue's open file, flags included: it is waited on with poll and
+    read with MSG_DONTWAIT, never put in non-blocking mode (that would be the queue's too)."""
     sock = socket.socket(fileno=os.dup(fd))      # the same socket (same portid), closed apart
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    deadline = time.monotonic() + timeout
     try:
-        sock.settimeout(timeout)
         sock.sendto(config_message(queue), (0, 0))
         while True:
-            data = sock.recv(65536)
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise KernelError(f"NFQUEUE {queue}: no answer to the fail-open request")
+            try:
+                data = sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
             for kind, seq, error in _messages(data):
                 if kind == NLMSG_ERROR and seq == SEQ:
                     if error:
                         raise KernelError(f"NFQUEUE {queue}: the kernel refused fail-open: "
                                           f"{os.strerror(-error) if error < 0 else error}")
                     return
-    except socket.timeout:
-        raise KernelError(f"NFQUEUE {queue}: no answer to the fail-open request") from None
     except OSError as e:
         if e.errno == errno.ENOBUFS:
             raise KernelError(f"NFQUEUE {queue}: fail-open not confirmed (socket overrun)") from None

@@ -15,6 +15,7 @@ bad names) teaches nothing.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -135,10 +136,12 @@ def teachings(question: Question, msg: dns.message.Message) -> Taught:
             raise Refused("cname-chain-too-long")
     records = msg.get_rrset(msg.answer, chain[-1], dns.rdataclass.IN, question.qtype)
     if records is None:
-        return []
+        return Taught()                 # NODATA: the name has no record of the asked type
     names = [n for n in (name_text(c) for c in chain) if n is not None]
-    out = Taught(Teaching(n, ipaddress.ip_address(rd.address), records.ttl) for rd in records for n in names)
-    if len(out) > MAX_TEACHINGS:        # the first ones teach; the rest are counted, not learned
-        out.over = len(out) - MAX_TEACHINGS
-        del out[MAX_TEACHINGS:]
+    # the first MAX_TEACHINGS pairs teach; the rest are only counted (never built: an answer
+    # may hold thousands of records, times the chain's names)
+    pairs = ((rd, n) for rd in records for n in names)
+    out = Taught(Teaching(n, ipaddress.ip_address(rd.address), records.ttl)
+                 for rd, n in itertools.islice(pairs, MAX_TEACHINGS))
+    out.over = max(0, len(records) * len(names) - MAX_TEACHINGS)
     return out

@@ -7,7 +7,9 @@ mangle table, jumped to from FORWARD. For each resolver R (ip6tables for IPv6 on
     -i INTERFACE -d R -p udp|tcp --dport 53   a device's question on its way to R
     -o INTERFACE -s R -p udp|tcp --sport 53   R's answer on its way to a device
 
-both to queue NUM with --queue-bypass: with no slow path reading the queue (stopped, crashed,
+both to queue NUM with --queue-bypass. They match every TCP segment of those flows, SYNs
+included: the device's SYN and the resolver's SYN-ACK are where streams.py starts following a
+connection (without them it teaches nothing). With no slow path reading the queue (stopped, crashed,
 starting), the packet passes unqueued; with the queue full, it passes too (the slow path binds
 the queue fail-open: failopen.py), and an answer then teaches nothing:
 a connection to its name is blocked and logged as such, never allowed. Questions only pass
@@ -99,15 +101,29 @@ def remove(interface: str) -> bool:
             if r.returncode != 0:
                 failed.append(f"{TOOLS[version]} -X {chain}: {r.stderr.strip()}")
         left = _call(version, "-S", chain)
-        if left.returncode == 0 or "No chain" not in left.stderr:
+        state = chain_state(left.returncode, left.stderr)
+        if state == "there":
             found = True
-            failed.append(f"{TOOLS[version]} -t {TABLE} -S {chain}: "
-                          + ("the chain is still there" if left.returncode == 0 else left.stderr.strip()))
+            failed.append(f"{TOOLS[version]} -t {TABLE} -S {chain}: the chain is still there")
+        elif state == "unknown":
+            failed.append(f"{TOOLS[version]} -t {TABLE} -S {chain}: cannot tell whether the chain is gone: "
+                          f"{left.stderr.strip()}")
     if failed:
         log.error("the DNS slow path's chain %s could not be removed: %s. Answers still go to its queue; with "
                   "no gateway reading it they pass unlearned (--queue-bypass). The next start removes it again "
                   "(or: ztgate gateway teardown)", chain, "; ".join(failed))
     return found
+
+
+def chain_state(returncode: int, stderr: str) -> str:
+    """What `iptables -S CHAIN` said: "there"; "gone" (no such chain, or no such table: e.g.
+    ip6tables-legacy on a kernel without ip6table_mangle, where no chain can be); "unknown"
+    (anything else: the xtables lock held past WAIT, ...)."""
+    if returncode == 0:
+        return "there"
+    if "No chain" in stderr or "Table does not exist" in stderr:
+        return "gone"
+    return "unknown"
 
 
 def present(interface: str, version: int = 4) -> bool:

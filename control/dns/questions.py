@@ -3,7 +3,8 @@
 A question is remembered when it passes the gateway on its way to a resolver (after the
 ingress program allowed it: a question the policy did not let the device ask never gets
 here) under (device address, device port, resolver address, transport, DNS id), with the
-name and type asked. The answer must come back from that resolver to that device and port,
+name and type asked, and counted in its device's share (a device by name: its addresses,
+IPv4 and IPv6, share one). The answer must come back from that resolver to that device and port,
 over the same transport, with the same id, repeating the same name and type; it takes the
 question away (a second answer to it, or an answer nobody asked for, teaches nothing). The
 table is bounded: questions older than LIFETIME seconds are forgotten; one device has at
@@ -26,7 +27,7 @@ PER_DEVICE = 256              # outstanding questions of one device at once (dns
 class Questions:
     def __init__(self, limit: int = LIMIT, lifetime: float = LIFETIME, per_device: int = PER_DEVICE):
         self.limit, self.lifetime, self.per_device = limit, lifetime, per_device
-        self.table: OrderedDict[tuple, tuple[Question, float]] = OrderedDict()     # oldest first
+        self.table: OrderedDict[tuple, tuple[Question, float, str]] = OrderedDict()   # oldest first; (.., device)
         self.by_device: dict[str, OrderedDict[tuple, None]] = {}                    # the same keys, per device
         self.forgotten = 0     # pushed out by newer ones while unanswered (a table was full)
 
@@ -34,16 +35,20 @@ class Questions:
     def key(device, device_port: int, resolver, transport: str, qid: int) -> tuple:
         return (str(device), device_port, str(resolver), transport, qid)
 
-    def asked(self, key: tuple, question: Question, now: Optional[float] = None) -> None:
+    def asked(self, key: tuple, question: Question, now: Optional[float] = None,
+              device: Optional[str] = None) -> None:
+        """Remember QUESTION under KEY; DEVICE: whose share it counts in (by default the
+        key's address; the slow path names the device, so its addresses share one)."""
         now = time.monotonic() if now is None else now
+        device = key[0] if device is None else device
         self._expire(now)
         self._drop(key)
-        mine = self.by_device.setdefault(key[0], OrderedDict())
+        mine = self.by_device.get(device, {})
         while len(mine) >= self.per_device:
-            self._drop(next(iter(mine)))
+            self._drop(next(iter(mine)))           # (may remove the device's dict: fetched anew below)
             self.forgotten += 1
-        self.table[key] = (question, now)
-        mine[key] = None
+        self.by_device.setdefault(device, OrderedDict())[key] = None
+        self.table[key] = (question, now, device)
         while len(self.table) > self.limit:
             self._drop(next(iter(self.table)))
             self.forgotten += 1
@@ -59,16 +64,18 @@ class Questions:
         return True
 
     def _drop(self, key: tuple) -> None:
-        if self.table.pop(key, None) is None:
+        held = self.table.pop(key, None)
+        if held is None:
             return
-        mine = self.by_device[key[0]]
+        device = held[2]
+        mine = self.by_device[device]
         del mine[key]
         if not mine:
-            del self.by_device[key[0]]
+            del self.by_device[device]
 
     def _expire(self, now: float) -> None:
         while self.table:
-            key, (_, when) = next(iter(self.table.items()))
+            key, (_, when, _) = next(iter(self.table.items()))
             if now - when <= self.lifetime:
                 return
             self._drop(key)

@@ -36,6 +36,28 @@ class Counters:
         self.late = 0             # answers released later than LATE_SECONDS after they arrived
         self.pairs_over_cap = 0   # (name, address) pairs of answers beyond what one answer teaches
         self.holds: deque = deque(maxlen=SAMPLES)     # seconds each answer was held
+        # the slow path's thread writes, `ztgate dns` and the metrics read from others: the
+        # Counter and the deque change under this lock and are copied under it (copy())
+        self.lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def refuse(self, why: str, n: int = 1) -> None:
+        with self.lock:
+            self.refused[why] += n
+
+    def held(self, seconds: float) -> None:
+        with self.lock:
+            self.holds.append(seconds)
+            self.late += seconds > LATE_SECONDS
+
+    def copy(self) -> dict:
+        with self.lock:
+            return {"questions": self.questions, "queued": self.queued, "learned": self.learned,
+                    "late": self.late, "refused": dict(self.refused), "pairs_over_cap": self.pairs_over_cap,
+                    "holds": list(self.holds)}
 
 
 class SlowPath:
@@ -65,64 +87,67 @@ class SlowPath:
             seg = read_segment(payload)
             if seg is None:
                 return "unreadable"
+            # the device: the question's source, the answer's destination, by name (its
+            # addresses share its limits)
             if seg.dport == 53 and str(seg.dst) in self.resolvers:
-                return self._question(seg, now)
+                return self._question(seg, now, self.asker_of(str(seg.src)))
             if seg.sport == 53 and str(seg.src) in self.resolvers:
-                return self._answer(seg, now)
+                return self._answer(seg, now, self.asker_of(str(seg.dst)))
             return "other"
 
-    def _messages(self, seg, now) -> list[bytes]:
-        """The DNS messages SEG carries whole, or completes (TCP: streams.py)."""
+    def _messages(self, seg, now, device: str) -> tuple[list[bytes], bool]:
+        """The DNS messages SEG carries whole, or completes (TCP: streams.py); and whether its
+        data went unread (a TCP flow not followed: no SYN seen)."""
         if seg.transport == "udp":
-            return dns_messages(seg)
+            return dns_messages(seg), False
         now = time.monotonic() if now is None else now
-        device = str(seg.src if seg.dport == 53 else seg.dst)
         messages = self.streams.feed(seg, device, now)
-        for why, n in self.streams.dropped.items():    # unfinished messages given up: counted once
-            self.counters.refused[f"tcp-{why}"] += n
+        unfollowed = "unfollowed" in self.streams.dropped
+        for why, n in self.streams.dropped.items():    # messages and data given up: counted once
+            self.counters.refuse(f"tcp-{why}", n)
         self.streams.dropped.clear()
-        return messages
+        return messages, unfollowed
 
-    def _question(self, seg, now) -> str:
-        said = "no-message"
-        for wire in self._messages(seg, now):
+    def _question(self, seg, now, device: str) -> str:
+        messages, unfollowed = self._messages(seg, now, device)
+        said = "unfollowed" if unfollowed else "no-message"
+        for wire in messages:
             try:
                 q = read_question(wire)
             except Refused as e:
                 said = f"question-refused:{e}"
                 continue
-            self.questions.asked(Questions.key(seg.src, seg.sport, seg.dst, seg.transport, q.id), q, now)
-            self.counters.questions += 1
+            self.questions.asked(Questions.key(seg.src, seg.sport, seg.dst, seg.transport, q.id), q, now, device)
+            self.counters.add("questions")
             said = "question"
         return said
 
-    def _answer(self, seg, now) -> str:
-        messages = self._messages(seg, now)
+    def _answer(self, seg, now, device: str) -> str:
+        messages, unfollowed = self._messages(seg, now, device)
         if not messages:
-            # TCP data of a message not finished yet (held in streams.py, released), or a bare
-            # TCP segment (SYN, ACK, FIN)
-            return "held" if seg.payload else "no-message"
+            # TCP data of a message not finished yet (held in streams.py, released), of a flow
+            # not followed, or a bare TCP segment (SYN, ACK, FIN)
+            return "unfollowed" if unfollowed else "held" if seg.payload else "no-message"
         said = "answer"
         for wire in messages:
-            self.counters.queued += 1
+            self.counters.add("queued")
             try:
-                said = self._learn_from(seg, wire, now)
-                self.counters.learned += 1
+                said = self._learn_from(seg, wire, now, device)
+                self.counters.add("learned")
             except Refused as e:
-                self.counters.refused[str(e)] += 1
+                self.counters.refuse(str(e))
                 said = f"refused:{e}"
         return said
 
-    def _learn_from(self, seg, wire: bytes, now) -> str:
+    def _learn_from(self, seg, wire: bytes, now, asker: str) -> str:
         question, msg = read_answer(wire)
         key = Questions.key(seg.dst, seg.dport, seg.src, seg.transport, question.id)
         if not self.questions.answered(key, question, now):
             raise Refused("unasked")
         taught = teachings(question, msg)
-        self.counters.pairs_over_cap += taught.over
+        self.counters.add("pairs_over_cap", taught.over)
         if not taught:
             raise Refused("no-address")
-        asker = self.asker_of(str(seg.dst))
         try:
             kept = self.learn([(t.name, t.address, self.dns.clamp(t.ttl)) for t in taught], asker)
         except Refused:               # LEARN says why nothing was kept (e.g. "unnamed")
@@ -144,13 +169,11 @@ class SlowPath:
             said = self.handle(pkt.get_payload())
         except Exception:
             log.exception("DNS slow path: a packet could not be handled (released unlearned)")
-            self.counters.refused["error"] += 1
+            self.counters.refuse("error")
         finally:
             pkt.accept()
         if said.startswith(("learned", "refused", "answer")):
-            held = time.monotonic() - start
-            self.counters.holds.append(held)
-            self.counters.late += held > LATE_SECONDS
+            self.counters.held(time.monotonic() - start)
 
     def start(self) -> None:
         """Bind the queue (before the rules exist, so nothing waits on an unread queue), then
@@ -197,7 +220,6 @@ class SlowPath:
             self.queue = None
 
     def snapshot(self) -> dict:
-        c = self.counters
-        return {"questions": c.questions, "queued": c.queued, "learned": c.learned, "late": c.late,
-                "refused": dict(c.refused), "outstanding": len(self.questions),
-                "pairs_over_cap": c.pairs_over_cap, "tcp_streams": len(self.streams)}
+        out = self.counters.copy()
+        del out["holds"]
+        return {**out, "outstanding": len(self.questions), "tcp_streams": len(self.streams)}

@@ -51,9 +51,9 @@ class SlowPathOps(Core):
         Refused("unnamed") when no rule names any of its names (nothing to learn: most
         answers; the kernel checks again under its lock, as the build in force may change)."""
         if not any(self.kernel.named(name) for name, _, _ in taught):
-            # counted as Kernel.learn counts them; without its lock (a swap may hold it): this
-            # thread is the table's only writer, and the metrics read a copy
-            self.kernel.learned.refused["unnamed"] += len(taught)
+            # counted as Kernel.learn counts them, under its lock (the metrics read them under it)
+            with self.kernel.learned_lock:
+                self.kernel.learned.refused["unnamed"] += len(taught)
             raise Refused("unnamed")
         return self.dns_learned([(name, address, ttl, asker) for name, address, ttl in taught])
 

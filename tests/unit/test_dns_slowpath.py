@@ -187,6 +187,8 @@ def test_tcp_whole_messages_teach_and_split_ones_teach_when_completed():
     q = query("app.corp.example", qid=9)
     qw = q.to_wire()
     aw = answer(q, rr("app.corp.example.", 300, "A", "10.20.0.10")).to_wire()
+    sp.handle(packet(DEV, 40000, RES, 53, b"", tcp=True, seq=(1 << 32) - 1, flags="S"))    # streams start at SYNs
+    sp.handle(packet(RES, 53, DEV, 40000, b"", tcp=True, seq=(1 << 32) - 1, flags="SA"))
     sp.handle(packet(DEV, 40000, RES, 53, struct.pack("!H", len(qw)) + qw, tcp=True))
     framed = struct.pack("!H", len(aw)) + aw
     assert sp.handle(packet(RES, 53, DEV, 40000, framed[:10], tcp=True)) == "held"

@@ -47,25 +47,33 @@ def test_a_message_in_pieces_comes_out_whole_with_its_last_piece():
 
 def test_a_gap_fin_rst_bounds_and_idleness_end_an_unfinished_message():
     s = Streams(max_streams=2, max_bytes=100, lifetime=10)
+    s.feed(seg(b"", 999, "S"), DEV, 0)                                  # (streams start at their SYN)
     s.feed(seg(framed(b"y" * 50)[:20], 1000), DEV, 0)
     assert s.feed(seg(framed(b"y" * 50)[30:], 1030), DEV, 0) == [] and s.dropped == {"gap": 1}   # 10 bytes missing
+    s.feed(seg(b"", 4999, "S", sport=54), DEV, 0)
     s.feed(seg(framed(b"z" * 50)[:20], 5000, "FPA", sport=54), DEV, 0)
+    s.feed(seg(b"", 5999, "S", sport=55), DEV, 0)
     s.feed(seg(framed(b"z" * 50)[:20], 6000, sport=55), DEV, 0)
     s.feed(seg(b"", 0, "R", sport=55), DEV, 0)
     assert s.dropped == {"gap": 1, "closed": 2}
     for port in range(100, 103):                                   # a third flow pushes out the oldest
+        s.feed(seg(b"", -1, "S", sport=port), DEV, 1)
         s.feed(seg(b"\x00\x50" + b"q" * 10, 0, sport=port), DEV, 1)
     assert len(s) == 2 and s.dropped["evicted"] >= 1
+    s.feed(seg(b"", -1, "S", sport=200), DEV, 2)
     s.feed(seg(b"\x00\x50" + b"q" * 90, 0, sport=200), DEV, 2)          # over max_bytes with the others
     assert s.held <= 100
+    s.feed(seg(b"", -1, "S", sport=300), DEV, 20)
     s.feed(seg(b"\x00\x50", 0, sport=300), DEV, 20)                     # the rest idled out
     assert s.dropped["expired"] >= 1 and len(s) == 1
 
 
 def test_a_device_with_many_connections_pushes_out_only_its_own():
     s = Streams(per_device=4)
+    s.feed(seg(b"", -1, "SA", dst="100.96.0.9"), "100.96.0.9", 0)
     s.feed(seg(b"\x00\x50" + b"o" * 10, 0, dst="100.96.0.9"), "100.96.0.9", 0)     # another device's unfinished answer
     for port in range(1000, 1100):
+        s.feed(seg(b"", -1, "SA", dport=port), DEV, 1)
         s.feed(seg(b"\x00\x50" + b"q" * 10, 0, dport=port), DEV, 1)
     assert len(s) == 5 and s.dropped == {"evicted": 96}
     rest = b"o" * 70
@@ -95,6 +103,8 @@ def test_a_question_in_pieces_is_remembered():
     sp, rec = slowpath()
     q = query("app.corp.example", qid=12)
     qw = framed(q.to_wire())
+    sp.handle(packet(DEV, 40001, RES, 53, b"", tcp=True, seq=99, flags="S"))
+    sp.handle(packet(RES, 53, DEV, 40001, b"", tcp=True, seq=0, flags="SA"))
     assert sp.handle(packet(DEV, 40001, RES, 53, qw[:1], tcp=True, seq=100)) == "no-message"
     assert sp.handle(packet(DEV, 40001, RES, 53, qw[1:], tcp=True, seq=101)) == "question"
     a = framed(answer(q, rr("app.corp.example.", 300, "A", "10.20.0.10")).to_wire())
@@ -104,6 +114,7 @@ def test_a_question_in_pieces_is_remembered():
 def test_one_connection_a_device():
     s = Streams(per_device=1)
     for port in (1000, 1001, 1002):
+        s.feed(seg(b"", -1, "SA", dport=port), DEV, 0)
         s.feed(seg(b"\x00\x50" + b"q" * 10, 0, dport=port), DEV, 0)
     assert len(s) == 1 and s.by_device[DEV] and s.dropped == {"evicted": 2}
     s.feed(seg(b"", 0, "R", dport=1002), DEV, 0)
