@@ -41,6 +41,7 @@ from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
+from .incremental import Incremental, NotIncremental
 from .kernel_names import LearnedNames
 from .learned import Learned
 from .model import Device, Identities, Policy
@@ -106,6 +107,7 @@ class Kernel(LearnedNames):
         # Learning writes the build in force in place; a swap makes the new build's learned
         # addresses current and attaches it under this lock, so nothing learned is lost between.
         self.learned_lock = threading.Lock()
+        self.inc: Optional[Incremental] = None      # the build in force, for rule changes without a compile
 
     # -----------------------------------------------------------------------------------------
     # changes: staged before the store commits (where they can still fail), applied after
@@ -115,6 +117,10 @@ class Kernel(LearnedNames):
         one in force (one netlink call: no packet sees half of either), and forgets the flows
         of the FORGET addresses (they changed hands) before the epoch moves."""
         started = time.perf_counter()
+        if self.inc is not None:
+            staged = self._stage_change(identities, policy, number, forget)
+            if staged is not None:
+                return staged
         with self.learned_lock:
             learned = self.learned.by_address()
         tables = compile_policy(policy, identities, self.base, learned)
@@ -122,7 +128,7 @@ class Kernel(LearnedNames):
         if self.build is not None:
             short = self.build.program.layout.shortfalls(tables.need)
             if not short and self.build.program.policy_tables.banks == 2:
-                return self._stage_in_place(tables, number, forget, compiled - started)
+                return self._stage_in_place(tables, number, forget, compiled - started, (policy, identities))
             log.info("build %d does not fit build %d's program (%s): falling back to a full build",
                      number, self.build.number, "; ".join(short) or "one bank")
         program = Program(tables.need.with_headroom(), pin_dir=self.config.bpf_pin_dir, build=number)
@@ -132,9 +138,14 @@ class Kernel(LearnedNames):
             program.close()
             raise
         new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
-        return Staged(lambda: self._switch(new, forget), program.close)
 
-    def _stage_in_place(self, tables: Tables, number: int, forget: list, compile_seconds: float) -> Staged:
+        def apply() -> None:
+            self._switch(new, forget)
+            self._begin_changes(new, policy, identities)
+        return Staged(apply, program.close)
+
+    def _stage_in_place(self, tables: Tables, number: int, forget: list, compile_seconds: float,
+                        basis: tuple) -> Staged:
         """TABLES into the bank not in force of the program in force; applying flips it."""
         program = self.build.program
         # that bank's counters are the build before this one's: kept by name before they go
@@ -143,7 +154,43 @@ class Kernel(LearnedNames):
         started = time.perf_counter()
         written = program.stage(tables)
         new = Build(number, program, tables, compile_seconds, time.perf_counter() - started, 1 - program.bank, written)
-        return Staged(lambda: self._flip(new, forget), lambda: None)
+
+        def apply() -> None:
+            self._flip(new, forget)
+            self._begin_changes(new, *basis)
+        return Staged(apply, lambda: None)
+
+    # -----------------------------------------------------------------------------------------
+    # rule changes without a compile (control/incremental.py)
+
+    def _stage_change(self, identities: Identities, policy: Policy, number: int, forget: list) -> Optional[Staged]:
+        """The rules that changed, written into the bank not in force (None: the change needs
+        a whole compile, said in the log)."""
+        inc, program = self.inc, self.build.program
+        self.inc = None            # until applied: a change staged and discarded leaves it stale
+        self._carry(self.standby)  # (the bank's counters are the build before's)
+        self.standby = None
+        try:
+            change = inc.stage(policy, identities, forget)
+        except NotIncremental as e:
+            log.info("build %d: %s: falling back to a full build", number, e)
+            return None
+        new = Build(number, program, change.tables, change.seconds, 0.0, 1 - program.bank, change.written)
+
+        def apply() -> None:
+            old_bank = program.bank
+            self._flip(new)
+            inc.applied(change, policy, old_bank)
+            self.inc = inc
+        return Staged(apply, lambda: None)
+
+    def _begin_changes(self, build: Build, policy: Policy, identities: Identities) -> None:
+        """BUILD is in force after a whole compile: the state rule changes start from."""
+        self.inc = None
+        try:
+            self.inc = Incremental(build.tables, policy, identities, build.program)
+        except NotIncremental as e:
+            log.info("build %d: rule changes will compile everything: %s", build.number, e)
 
     def _flip(self, new: Build, forget: list = ()) -> None:
         """Put NEW's bank in force: one store. No settle before the epoch moves (unlike a swap):
@@ -254,6 +301,8 @@ class Kernel(LearnedNames):
             if rows:   # the new classes first: no source points at a class not yet written
                 build.program.set_idents(known + 1, rows)
             build.program.set_sources(entries)
+            if self.inc is not None:
+                self.inc.devices_written(identities, entries, range(known + 1, known + added + 1))
             # The epoch at once (no settle, unlike a swap: a packet reads the epoch before the
             # sources, so one that reads the new epoch sees the new sources). Then a device's
             # address may go to another device: its flows go with it.
