@@ -26,22 +26,33 @@ class IdentsFull(Exception):
 
 class Members:
     """Who is in a principal: users by group (the identity provider's and the policy's), devices
-    by user. Made for one Identities (and the policy's groups) and kept while they stay."""
+    by user. Made for one Identities (and the policy's groups), each index when first asked."""
 
     def __init__(self, identities: Identities, local_groups: dict):
-        self.identities = identities
-        self.by_group: dict[str, set[str]] = defaultdict(set)
-        for u in identities.users:
-            for g in u.all_groups:
-                self.by_group[g].add(u.key)
-        for g, members in local_groups.items():
-            self.by_group[g].update(members)
-        self.devices_of: dict[str, list] = defaultdict(list)
-        self.by_name = {}
-        for d in identities.devices:
-            if d.enabled:
-                self.devices_of[d.user].append(d)
-                self.by_name[d.name] = d
+        self.identities, self.local_groups = identities, local_groups
+        self._by_group = self._devices_of = None
+
+    @property
+    def by_group(self) -> dict:
+        if self._by_group is None:
+            by_group: dict[str, set[str]] = defaultdict(set)
+            for u in self.identities.users:
+                for g in set(u.groups).union(u.provider_groups):
+                    by_group[g].add(u.key)
+            for g, members in self.local_groups.items():
+                by_group[g].update(members)
+            self._by_group = by_group
+        return self._by_group
+
+    @property
+    def devices_of(self) -> dict:
+        if self._devices_of is None:
+            devices_of: dict[str, list] = defaultdict(list)
+            for d in self.identities.devices:
+                if d.enabled:
+                    devices_of[d.user].append(d)
+            self._devices_of = devices_of
+        return self._devices_of
 
     def devices(self, principals) -> list:
         users, out = set(), {}
@@ -50,8 +61,8 @@ class Members:
                 users.add(p.name)
             elif p.kind == "group":
                 users |= self.by_group.get(p.name, set())
-            elif p.name in self.by_name:
-                out[p.name] = self.by_name[p.name]
+            else:
+                out.update((d.name, d) for d in self.identities.devices if d.enabled and d.name == p.name)
         for u in users:
             for d in self.devices_of.get(u, ()):
                 out[d.name] = d

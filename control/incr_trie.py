@@ -22,12 +22,14 @@ class TrieFull(Exception):
 
 
 class Trie:
-    """NODES: (capacity, 256) uint32, written in place (a bank not in force); N: nodes in use.
+    """NODES: (capacity, 256) uint32, written in place (a bank not in force); N: nodes in use;
+    REFS: the classes' reference counts (control/incr_rows.py), kept as slots change.
     dirty: the node rows written so far."""
 
-    def __init__(self, nodes: np.ndarray, n: int):
+    def __init__(self, nodes: np.ndarray, n: int, refs):
         self.nodes = nodes
         self.n = n
+        self.refs = refs
         self.dirty: set[int] = set()
 
     def paint(self, family: int, lo: int, hi: int, mapper: Callable[[int], int]) -> None:
@@ -63,8 +65,12 @@ class Trie:
         new = np.fromiter((mapper(int(x)) for x in old), np.uint32, len(old))
         if np.array_equal(new, old):
             return
-        changed = leaves[new[inverse] != vals]
-        seg[changed] = new[inverse][new[inverse] != vals]
+        now = new[inverse]
+        moved = now != vals
+        changed = leaves[moved]
+        seg[changed] = now[moved]
+        self.refs.drop(vals[moved])
+        self.refs.add(now[moved])
         self.dirty.update((row0 + (changed + full0) // 256).tolist())
 
     def _into_child(self, view: np.ndarray, row0: int, s: int, slot_base: int, slot_bits: int, lo: int, hi: int,
@@ -79,6 +85,7 @@ class Trie:
                 raise TrieFull(f"trie nodes {child + 1} > {len(self.nodes)}")
             self.n += 1
             self.nodes[child] = value
+            self.refs.add([value], 255)      # its 256 slots, less the parent's slot
             self.dirty.add(child)
             view[s] = NODE_FLAG | child
             self.dirty.add(row0 + s // 256)

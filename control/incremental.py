@@ -23,29 +23,25 @@ changed, many rules at once), NotIncremental says why and the caller compiles ev
 """
 from __future__ import annotations
 
-import ipaddress
+import ctypes
 import time
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
-from dataplane.mirrors import CAND, CLASS, PORT_END
+from dataplane.mirrors import CAND, CLASS
 from dataplane.tables import SETTLE
 
-from .compiler import ACTION_CODE, Tables, _interval
+from .compiler import ACTION_CODE, Tables, _no_collections
+from .incr_dest import Destinations, NotIncremental, start_refs
 from .incr_idents import IdentsFull, Members, SourceWrites, add_token, class_counts
-from .incr_trie import Trie, TrieFull
 from .learned import Patterns
 from .model import Identities, Policy, Rule
-from .port_tables import build_services, rule_facts
 
+__all__ = ["Change", "Incremental", "NotIncremental"]
 MAX_RULES_CHANGED = 16
-FULL = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
 ARRAYS = ("zt_pool4", "zt_pool6", "zt_idents", "zt_nodes", "zt_classes", "zt_port_tables", "zt_services", "zt_sport")
-
-
-class NotIncremental(Exception):
-    """This change needs a whole compile; the message says why."""
 
 
 @dataclass
@@ -59,7 +55,7 @@ class Change:
     seconds: float
 
 
-class Incremental:
+class Incremental(Destinations):
     """The state of the build in force that changes need: made after a whole build is in force
     (its tables' basis and the program), kept by stage() and applied()."""
 
@@ -75,26 +71,38 @@ class Incremental:
         self.default = cands.default
         self.rule_of: dict[int, Rule] = dict(enumerate(cands.rules, start=1))
         self.slot = {r.name: i for i, r in self.rule_of.items()}
+        self.by_precedence = {r.precedence: i for i, r in self.rule_of.items()}
+        if len(self.by_precedence) != len(self.rule_of):
+            raise NotIncremental("two enabled rules share a precedence")
         self.facts = {i: (cands.rid_who[i], cands.rid_sport[i], cands.rid_action[i], cands.rid_protos[i])
                       for i in self.rule_of}
-        self.next_id = len(cands.rules) + 1
+        self.next_id, self.free_ids = len(cands.rules) + 1, []
         self.who_ids = dict(cands.who_tokens.ids)
         self.n_who = len(cands.who_tokens.values)
         self.sport_ids = dict(cands.sport_sets.ids)
-        self.class_sets, self.class_ids = list(classes.values), dict(classes.ids)
         self.sources = tables.sources
         self.rule_names = list(tables.rule_names)
-        self.counts = None                     # sources per identity class, made when first needed
-        self.members = None                    # who is in a principal, made when first needed
         self.stats = dict(tables.stats)
-        self.n_nodes, self.n_pt = tables.need.max_nodes, len(tables.port_tables)
-        pt = program.policy_tables
-        services = pt.in_bank("zt_services").view(CAND)
-        self.n_svc = len(tables.services)
-        self.svc_ids = {services[i].tobytes(): i for i in range(self.n_svc)}
+        self.n_nodes = tables.need.max_nodes
+        with _no_collections():
+            self._start_rows(classes, len(tables.port_tables), len(tables.services))
+            self.counts = class_counts(program, program.bank)       # sources per identity class
+            self.members = Members(identities, policy.groups)        # who is in a principal
         self.pending = [{}, {}]
+        pt = program.policy_tables
         self._copy_whole(pt.bank, 1 - pt.bank)
         program.learned.load(tables.learned, 1 - pt.bank)
+
+    def _start_rows(self, classes, n_pt: int, n_svc: int) -> None:
+        """Reference counts of the rows in force, and the keys of the live ones."""
+        self.class_refs, self.table_refs, self.svc_refs = start_refs(self.program, self.n_nodes, len(classes.values),
+                                                                     n_pt, n_svc)
+        self.class_sets, self.class_ids = list(classes.values), dict(classes.ids)
+        for k in self.class_refs.free:
+            del self.class_ids[self.class_sets[k]]
+        services = self.program.policy_tables.in_bank("zt_services").view(CAND)
+        live = np.flatnonzero(self.svc_refs.counts[:n_svc] > 0).tolist()
+        self.svc_ids = {services[i].tobytes(): i for i in live}
 
     # -----------------------------------------------------------------------------------------
 
@@ -132,7 +140,8 @@ class Incremental:
                 pending["zt_src_hash"] = True
             else:
                 pending.setdefault(slot[0], set()).add(slot[1])
-        self.identities, self.counts, self.members = identities, None, None
+        self.identities, self.counts = identities, None
+        self.members = Members(identities, self.policy.groups)
 
     def applied(self, change: Change, policy: Policy, old_bank: int) -> None:
         """CHANGE is in force; OLD_BANK (in force before) lacks its rows."""
@@ -146,42 +155,53 @@ class Incremental:
 
     # -----------------------------------------------------------------------------------------
 
-    def stage(self, policy: Policy, identities: Identities, forget) -> Change:
-        """POLICY (the policy in force with some rules changed) into the bank not in force."""
+    def stage(self, policy: Policy, identities: Identities, forget, counted: Optional[list] = None) -> Change:
+        """POLICY (the policy in force with some rules changed) into the bank not in force.
+        COUNTED: the rule ids that bank's counters hold (None: read them)."""
+        with _no_collections():
+            return self._stage(policy, identities, forget, counted)
+
+    def _stage(self, policy: Policy, identities: Identities, forget, counted: Optional[list]) -> Change:
         started = time.perf_counter()
         removed, added = self._diff(policy, identities, forget)
         pt = self.program.policy_tables
         bank = 1 - pt.bank
         self._sync(pt.bank, bank)
-        pt.clear_rule_stats(bank)
-        lay = self.program.layout
+        self._clear_counters(bank, counted)
         dirty: dict = {}
-        old_ids = {self.slot.pop(r.name) for r in removed}
-        new_ids = []
-        for r in sorted(added, key=lambda r: r.precedence):
-            if self.next_id >= lay.max_rules:
-                raise NotIncremental(f"rule ids {self.next_id + 1} > {lay.max_rules}")
-            new_ids.append(self._admit(r, bank, dirty))
-        trie = Trie(pt.in_bank("zt_nodes", bank).view(np.uint32), self.n_nodes)
-        fresh: list = []
-        try:
-            for family in (4, 6):
-                for lo, hi, here in self._intervals(family, old_ids, new_ids):
-                    trie.paint(family, lo, hi, self._mapper(old_ids, here, fresh))
-        except TrieFull as e:
-            raise NotIncremental(str(e)) from None
-        self.n_nodes = trie.n
-        dirty["zt_nodes"] = trie.dirty
+        old_ids = set()
+        for r in removed:
+            cid = self.slot.pop(r.name)
+            del self.by_precedence[r.precedence]
+            old_ids.add(cid)
+        new_ids = [self._admit(r, bank, dirty) for r in sorted(added, key=lambda r: r.precedence)]
+        self.n_nodes, fresh = self._paint(bank, self.n_nodes, old_ids, new_ids, dirty)
         self._class_rows(fresh, bank, dirty)
-        self.stats.update(rules=len(self.slot), classes=len(self.class_sets), services=self.n_svc,
-                          port_tables=self.n_pt, nodes=self.n_nodes, who_tokens=self.n_who,
+        self._free_rows(bank)
+        self.free_ids += sorted(old_ids)
+        live = {"classes": self.class_refs, "port_tables": self.table_refs, "services": self.svc_refs}
+        self.stats.update({k: refs.n - len(refs.free) for k, refs in live.items()},
+                          rules=len(self.slot), nodes=self.n_nodes, who_tokens=self.n_who,
                           idents=len(self.sources.idents.values))
         tables = self._tables()
         written = sum(1 if rows is True else len(rows) for rows in dirty.values())
         return Change(tables, dirty, written, time.perf_counter() - started)
 
+    def _clear_counters(self, bank: int, counted: Optional[list]) -> None:
+        """BANK's rule counters start at zero (those of COUNTED only, when the caller knows)."""
+        pt = self.program.policy_tables
+        if counted is None:
+            pt.clear_rule_stats(bank)
+            return
+        stats = self.program.bpf["zt_rule_stats"]
+        per = stats.max_entries // pt.banks
+        for rid in counted:
+            stats.clearitem(ctypes.c_int(int(rid) + bank * per))
+
     def _diff(self, policy: Policy, identities: Identities, forget) -> tuple[list, list]:
-        """The rules that leave (removed, disabled, changed) and come in (added, enabled, changed)."""
+        """The rules that leave (removed, disabled, changed) and come in (added, enabled, changed):
+        the rule objects of one policy that are not the other's (a change replaces only the
+        rules it touches), compared by name."""
         if forget:
             raise NotIncremental("tunnel addresses change hands")
         if identities is not self.identities:
@@ -189,14 +209,25 @@ class Incremental:
         old_p = self.policy
         if policy.default_action != old_p.default_action or policy.groups != old_p.groups:
             raise NotIncremental("the default action or the policy's groups changed")
-        old = {r.name: r for r in old_p.rules if r.enabled}
-        new = {r.name: r for r in policy.rules if r.enabled}
-        removed = [r for n, r in old.items() if new.get(n) is not r and new.get(n) != r]
-        added = [r for n, r in new.items() if old.get(n) is not r and old.get(n) != r]
-        if len(removed) + len(added) > MAX_RULES_CHANGED:
-            raise NotIncremental(f"{len(removed) + len(added)} rules changed")
-        if len({r.precedence for r in new.values()}) != len(new):
-            raise NotIncremental("two enabled rules share a precedence")
+        old_ids, new_ids = set(map(id, old_p.rules)), set(map(id, policy.rules))
+        gone = {r.name: r for r in old_p.rules if id(r) not in new_ids}
+        came = {r.name: r for r in policy.rules if id(r) not in old_ids}
+        if len(gone) + len(came) > MAX_RULES_CHANGED:
+            raise NotIncremental(f"{len(gone) + len(came)} rules changed")
+        same = [n for n in gone if n in came and gone[n] == came[n]]
+        removed = [r for n, r in gone.items() if r.enabled and n not in same]
+        added = [r for n, r in came.items() if r.enabled and n not in same]
+        taken = {self.rule_of[self.slot[r.name]].precedence for r in removed}
+        for r in added:
+            holder = self.by_precedence.get(r.precedence)
+            if holder is not None and r.precedence not in taken:
+                raise NotIncremental(f"rule {r.name!r} takes precedence {r.precedence} of another rule")
+        if len({r.precedence for r in added}) != len(added):
+            raise NotIncremental("two rules share a precedence")
+        self._admissible(added)
+        return removed, added
+
+    def _admissible(self, added: list) -> None:
         fresh_tokens = 0
         for r in added:
             if r.dst_hostnames is not None:
@@ -209,7 +240,6 @@ class Incremental:
                 fresh_tokens += 1
         if fresh_tokens > 1:
             raise NotIncremental("more than one new principal condition")
-        return removed, added
 
     def _admit(self, r: Rule, bank: int, dirty: dict) -> int:
         """A new candidate id for rule R (and its who-token's bit, when it is new)."""
@@ -223,11 +253,17 @@ class Incremental:
         if r.states_ports:
             protos &= {"tcp", "udp"}
         sport = self.sport_ids[_sport_key(r)] if r.src_ports is not None else 0
-        cid = self.next_id
-        self.next_id += 1
-        self.rule_of[cid], self.slot[r.name] = r, cid
+        if self.free_ids:
+            cid = self.free_ids.pop(0)
+            self.rule_names[cid - 1] = r.name
+        else:
+            cid = self.next_id
+            if cid >= self.program.layout.max_rules:
+                raise NotIncremental(f"rule ids {cid + 1} > {self.program.layout.max_rules}")
+            self.next_id += 1
+            self.rule_names.append(r.name)
+        self.rule_of[cid], self.slot[r.name], self.by_precedence[r.precedence] = r, cid, cid
         self.facts[cid] = (who, sport, ACTION_CODE[r.action], frozenset(protos))
-        self.rule_names.append(r.name)
         return cid
 
     def _new_token(self, key, bank: int, dirty: dict) -> int:
@@ -237,8 +273,6 @@ class Incremental:
         pt = self.program.policy_tables
         if self.counts is None:
             self.counts = class_counts(self.program, pt.bank)
-        if self.members is None:
-            self.members = Members(self.identities, self.policy.groups)
         writes = SourceWrites()
         try:
             add_token(token, key[0], self.sources, self.members, self.program, bank, self.counts, writes)
@@ -250,121 +284,11 @@ class Incremental:
         _write_sources(pt, writes.sources, bank, dirty)
         return token
 
-    # -----------------------------------------------------------------------------------------
-    # destinations
-
-    def _cover(self, cid: int, family: int) -> tuple[list, list]:
-        r = self.rule_of[cid]
-        cover = r.dst_cidrs if r.dst_cidrs is not None else (FULL[family],)
-        return ([_interval(n) for n in cover if n.version == family],
-                [_interval(n) for n in (r.dst_except or ()) if n.version == family])
-
-    def _intervals(self, family: int, old_ids: set, new_ids: list):
-        """The elementary intervals of the changed candidates' destinations, with the new
-        candidates that hold each (in precedence order), where any changed one holds it."""
-        span = 32 if family == 4 else 128
-        covers = {c: self._cover(c, family) for c in list(old_ids) + new_ids}
-        bounds = {0}
-        for inc, exc in covers.values():
-            for lo, hi in inc + exc:
-                bounds.update((lo, hi + 1))
-        points = sorted(b for b in bounds if b < 1 << span)
-
-        def holds(c: int, x: int) -> bool:
-            inc, exc = covers[c]
-            return any(lo <= x <= hi for lo, hi in inc) and not any(lo <= x <= hi for lo, hi in exc)
-        for i, lo in enumerate(points):
-            hi = points[i + 1] - 1 if i + 1 < len(points) else (1 << span) - 1
-            here = tuple(c for c in new_ids if holds(c, lo))
-            if here or any(holds(c, lo) for c in old_ids):
-                yield lo, hi, here
-
-    def _mapper(self, old_ids: set, here: tuple, fresh: list):
-        """Class id -> the class of its set without OLD_IDS and with HERE (new rows into FRESH)."""
-        prec = self.rule_of
-
-        def mapped(k: int) -> int:
-            members = self.class_sets[k]
-            kept = [c for c in members if c not in old_ids]
-            key = tuple(sorted(kept + list(here), key=lambda c: prec[c].precedence)) if here else tuple(kept)
-            if key == members:
-                return k
-            got = self.class_ids.get(key)
-            if got is None:
-                got = len(self.class_sets)
-                if got >= self.program.layout.max_classes:
-                    raise TrieFull(f"destination classes {got + 1} > {self.program.layout.max_classes}")
-                self.class_sets.append(key)
-                self.class_ids[key] = got
-                fresh.append(got)
-            return got
-        return mapped
-
-    def _class_rows(self, fresh: list, bank: int, dirty: dict) -> None:
-        """The rows of the new classes, their port tables and services (control/port_tables.py
-        on these classes alone, the candidates numbered locally in precedence order)."""
-        if not fresh:
-            return
-        lay = self.program.layout
-        union = sorted({c for k in fresh for c in self.class_sets[k]}, key=lambda c: self.rule_of[c].precedence)
-        local = {c: i for i, c in enumerate(union, start=1)}
-        f = [self.facts[c] for c in union]
-        facts = rule_facts([self.rule_of[c] for c in union], [0] + [x[0] for x in f], [0] + [x[1] for x in f],
-                           [0] + [x[2] for x in f], [()] + [x[3] for x in f], self.default,
-                           rule=[0] + union, name=[0] * (len(union) + 1))
-        st = build_services(facts, [tuple(local[c] for c in self.class_sets[k]) for k in fresh])
-        if st.max_cands > lay.max_cands or st.port_slots > lay.port_slots:
-            raise NotIncremental(f"candidates {st.max_cands} (of {lay.max_cands}) or port slots "
-                                 f"{st.port_slots} (of {lay.port_slots}) outgrow the program")
-        pt = self.program.policy_tables
-        svc_map = self._service_rows(st.services, pt.in_bank("zt_services", bank).view(CAND),
-                                     dirty.setdefault("zt_services", set()))
-        tables = pt.in_bank("zt_port_tables", bank).view(np.uint32).reshape(-1, 2, lay.port_slots)
-        if self.n_pt + len(st.port_tables) > len(tables):
-            raise NotIncremental(f"port tables {self.n_pt + len(st.port_tables)} > {len(tables)}")
-        rows = np.full((len(st.port_tables), 2, lay.port_slots), PORT_END, np.uint32)
-        rows[:, 1, :] = 0
-        rows[:, :, :st.port_slots] = st.port_tables
-        used = rows[:, 0, :] != PORT_END
-        rows[:, 1, :][used] = svc_map[rows[:, 1, :][used]]
-        pt_first = self.n_pt
-        tables[pt_first:pt_first + len(rows)] = rows
-        self.n_pt += len(rows)
-        dirty["zt_port_tables"] = set(range(pt_first, self.n_pt))
-        classes = pt.in_bank("zt_classes", bank).view(CLASS)[:, 0]
-        out = np.zeros(len(fresh), CLASS)
-        out["ports"] = st.classes["ports"] + pt_first
-        out["svc_icmp"] = svc_map[st.classes["svc_icmp"]]
-        out["svc_other"] = svc_map[st.classes["svc_other"]]
-        classes[fresh] = out
-        dirty["zt_classes"] = set(fresh)
-
-    def _service_rows(self, services: np.ndarray, view: np.ndarray, dirty: set) -> np.ndarray:
-        """Each local service's row: an equal row's, or a new row in VIEW. (A per-row pass
-        over services goes here: it sees only the rows this change writes.)"""
-        width = view.shape[1]
-        padded = np.zeros((len(services), width), CAND)
-        padded[:, :services.shape[1]] = services
-        out = np.empty(len(services), np.uint32)
-        for k in range(len(services)):
-            key = padded[k].tobytes()
-            got = self.svc_ids.get(key)
-            if got is None:
-                got = self.n_svc
-                if got >= len(view):
-                    raise NotIncremental(f"services {got + 1} > {len(view)}")
-                view[got] = padded[k]
-                self.svc_ids[key] = got
-                self.n_svc += 1
-                dirty.add(got)
-            out[k] = got
-        return out
-
     def _tables(self) -> Tables:
         """The Tables of the build staged: its rule names and sources (the arrays are the bank's)."""
         lay = self.program.layout
-        need = replace(lay, max_rules=self.next_id, max_nodes=self.n_nodes, max_classes=len(self.class_sets),
-                       max_port_tables=self.n_pt, max_services=self.n_svc,
+        need = replace(lay, max_rules=self.next_id, max_nodes=self.n_nodes, max_classes=self.class_refs.n,
+                       max_port_tables=self.table_refs.n, max_services=self.svc_refs.n,
                        max_idents=len(self.sources.idents.values) + 1)
         empty = np.zeros(0, np.uint32)
         return Tables(need=need, rule_names=list(self.rule_names), pool4={}, pool6={}, src_hash={}, nodes=empty,

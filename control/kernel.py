@@ -168,10 +168,11 @@ class Kernel(LearnedNames):
         a whole compile, said in the log)."""
         inc, program = self.inc, self.build.program
         self.inc = None            # until applied: a change staged and discarded leaves it stale
-        self._carry(self.standby)  # (the bank's counters are the build before's)
+        # the bank's counters are the build before's: carried by name, then zeroed where they counted
+        counted = self._carry(self.standby)
         self.standby = None
         try:
-            change = inc.stage(policy, identities, forget)
+            change = inc.stage(policy, identities, forget, counted)
         except NotIncremental as e:
             log.info("build %d: %s: falling back to a full build", number, e)
             return None
@@ -226,14 +227,20 @@ class Kernel(LearnedNames):
         for n in sorted(self.names)[:-KEEP_BUILDS]:
             del self.names[n]
 
-    def _carry(self, build: Optional[Build]) -> None:
-        """A build's counters join the running totals, by rule name."""
+    def _carry(self, build: Optional[Build]) -> Optional[list]:
+        """A build's counters join the running totals, by rule name: the rule ids that counted
+        (None: no build)."""
         if build is None:
-            return
-        for name, (packets, nbytes) in _named(build).items():
-            total = self.carried.setdefault(name, [0, 0])
+            return None
+        counts = build.program.rule_counters(build.bank)
+        names = build.tables.rule_names
+        for rid, (packets, nbytes) in counts.items():
+            if rid > len(names):
+                continue
+            total = self.carried.setdefault(names[rid - 1] if rid else DEFAULT_RULE, [0, 0])
             total[0] += packets
             total[1] += nbytes
+        return list(counts)
 
     def _switch(self, new: Build, forget: list = ()) -> None:
         """Attach NEW in place of the build in force. Once it is on the ingress interface it is
