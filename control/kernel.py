@@ -41,7 +41,8 @@ from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
-from .incremental import Incremental, NotIncremental
+from .incremental import Incremental
+from .kernel_changes import RuleChanges
 from .kernel_names import LearnedNames
 from .learned import Learned
 from .model import Device, Identities, Policy
@@ -92,7 +93,7 @@ class Build:
     written: int = 0       # entries written into that bank (in place: only those that differed)
 
 
-class Kernel(LearnedNames):
+class Kernel(LearnedNames, RuleChanges):
     def __init__(self, config: Config):
         self.config = config
         # the event cache that conntrack (zt_ct) replaced, pinned by gateways before it
@@ -145,8 +146,9 @@ class Kernel(LearnedNames):
         return Staged(apply, program.close)
 
     def _stage_in_place(self, tables: Tables, number: int, forget: list, compile_seconds: float,
-                        basis: tuple) -> Staged:
-        """TABLES into the bank not in force of the program in force; applying flips it."""
+                        basis: Optional[tuple] = None) -> Staged:
+        """TABLES into the bank not in force of the program in force; applying flips it (and,
+        with BASIS, the policy and identities compiled, rule changes start from it)."""
         program = self.build.program
         # that bank's counters are the build before this one's: kept by name before they go
         self._carry(self.standby)
@@ -157,41 +159,9 @@ class Kernel(LearnedNames):
 
         def apply() -> None:
             self._flip(new, forget)
-            self._begin_changes(new, *basis)
+            if basis is not None:
+                self._begin_changes(new, *basis)
         return Staged(apply, lambda: None)
-
-    # -----------------------------------------------------------------------------------------
-    # rule changes without a compile (control/incremental.py)
-
-    def _stage_change(self, identities: Identities, policy: Policy, number: int, forget: list) -> Optional[Staged]:
-        """The rules that changed, written into the bank not in force (None: the change needs
-        a whole compile, said in the log)."""
-        inc, program = self.inc, self.build.program
-        self.inc = None            # until applied: a change staged and discarded leaves it stale
-        # the bank's counters are the build before's: carried by name, then zeroed where they counted
-        counted = self._carry(self.standby)
-        self.standby = None
-        try:
-            change = inc.stage(policy, identities, forget, counted)
-        except NotIncremental as e:
-            log.info("build %d: %s: falling back to a full build", number, e)
-            return None
-        new = Build(number, program, change.tables, change.seconds, 0.0, 1 - program.bank, change.written)
-
-        def apply() -> None:
-            old_bank = program.bank
-            self._flip(new)
-            inc.applied(change, policy, old_bank)
-            self.inc = inc
-        return Staged(apply, lambda: None)
-
-    def _begin_changes(self, build: Build, policy: Policy, identities: Identities) -> None:
-        """BUILD is in force after a whole compile: the state rule changes start from."""
-        self.inc = None
-        try:
-            self.inc = Incremental(build.tables, policy, identities, build.program)
-        except NotIncremental as e:
-            log.info("build %d: rule changes will compile everything: %s", build.number, e)
 
     def _flip(self, new: Build, forget: list = ()) -> None:
         """Put NEW's bank in force: one store. No settle before the epoch moves (unlike a swap):

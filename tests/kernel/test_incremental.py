@@ -19,6 +19,8 @@ from control.probe import kernel_verdicts, reference_verdicts
 from dataplane.program import Program
 from tests.kernel.test_banks import changes, load_fresh
 from tests.kernel.test_differential import identities, packets, policies
+from tests.kernel.test_attach import (ALLOWED, BLOCKED, GW, IDS, PEER, POLICY, ns, pin_dir, receivers,  # noqa: F401
+                                      udp_to_gw, veth_pair)
 from tests.programs import TEST_LAYOUT
 
 COUNTS = {"incremental": 0, "whole": 0}
@@ -118,7 +120,7 @@ def test_hundreds_of_changes_stay_incremental_and_right(program, fresh):
     import ipaddress
 
     from control.model import TCP, UDP, Packet, Principal, Rule
-    from tests.app_policy import IDS, POLICY
+    from tests.app_policy import IDS, POLICY   # (not test_attach's)
 
     users = [u.key for u in IDS.users]
     dsts = [ipaddress.ip_address(a) for a in ("10.99.99.1", "10.99.99.2", "10.20.0.10", "fd20::10")]
@@ -151,3 +153,76 @@ def test_hundreds_of_changes_stay_incremental_and_right(program, fresh):
             load_fresh(fresh, whole)
             assert kernel_verdicts(fresh, whole, probes) == got
     assert COUNTS["whole"] == before["whole"], WHY
+
+
+def test_hundreds_of_incremental_changes_under_traffic_decide_every_packet_by_one_policy(ns, pin_dir):  # noqa: F811
+    """test_banks' 400 flips, each an incremental change between two policies (the whole rule
+    list swapped: removed, added, moved) while the peer sends from many flows. Every event
+    says which build decided: its verdict and rule must be what the reference says under that
+    build's policy."""
+    from control.model import Policy, Rule
+    from control.packets import parse_raw
+    from control.reference import decide
+    from dataplane.attach import attach
+    from dataplane.events import EventReader
+
+    two = Policy("block", (Rule("filler", 1, "block", protocols=frozenset({"udp"}), dst_ports=((5003, 5003),)),
+                           Rule("b-only", 2, "allow", protocols=frozenset({"udp"}), dst_ports=((BLOCKED, BLOCKED),))))
+    policies = {0: POLICY, 1: replace(POLICY, rules=POLICY.rules + (replace(two.rules[0], precedence=999),)), 2: two}
+    gw_if, _ = veth_pair(ns)
+    receivers(ns, "gw")
+    eth = replace(TEST_LAYOUT, ethernet=True)
+    stop = threading.Event()
+    events, names, of_build = [], {}, {}
+    program = Program(eth, build=1, pin_dir=pin_dir)
+    try:
+        tables = compile_policy(POLICY, IDS, eth)
+        program.load(tables)
+        names[1], of_build[1] = tables.rule_names, POLICY
+        inc = Incremental(tables, POLICY, IDS, program)
+        with EventReader.pinned(pin_dir) as reader:
+            senders = []
+            for i in range(16):
+                s = ns.socket("peer")
+                s.bind((PEER, 4100 + i))
+                senders.append(s)
+
+            def send():
+                while not stop.is_set():
+                    for s in senders:
+                        for port in (ALLOWED, BLOCKED):
+                            s.sendto(b"x", (GW, port))
+                    time.sleep(0.002)
+
+            thread = threading.Thread(target=send)
+            thread.start()
+            with ns.inside("gw"):
+                attach(program, gw_if)
+                for number in range(2, 402):
+                    policy = policies[number % 3]
+                    staged = inc.stage(policy, IDS, [])
+                    old = program.bank
+                    program.flip(number)
+                    inc.applied(staged, policy, old)
+                    program.next_epoch()
+                    names[number], of_build[number] = staged.tables.rule_names, policy
+                    events.extend(reader.poll(0))
+                    time.sleep(0.002)
+            stop.set()
+            thread.join()
+            deadline = time.monotonic() + 1
+            while time.monotonic() < deadline:
+                events.extend(reader.poll(50))
+    finally:
+        stop.set()
+        program.close()
+    expected = {(n, port): decide(p, IDS, parse_raw(udp_to_gw(port))) for n, p in of_build.items()
+                for port in (ALLOWED, BLOCKED)}
+    ours = [e for e in events if e.dport in (ALLOWED, BLOCKED) and e.build in of_build]
+    mixed = [(e.build, e.dport, e.verdict.label, names[e.build][e.rule - 1] if e.rule else None)
+             for e in ours
+             if (e.verdict.label, names[e.build][e.rule - 1] if e.rule else None)
+             != (expected[(e.build, e.dport)].verdict, expected[(e.build, e.dport)].rule)]
+    assert mixed == [], mixed[:5]
+    by_policy = {k: sum(1 for e in ours if of_build[e.build] is p) for k, p in policies.items()}
+    assert min(by_policy.values()) > 100, by_policy      # every policy decided many packets
