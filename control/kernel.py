@@ -1,6 +1,11 @@
 """The gateway's kernel state: the policy build attached to the ingress interface, and the
 two ways it changes.
 
+- stage_swap() of a policy that differs from the one in force by a few rules (a rule add,
+  remove, enable, disable or move): no compile. control/incremental.py changes the build in
+  force where those rules touch it, writes only those rows into its bank not in force, and
+  applying flips the bank (control/kernel_changes.py). A change it cannot take (hostnames, new
+  source prefixes or source-port sets, identities changed, no room left) falls back to:
 - stage_swap(): a new build of the whole policy. The model is compiled; when the tables fit
   the program in force, they are written into its bank not in force (only the entries that
   differ) and applying flips the bank with one store: no compiler run (ebpf/README.md,

@@ -226,3 +226,58 @@ def test_hundreds_of_incremental_changes_under_traffic_decide_every_packet_by_on
     assert mixed == [], mixed[:5]
     by_policy = {k: sum(1 for e in ours if of_build[e.build] is p) for k, p in policies.items()}
     assert min(by_policy.values()) > 100, by_policy      # every policy decided many packets
+
+
+def test_through_the_kernel_a_new_principal_and_device_changes_between(program, tmp_path):
+    """Through Kernel (attached to nothing), as the gateway stages: a rule naming a user no rule
+    named before (a new who-token: the user's devices leave the identity class they shared),
+    then a device added for that user in place (Kernel.stage_devices), then rule changes
+    again: each change incremental, and the kernel equals the reference from every device."""
+    import ipaddress
+
+    from control.config import Config
+    from control.kernel import Build, Kernel
+    from control.model import TCP, UDP, Device, Identities, Packet, Principal, Rule, User
+    from tests.app_policy import IDS as APP_IDS, POLICY
+
+    # carl shares bob's identity class (no groups, no rule names either) until a rule names bob
+    IDS = Identities(APP_IDS.users + (User("carl@example.com", ()),),
+                     APP_IDS.devices + (Device("carl-pc", "carl@example.com", ipaddress.IPv4Address("100.96.0.5")),))
+    kernel = Kernel(Config(bpf_pin_dir=tmp_path))
+    tables = compile_policy(POLICY, IDS, program.layout)
+    program.load(tables)
+    kernel.build = Build(1, program, tables, 0.0, 0.0, program.bank)
+    kernel._begin_changes(kernel.build, POLICY, IDS)
+    dsts = [ipaddress.ip_address(a) for a in ("10.20.0.10", "fd20::10", "10.99.0.1")]
+
+    def check(policy, ids):
+        probes = [Packet(a, dst, proto, 40000, port) for d in ids.devices for a in d.addresses for dst in dsts
+                  if dst.version == a.version for proto in (TCP, UDP) for port in (22, 443, 8080)]
+        assert kernel_verdicts(program, kernel.build.tables, probes) == reference_verdicts(policy, ids, probes)
+
+    bob = Rule("bob-https", 15, "allow", principals=(Principal("user", "bob@example.com"),),
+               protocols=frozenset({"tcp"}), dst_ports=((443, 443),))
+    ann = Rule("ann-block", 5, "block", principals=(Principal("user", "ann@example.com"),),
+               dst_cidrs=(ipaddress.ip_network("10.99.0.0/16"),))
+    pair = [ipaddress.IPv4Address("100.96.0.5"), ipaddress.IPv4Address("100.96.0.3")]
+    assert len({ident for _, ident, _ in program.sources_of(pair)}) == 1
+    policy = POLICY
+    for number, rules in enumerate([POLICY.rules + (bob,), POLICY.rules + (bob, ann)], start=2):
+        policy = replace(POLICY, rules=rules)
+        kernel.stage_swap(IDS, policy, number).apply()
+        assert kernel.inc is not None and kernel.build.tables.basis is None    # no compile
+        check(policy, IDS)
+    assert len({ident for _, ident, _ in program.sources_of(pair)}) == 2   # bob's left the class it shared
+    tablet = Device("bob-tablet", "bob@example.com", ipaddress.IPv4Address("100.96.0.9"),
+                    ipaddress.IPv6Address("fd00:5a::9"))
+    ids = Identities(IDS.users, IDS.devices + (tablet,))
+    kernel.stage_devices(ids, policy, [tablet]).apply()
+    check(policy, ids)
+    for number, rules in enumerate([tuple(replace(r, enabled=False) if r.name == "bob-https" else r
+                                          for r in policy.rules),
+                                    tuple(r for r in policy.rules if r.name != "ann-block"),
+                                    POLICY.rules + (replace(bob, precedence=1),)], start=4):
+        policy = replace(POLICY, rules=rules)
+        kernel.stage_swap(ids, policy, number).apply()
+        assert kernel.inc is not None and kernel.build.tables.basis is None
+        check(policy, ids)
