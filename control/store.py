@@ -248,6 +248,19 @@ class Change:
         self.db.executemany("INSERT INTO rules VALUES (?, ?, ?)",
                             [(r.name, r.precedence, json.dumps(rule_doc(r))) for r in policy.rules])
 
+    def replace_rules(self, old: Policy, new: Policy) -> None:
+        """NEW's rules in place of OLD's (what the store holds), writing only the rules that
+        are not the same objects in both: a rule change touches one or two, and the whole
+        list is 10,000 documents at the bench's large scale (~150 ms). Deletes first, so
+        that a precedence may pass from one rule to another."""
+        before, after = set(map(id, old.rules)), set(map(id, new.rules))
+        for r in old.rules:
+            if id(r) not in after:
+                self._exec("DELETE FROM rules WHERE name=?", (r.name,))
+        for r in new.rules:
+            if id(r) not in before:
+                self._exec("INSERT INTO rules VALUES (?, ?, ?)", (r.name, r.precedence, json.dumps(rule_doc(r))))
+
     def add_connector(self, c: Connector) -> None:
         self._exec("INSERT INTO connectors VALUES (?, ?, ?, ?, ?, ?)",
                    (c.name, c.interface, c.listen_port, c.private_key, c.public_key, time.time()))
