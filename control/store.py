@@ -253,13 +253,12 @@ class Change:
         are not the same objects in both: a rule change touches one or two, and the whole
         list is 10,000 documents at the bench's large scale (~150 ms). Deletes first, so
         that a precedence may pass from one rule to another."""
-        before, after = set(map(id, old.rules)), set(map(id, new.rules))
-        for r in old.rules:
-            if id(r) not in after:
-                self._exec("DELETE FROM rules WHERE name=?", (r.name,))
-        for r in new.rules:
-            if id(r) not in before:
-                self._exec("INSERT INTO rules VALUES (?, ?, ?)", (r.name, r.precedence, json.dumps(rule_doc(r))))
+        before, after = dict(zip(map(id, old.rules), old.rules)), dict(zip(map(id, new.rules), new.rules))
+        for key in before.keys() - after.keys():
+            self._exec("DELETE FROM rules WHERE name=?", (before[key].name,))
+        for key in after.keys() - before.keys():
+            r = after[key]
+            self._exec("INSERT INTO rules VALUES (?, ?, ?)", (r.name, r.precedence, json.dumps(rule_doc(r))))
 
     def add_connector(self, c: Connector) -> None:
         self._exec("INSERT INTO connectors VALUES (?, ?, ?, ?, ?, ?)",

@@ -88,7 +88,7 @@ def without_hostnames(policy):
     return replace(policy, rules=tuple(replace(r, dst_hostnames=None) for r in policy.rules))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                  HealthCheck.function_scoped_fixture])
 @given(sequences(), st.booleans())
 def test_incremental_changes_equal_the_reference_and_a_whole_compile(program, fresh, case, plain):
@@ -110,6 +110,8 @@ def test_incremental_changes_equal_the_reference_and_a_whole_compile(program, fr
 
 def test_most_changes_were_incremental():
     """(after the test above) the property was about incremental changes, not fallbacks."""
+    if not sum(COUNTS.values()):
+        pytest.skip("runs after the property test")
     assert COUNTS["incremental"] > COUNTS["whole"], COUNTS
 
 
