@@ -114,6 +114,7 @@ class Kernel(LearnedNames, RuleChanges):
         # addresses current and attaches it under this lock, so nothing learned is lost between.
         self.learned_lock = threading.Lock()
         self.inc: Optional[Incremental] = None      # the build in force, for rule changes without a compile
+        self.inc_why = "no build in force"         # why there is none (said when a change compiles everything)
 
     # -----------------------------------------------------------------------------------------
     # changes: staged before the store commits (where they can still fail), applied after
@@ -127,6 +128,8 @@ class Kernel(LearnedNames, RuleChanges):
             staged = self._stage_change(identities, policy, number, forget)
             if staged is not None:
                 return staged
+        elif self.build is not None:
+            log.info("build %d: %s: falling back to a full build", number, self.inc_why)
         with self.learned_lock:
             learned = self.learned.by_address()
         tables = compile_policy(policy, identities, self.base, learned)

@@ -23,6 +23,7 @@ class RuleChanges:
 
         inc, program = self.inc, self.build.program
         self.inc = None            # until applied: a change staged and discarded leaves it stale
+        self.inc_why = f"the change staged for build {number} was not applied"
         # the bank's counters are the build before's: carried by name, then zeroed where they counted
         counted = self._carry(self.standby)
         self.standby = None
@@ -49,4 +50,5 @@ class RuleChanges:
         try:
             self.inc = Incremental(build.tables, policy, identities, build.program)
         except NotIncremental as e:
+            self.inc_why = f"build {build.number} takes no incremental changes ({e})"
             log.info("build %d: rule changes will compile everything: %s", build.number, e)
