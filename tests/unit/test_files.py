@@ -188,3 +188,19 @@ def test_emails_compare_case_insensitively(tmp_path):
     tcp = lambda dst: Packet(ipaddress.ip_address("100.96.0.2"), ipaddress.ip_address(dst), 6, 1000, 22)
     assert decide(pol, ids, tcp("10.0.0.1")).rule == "by-user"
     assert decide(pol, ids, tcp("10.0.0.2")).rule == "by-local-group"
+
+
+def test_check_rules_names_the_duplicate_as_before():
+    """check_rules (a rule change's whole list) checks at C speed, and still names the rule
+    and the field of a duplicate as the per-rule check did."""
+    from control.files import check_rules
+    from control.model import Rule
+
+    rules = [Rule("a", 1, "allow"), Rule("b", 2, "allow")]
+    check_rules(rules, "request")
+    with pytest.raises(InputError) as name:
+        check_rules(rules + [Rule("a", 3, "block")], "request")
+    with pytest.raises(InputError) as precedence:
+        check_rules(rules + [Rule("c", 2, "block")], "request")
+    assert "rules[2] (a)" in str(name.value) and "duplicate rule name (also rules[0])" in str(name.value)
+    assert "rules[2] (c)" in str(precedence.value) and "duplicate precedence 2 (also rule 'b')" in str(precedence.value)
