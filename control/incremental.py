@@ -2,14 +2,14 @@
 touches it, written into the program's bank not in force (control/kernel.py flips it).
 
 Ids are stable here, not positions: a rule's candidate id is given when the rule comes in
-(enabled, added, moved: each a new id, never reused until the next whole compile, so a
-class or a service row that names an id means one rule forever) and candidate lists are
+(enabled, added, moved: each a new id; given again only once no class holds it, so a class
+or a service row that names an id means one rule while it lives) and candidate lists are
 ordered by precedence, not by id. Who-tokens and source-port sets keep their numbers. A
 change of rules R (old ids out, new ids in) then touches only:
 
 - the destination trie over the intervals R's destinations cover (control/incr_trie.py): each
   class there maps to its set without the old ids and with the new ones that hold there
-  (an existing class with that set, or a new class row);
+  (an existing class with that set, or a new class row: control/incr_dest.py);
 - the new classes' port tables and services, computed by control/port_tables.py for those
   classes alone (services equal to existing rows reuse them);
 - a new who-token's bit in the identity classes of the sources it names (control/incr_idents.py).
@@ -17,9 +17,10 @@ change of rules R (old ids out, new ids in) then touches only:
 Only those rows are written, into the bank not in force. That bank holds the build before
 the one in force, so the rows the last change wrote (and device changes wrote in force since)
 are copied over from the bank in force first (`pending`). Rows no longer referenced are
-left where they are; when the program has no room left, or a change is one this does not
-take (hostnames, a new source-port set or source prefixes, identities or the default
-changed, many rules at once), NotIncremental says why and the caller compiles everything.
+free for the next changes (control/incr_rows.py). When the program has no room left, or a
+change is one this does not take (hostnames, a new source-port set or source prefixes,
+identities, groups or the default changed, many rules at once), NotIncremental says why and
+the caller compiles everything.
 """
 from __future__ import annotations
 
