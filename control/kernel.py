@@ -129,7 +129,7 @@ class Kernel(LearnedNames, RuleChanges):
             if staged is not None:
                 return staged
         elif self.build is not None:
-            log.info("build %d: %s: falling back to a full build", number, self.inc_why)
+            log.info("build %d: %s: the whole policy compiled (not only the rules that changed)", number, self.inc_why)
         with self.learned_lock:
             learned = self.learned.by_address()
         tables = compile_policy(policy, identities, self.base, learned)

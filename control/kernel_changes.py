@@ -30,10 +30,10 @@ class RuleChanges:
         try:
             change = inc.stage(policy, identities, forget, counted)
         except NotIncremental as e:
-            log.info("build %d: %s: falling back to a full build", number, e)
+            log.info("build %d: %s: the whole policy compiled (not only the rules that changed)", number, e)
             return None
         except Exception:   # a fault of this path must not stop the change: the whole compile takes it
-            log.exception("build %d: the incremental change failed: falling back to a full build", number)
+            log.exception("build %d: the incremental change failed: the whole policy compiled", number)
             return None
         new = Build(number, program, change.tables, change.seconds, 0.0, 1 - program.bank, change.written)
 
