@@ -57,6 +57,7 @@ class Tables:
     names: Patterns = field(default_factory=lambda: Patterns(()))   # name token -> its rule's hostnames
     learned: dict = field(default_factory=dict)  # learned address -> name bits (zt_learned)
     block_names: int = 0                   # name bits of block rules: learning one can take an allow away
+    basis: Optional[tuple] = None          # (candidates, class interner): what control/incremental.py starts from
 
 
 def _interval(net) -> tuple[int, int]:
@@ -151,6 +152,7 @@ def _compile(policy: Policy, identities: Identities, layout: Optional[Layout], l
                "services": len(svc.services), "port_tables": len(svc.port_tables),
                "nodes": len(node_rows), "idents": len(ident_rows) - 1,
                "name_tokens": len(cands.name_tokens.values), "learned": len(learned_rows)},
+        basis=(cands, classes),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -239,6 +240,9 @@ def parse_policy(doc: Any, file: str = "policy") -> Policy:
 def check_rules(rules: Iterable[Rule], file: str = "rules") -> None:
     """A policy's rule list, each rule already valid on its own (parse_rule): no name and no
     precedence twice. Refused as parse_policy() refuses the same list in a file."""
+    rules = list(rules)
+    if len(set(map(attrgetter("name"), rules))) == len(set(map(attrgetter("precedence"), rules))) == len(rules):
+        return     # (the usual case, at C speed: a rule change checks 10,000 rules at the bench's large scale)
     seen: tuple[dict, dict] = ({}, {})
     where = _Where(file)
     for i, rule in enumerate(rules):

@@ -1,6 +1,11 @@
 """The gateway's kernel state: the policy build attached to the ingress interface, and the
 two ways it changes.
 
+- stage_swap() of a policy that differs from the one in force by a few rules (a rule add,
+  remove, enable, disable or move): no compile. control/incremental.py changes the build in
+  force where those rules touch it, writes only those rows into its bank not in force, and
+  applying flips the bank (control/kernel_changes.py). A change it cannot take (hostnames, new
+  source prefixes or source-port sets, identities changed, no room left) falls back to:
 - stage_swap(): a new build of the whole policy. The model is compiled; when the tables fit
   the program in force, they are written into its bank not in force (only the entries that
   differ) and applying flips the bank with one store: no compiler run (ebpf/README.md,
@@ -41,6 +46,8 @@ from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
+from .incremental import Incremental
+from .kernel_changes import RuleChanges
 from .kernel_names import LearnedNames
 from .learned import Learned
 from .model import Device, Identities, Policy
@@ -92,7 +99,7 @@ class Build:
     written: int = 0       # entries written into that bank (in place: only those that differed)
 
 
-class Kernel(LearnedNames):
+class Kernel(LearnedNames, RuleChanges):
     def __init__(self, config: Config):
         self.config = config
         # the event cache that conntrack (zt_ct) replaced, pinned by gateways before it
@@ -107,6 +114,8 @@ class Kernel(LearnedNames):
         # Learning writes the build in force in place; a swap makes the new build's learned
         # addresses current and attaches it under this lock, so nothing learned is lost between.
         self.learned_lock = threading.Lock()
+        self.inc: Optional[Incremental] = None      # the build in force, for rule changes without a compile
+        self.inc_why = "no build in force"         # why there is none (said when a change compiles everything)
 
     # -----------------------------------------------------------------------------------------
     # changes: staged before the store commits (where they can still fail), applied after
@@ -116,6 +125,12 @@ class Kernel(LearnedNames):
         one in force (one netlink call: no packet sees half of either), and forgets the flows
         of the FORGET addresses (they changed hands) before the epoch moves."""
         started = time.perf_counter()
+        if self.inc is not None:
+            staged = self._stage_change(identities, policy, number, forget)
+            if staged is not None:
+                return staged
+        elif self.build is not None:
+            log.info("build %d: %s: the whole policy compiled (not only the rules that changed)", number, self.inc_why)
         with self.learned_lock:
             learned = self.learned.by_address()
         tables = compile_policy(policy, identities, self.base, learned)
@@ -123,7 +138,7 @@ class Kernel(LearnedNames):
         if self.build is not None:
             short = self.build.program.layout.shortfalls(tables.need)
             if not short and self.build.program.policy_tables.banks == 2:
-                return self._stage_in_place(tables, number, forget, compiled - started)
+                return self._stage_in_place(tables, number, forget, compiled - started, (policy, identities))
             log.info("build %d does not fit build %d's program (%s): falling back to a full build",
                      number, self.build.number, "; ".join(short) or "one bank")
         program = Program(tables.need.with_headroom(), pin_dir=self.config.bpf_pin_dir, build=number)
@@ -133,10 +148,16 @@ class Kernel(LearnedNames):
             program.close()
             raise
         new = Build(number, program, tables, compiled - started, time.perf_counter() - compiled)
-        return Staged(lambda: self._switch(new, forget), program.close)
 
-    def _stage_in_place(self, tables: Tables, number: int, forget: list, compile_seconds: float) -> Staged:
-        """TABLES into the bank not in force of the program in force; applying flips it."""
+        def apply() -> None:
+            self._switch(new, forget)
+            self._begin_changes(new, policy, identities)
+        return Staged(apply, program.close)
+
+    def _stage_in_place(self, tables: Tables, number: int, forget: list, compile_seconds: float,
+                        basis: Optional[tuple] = None) -> Staged:
+        """TABLES into the bank not in force of the program in force; applying flips it (and,
+        with BASIS, the policy and identities compiled, rule changes start from it)."""
         program = self.build.program
         # that bank's counters are the build before this one's: kept by name before they go
         self._carry(self.standby)
@@ -144,7 +165,12 @@ class Kernel(LearnedNames):
         started = time.perf_counter()
         written = program.stage(tables)
         new = Build(number, program, tables, compile_seconds, time.perf_counter() - started, 1 - program.bank, written)
-        return Staged(lambda: self._flip(new, forget), lambda: None)
+
+        def apply() -> None:
+            self._flip(new, forget)
+            if basis is not None:
+                self._begin_changes(new, *basis)
+        return Staged(apply, lambda: None)
 
     def _flip(self, new: Build, forget: list = ()) -> None:
         """Put NEW's bank in force: one store. No settle before the epoch moves (unlike a swap):
@@ -180,14 +206,20 @@ class Kernel(LearnedNames):
         for n in sorted(self.names)[:-KEEP_BUILDS]:
             del self.names[n]
 
-    def _carry(self, build: Optional[Build]) -> None:
-        """A build's counters join the running totals, by rule name."""
+    def _carry(self, build: Optional[Build]) -> Optional[list]:
+        """A build's counters join the running totals, by rule name: the rule ids that counted
+        (None: no build)."""
         if build is None:
-            return
-        for name, (packets, nbytes) in _named(build).items():
-            total = self.carried.setdefault(name, [0, 0])
+            return None
+        counts = build.program.rule_counters(build.bank)
+        names = build.tables.rule_names
+        for rid, (packets, nbytes) in counts.items():
+            if rid > len(names):
+                continue
+            total = self.carried.setdefault(names[rid - 1] if rid else DEFAULT_RULE, [0, 0])
             total[0] += packets
             total[1] += nbytes
+        return list(counts)
 
     def _switch(self, new: Build, forget: list = ()) -> None:
         """Attach NEW in place of the build in force. Once it is on the ingress interface it is
@@ -255,6 +287,8 @@ class Kernel(LearnedNames):
             if rows:   # the new classes first: no source points at a class not yet written
                 build.program.set_idents(known + 1, rows)
             build.program.set_sources(entries)
+            if self.inc is not None:
+                self.inc.devices_written(identities, entries, range(known + 1, known + added + 1))
             # The epoch at once (no settle, unlike a swap: a packet reads the epoch before the
             # sources, so one that reads the new epoch sees the new sources). Then a device's
             # address may go to another device: its flows go with it.

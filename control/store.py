@@ -264,6 +264,18 @@ class Change:
         self.db.executemany("INSERT INTO rules VALUES (?, ?, ?)",
                             [(r.name, r.precedence, json.dumps(rule_doc(r))) for r in policy.rules])
 
+    def replace_rules(self, old: Policy, new: Policy) -> None:
+        """NEW's rules in place of OLD's (what the store holds), writing only the rules that
+        are not the same objects in both: a rule change touches one or two, and the whole
+        list is 10,000 documents at the bench's large scale (~150 ms). Deletes first, so
+        that a precedence may pass from one rule to another."""
+        before, after = dict(zip(map(id, old.rules), old.rules)), dict(zip(map(id, new.rules), new.rules))
+        for key in before.keys() - after.keys():
+            self._exec("DELETE FROM rules WHERE name=?", (before[key].name,))
+        for key in after.keys() - before.keys():
+            r = after[key]
+            self._exec("INSERT INTO rules VALUES (?, ?, ?)", (r.name, r.precedence, json.dumps(rule_doc(r))))
+
     def add_connector(self, c: Connector) -> None:
         self._exec("INSERT INTO connectors VALUES (?, ?, ?, ?, ?, ?)",
                    (c.name, c.interface, c.listen_port, c.private_key, c.public_key, time.time()))

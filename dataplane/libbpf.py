@@ -10,7 +10,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -189,22 +189,26 @@ def hash_count(table) -> int:
         token_in.value, first = token_out.value, False
 
 
-def percpu_array(table, name: str, dtype: np.dtype, ncpu: int) -> np.ndarray:
-    """Every value of the per-CPU array map NAME, in one batch syscall: (entries, ncpu) of dtype."""
-    entries = table.max_entries
+def percpu_array(table, name: str, dtype: np.dtype, ncpu: int, first: int = 0,
+                 entries: Optional[int] = None) -> np.ndarray:
+    """The values of the per-CPU array map NAME, in one batch syscall: (entries, ncpu) of dtype,
+    every entry, or ENTRIES of them from FIRST (row 0: entry FIRST; one bank of a banked map)."""
+    entries = table.max_entries - first if entries is None else entries
     stride = (dtype.itemsize + 7) & ~7
     keys = np.zeros(entries, np.uint32)
     values = np.zeros((entries, ncpu, stride), np.uint8)
     count = ctypes.c_uint32(entries)
     out_batch = ctypes.c_uint32()
     opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
-    ret = libbpf().bpf_map_lookup_batch(table.get_fd(), None, ctypes.byref(out_batch), keys.ctypes.data,
+    after = ctypes.c_uint32(first - 1)      # a batch starts at the key after its in_batch
+    ret = libbpf().bpf_map_lookup_batch(table.get_fd(), ctypes.byref(after) if first else None,
+                                        ctypes.byref(out_batch), keys.ctypes.data,
                                         values.ctypes.data, ctypes.byref(count), ctypes.byref(opts))
     if ret < 0 and ret != -errno.ENOENT:     # ENOENT: the last batch, the whole map was read
         check(ret, f"batch lookup in {name}")
     out = np.zeros((entries, ncpu), dtype)
     got = np.ascontiguousarray(values[:count.value, :, :dtype.itemsize])
-    out[keys[:count.value]] = got.view(dtype).reshape(count.value, ncpu)
+    out[keys[:count.value] - first] = got.view(dtype).reshape(count.value, ncpu)
     return out
 
 

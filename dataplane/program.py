@@ -244,10 +244,9 @@ class Program:
         """Rule id -> (packets, bytes) over all CPUs, for the rules that decided a packet (id 0:
         the default action). Ids are those of the build BANK holds (default: the bank in force)."""
         table = self.bpf["zt_rule_stats"]
-        counts = percpu_array(table, "zt_rule_stats", COUNTER, self._ncpu)
         per = table.max_entries // self.policy_tables.banks
         bank = self.bank if bank is None else bank
-        counts = counts[bank * per:(bank + 1) * per]
+        counts = percpu_array(table, "zt_rule_stats", COUNTER, self._ncpu, bank * per, per)   # that bank's only
         packets, nbytes = counts["packets"].sum(axis=1), counts["bytes"].sum(axis=1)
         return {int(r): (int(packets[r]), int(nbytes[r])) for r in np.flatnonzero(packets)}
 

@@ -72,8 +72,9 @@ class RuleOps(Core):
         swapped in as a whole new build."""
         check_rules(rules, "request")
         policy = replace(self.policy, rules=tuple(rules))
+        stored = self.policy
         return self._commit(uid, Plan(what, detail, replace(self.state, policy=policy),
-                                      lambda tx: tx.replace_policy(policy),
+                                      lambda tx: tx.replace_rules(stored, policy),   # only the rules that changed
                                       [lambda gen: self.kernel.stage_swap(self.identities, policy, gen)]))
 
     def _rule(self, name: Any) -> Rule:

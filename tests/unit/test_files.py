@@ -199,3 +199,17 @@ def test_emails_are_ascii_and_fold_ascii_only():
     assert fold("\u212aarl@Example.COM") == "\u212aarl@example.com" and fold("Karl@X.org") == "karl@x.org"
     ids = Identities((User("karl@example.com", ()),), ())
     assert ids.find_user("KARL@example.com") is not None and ids.find_user("\u212aarl@example.com") is None
+def test_check_rules_names_the_duplicate_as_before():
+    """check_rules (a rule change's whole list) checks at C speed, and still names the rule
+    and the field of a duplicate as the per-rule check did."""
+    from control.files import check_rules
+    from control.model import Rule
+
+    rules = [Rule("a", 1, "allow"), Rule("b", 2, "allow")]
+    check_rules(rules, "request")
+    with pytest.raises(InputError) as name:
+        check_rules(rules + [Rule("a", 3, "block")], "request")
+    with pytest.raises(InputError) as precedence:
+        check_rules(rules + [Rule("c", 2, "block")], "request")
+    assert "rules[2] (a)" in str(name.value) and "duplicate rule name (also rules[0])" in str(name.value)
+    assert "rules[2] (c)" in str(precedence.value) and "duplicate precedence 2 (also rule 'b')" in str(precedence.value)

@@ -131,3 +131,25 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     assert s.generation() == 7 and [u.email for u in s.identities().users] == ["ann@example.com"]
     assert s.connectors() == [] and s._meta("schema") == 4   # (every migration ran: 1 -> 2 -> 3 -> 4)
     s.close()
+
+
+def test_replace_rules_writes_the_rules_that_changed_and_ends_where_replace_policy_would(store):
+    """A rule change writes only its rules (Change.replace_rules); what is stored after is the
+    new policy, also when a precedence passes from one rule to another."""
+    from dataclasses import replace
+
+    policy = load_policy(LAB / "policy.yaml")
+    with store.change(0, "apply") as tx:
+        tx.replace_policy(policy)
+    a, b = policy.rules[0], policy.rules[1]
+    steps = [policy.rules[1:],                                                  # removed
+             (replace(a, name="again"),) + policy.rules[1:],                    # added
+             (replace(a, name="again", precedence=b.precedence), replace(b, precedence=a.precedence))
+             + policy.rules[2:]]                                                # precedences swapped
+    stored = policy
+    for rules in steps:
+        new = replace(stored, rules=rules)
+        with store.change(0, "rule change") as tx:
+            tx.replace_rules(stored, new)
+        assert sorted(store.policy().rules, key=lambda r: r.name) == sorted(new.rules, key=lambda r: r.name)
+        stored = new
