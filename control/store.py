@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -17,7 +18,9 @@ from typing import Iterator, Optional
 
 from .errors import InputError
 from .files import parse_policy, rule_doc
-from .model import Connector, Device, Identities, Policy, User
+from .model import Connector, Device, Identities, Policy, User, fold
+
+log = logging.getLogger("ztgate.store")
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -118,6 +121,18 @@ class Store:
             version = self._meta("schema")
         if version != SCHEMA_VERSION:
             raise InputError(f"{self.path}: database schema {version}, this ztgate reads {SCHEMA_VERSION}")
+        self._warn_non_ascii_emails()
+
+    def _warn_non_ascii_emails(self) -> None:
+        """Emails are ASCII only since schema 4, but an older store may hold others. They keep
+        working as they are (compared by model.fold, as SQLite's NOCASE does: no Unicode case
+        folding, so no two of them merge); refusing to open the store would leave the operator no
+        daemon to remove them with. They cannot log in through the IdP, so the operator is told."""
+        for (email,) in self.db.execute("SELECT email FROM users ORDER BY rowid"):
+            if not email.isascii():
+                log.warning("%s: user %r has a non-ASCII email, accepted before this version: it keeps its "
+                            "rules and devices but cannot log in through the identity provider; if it should, "
+                            "`ztgate user remove %s` and add it under an ASCII address", self.path, email, email)
 
     def close(self) -> None:
         self.db.close()
@@ -145,13 +160,13 @@ class Store:
     def identities(self) -> Identities:
         groups: dict[str, list[str]] = {}
         for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY grp"):
-            groups.setdefault(user.lower(), []).append(grp)
-        users = tuple(User(email, tuple(groups.get(email.lower(), ())), tuple(json.loads(pg or "[]")), issuer,
+            groups.setdefault(fold(user), []).append(grp)
+        users = tuple(User(email, tuple(groups.get(fold(email), ())), tuple(json.loads(pg or "[]")), issuer,
                            subject, bool(active), scim_id, external_id)
                       for email, issuer, subject, pg, active, scim_id, external_id in self.db.execute(
                           f"SELECT {USER_COLUMNS} FROM users ORDER BY rowid"))
         devices = tuple(
-            Device(name, user.lower(), ipaddress.IPv4Address(v4), ipaddress.IPv6Address(v6) if v6 else None,
+            Device(name, fold(user), ipaddress.IPv4Address(v4), ipaddress.IPv6Address(v6) if v6 else None,
                    key, bool(enabled), expires)
             for name, user, key, v4, v6, enabled, expires in self.db.execute(
                 "SELECT name, user, public_key, tunnel_ipv4, tunnel_ipv6, enabled, session_expires FROM devices "
