@@ -160,7 +160,7 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
             raise w.error("email", f"duplicate email {email!r} (emails compare case-insensitively)")
         emails.add(fold(email))
         groups = tuple(_string(w, "groups", g) for g in _list(w, "groups", raw.get("groups") or []))
-        users.append(User(email=email, groups=groups))
+        users.append(User(email=email, groups=groups, by_hand=True))
 
     devices: list[Device] = []
     names: set[str] = set()

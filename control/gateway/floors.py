@@ -28,7 +28,8 @@ def when(seconds: float) -> str:
 
 def note_deleted(tx, user: User, at: float) -> None:
     """In the deletion's transaction (tx: a store Change)."""
-    tx._exec("INSERT OR REPLACE INTO deleted_users VALUES (?, ?, ?, ?)", (user.key, user.issuer, user.subject, at))
+    # one row per deletion (never replaced): the email's earlier subjects stay refused too
+    tx._exec("INSERT INTO deleted_users VALUES (?, ?, ?, ?)", (user.key, user.issuer, user.subject, at))
 
 
 def note_ended(db, kind: str, name: str, at: float) -> None:

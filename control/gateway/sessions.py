@@ -355,7 +355,7 @@ def kept_from_provider(old: Identities, new: Identities) -> Identities:
 
 def _provider_fields(u: User) -> dict:
     return {"provider_groups": u.provider_groups, "issuer": u.issuer, "subject": u.subject, "active": u.active,
-            "scim_id": u.scim_id, "external_id": u.external_id}
+            "scim_id": u.scim_id, "external_id": u.external_id, "by_hand": u.by_hand}
 
 
 def _check_login(issuer: Any, subject: Any, email: Any, groups: Any, seconds: Any) -> None:

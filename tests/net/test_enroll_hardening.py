@@ -208,3 +208,12 @@ def test_a_renewal_does_not_give_a_hand_made_device_a_session(site):
     r = enroll(site, site.idp.token("kim@example.com"), "kim-pc", key)
     assert r.status_code == 409 and "enrolled by hand and has no session" in r.json()["error"], r.text
     assert site.snapshot() == before
+
+
+def test_a_hand_made_user_stays_the_operators_after_it_logs_in(site):
+    site.ztgate("user", "add", "mia@example.com")
+    assert enroll(site, site.idp.token("mia@example.com"), "mia-laptop").status_code == 201
+    before = site.snapshot()
+    r = site.scim("POST", "/Users", {"userName": "mia@example.com"})
+    assert r.status_code == 409 and "was made by hand: SCIM does not take it over" in r.json()["detail"], r.text
+    assert site.snapshot() == before
