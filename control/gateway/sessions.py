@@ -135,7 +135,9 @@ class SessionOps(IdentityOps):
         if not device.enabled:
             raise SessionRefused(403, f"device {device.name!r} is disabled")
         if device.session_expires is None:          # IDENTITY.md: hand-made devices never expire
-            raise SessionRefused(409, f"device {device.name!r} was enrolled by hand and has no session to renew")
+            raise SessionRefused(409, f"device {device.name!r} was enrolled by hand and has no session to renew: "
+                                      "enroll under another device name, or ask an operator to remove it "
+                                      f"(`ztgate device remove {device.name}`)")
         return replace(device, session_expires=expires)
 
     def _session_device(self, name: str, user: User, key: str, expires: float) -> Device:

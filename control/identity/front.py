@@ -232,13 +232,24 @@ class GatedServer(uvicorn.Server):
         if self.lifespan.should_exit:
             raise SystemExit(3)
         host, port = self.config.host, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socks: list[socket.socket] = []
         try:
-            sock = socket.create_server((host, port), family=family, backlog=self.config.backlog)
+            for family, address in listen_addresses(host, port):
+                socks.append(socket.create_server(address, family=family, backlog=self.config.backlog))
         except OSError as e:
+            for sock in socks:
+                sock.close()
             log.error("enrollment service: cannot listen on %s:%s: %s", host, port, e)
             await self.lifespan.shutdown()
             raise SystemExit(3) from None
-        sock.setblocking(False)
-        self.servers = [Door(sock, self)]
+        for sock in socks:
+            sock.setblocking(False)
+        self.servers = [Door(sock, self) for sock in socks]
         self.started = True
+
+
+def listen_addresses(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, address) of each address HOST names (a host name such as localhost may name an
+    IPv4 and an IPv6 one: one listener each), in getaddrinfo's order, without repeats."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, address[:2]) for family, _, _, _, address in infos))

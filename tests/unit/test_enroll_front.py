@@ -145,3 +145,11 @@ def test_a_long_body_gets_time_by_its_length(door):
         s.sendall(b"x" * length)
         s.settimeout(5)
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_a_host_name_listens_on_each_of_its_addresses():
+    assert front.listen_addresses("127.0.0.1", 8443) == [(socket.AF_INET, ("127.0.0.1", 8443))]
+    assert front.listen_addresses("::1", 8443) == [(socket.AF_INET6, ("::1", 8443))]
+    named = front.listen_addresses("localhost", 8443)
+    resolved = {a[4][0] for a in socket.getaddrinfo("localhost", 8443, type=socket.SOCK_STREAM)}
+    assert {address[0] for _, address in named} == resolved and len(named) == len(resolved)
