@@ -36,7 +36,7 @@ from typing import Optional
 
 import uvicorn
 
-from .http import client_key
+from .http import MAX_BODY, client_key
 
 log = logging.getLogger("ztgate.enroll")
 
@@ -103,7 +103,9 @@ def deadline_protocol(base: type) -> type:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self.slot.release()         # answered: no longer counted against its address
-            if not self.transport.is_closing():
+            if self.transport.is_closing():     # the answer has this long to be read, then the end
+                self._arm(REQUEST_SECONDS)
+            else:
                 self._arm(self.timeout_keep_alive + REQUEST_SECONDS)
 
         def connection_lost(self, exc) -> None:
@@ -121,6 +123,9 @@ def deadline_protocol(base: type) -> type:
             self.deadline_seconds, self.stretched = seconds, False
 
         def _late(self) -> None:
+            if self.transport.is_closing():     # closing already (uvicorn's keep-alive timeout, or
+                self.transport.abort()          # ours): a client that does not read keeps nothing
+                return
             cycle = self.cycle
             if cycle is not None and not cycle.more_body and not cycle.response_complete:
                 return          # the request is whole: the app is answering it
@@ -135,11 +140,11 @@ def deadline_protocol(base: type) -> type:
         def _stretch(self, cycle) -> bool:
             """A body still coming, announced by Content-Length, gets length / BODY_RATE more
             seconds, once (so the 256 KiB limit is reachable on a slow link)."""
-            if cycle is None or cycle.response_complete or getattr(self, "stretched", False):
+            if cycle is None or cycle.response_complete or self.stretched:
                 return False
             self.stretched = True
             length = dict(cycle.scope["headers"]).get(b"content-length", b"")
-            extra = int(length) / BODY_RATE if length.isdigit() else 0
+            extra = min(int(length), MAX_BODY) / BODY_RATE if length.isdigit() else 0   # (more is refused: 413)
             if extra < 1:
                 return False
             self.deadline = self.loop.call_later(extra, self._late)

@@ -114,7 +114,7 @@ def test_idle_tls_connections_from_many_addresses_do_not_shut_out_another(door):
         s.close()
 
 
-def test_the_cap_counts_only_connections_not_answered_yet(door):
+def test_the_cap_counts_only_connections_not_answered_yet(door, caplog):
     answered = []
     for _ in range(front.PER_ADDRESS + 4):             # keep-alive connections, each answered once
         s = connect(door, "127.0.0.20")
@@ -125,6 +125,8 @@ def test_the_cap_counts_only_connections_not_answered_yet(door):
     with pytest.raises((OSError, ssl.SSLError)):       # the cap: the next one is refused at accept
         status(door, "127.0.0.20")
     assert door.servers[0].refused >= 1
+    warned = [r.getMessage() for r in caplog.records if r.name == "ztgate.enroll"]
+    assert any("127.0.0.20" in m and f"holds {front.PER_ADDRESS}" in m for m in warned), warned
     for s in answered + idle:
         s.close()
 
