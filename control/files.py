@@ -16,7 +16,7 @@ from .errors import InputError
 from .learned import hostname_problem, normalize
 from .wireguard.keys import check_public_key
 from .yamlfile import read_yaml
-from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES
+from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES, fold
 
 RULE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -155,12 +155,13 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
             raise w.error("email", f"{email!r} is not an email address")
         if not email.isascii():     # emails compare by lower(), which folds Unicode too (K, U+212A: k)
             raise w.error("email", f"{email!r}: only ASCII email addresses are accepted "
-                                   "(an internationalised domain in its xn-- form)")
-        if email.lower() in emails:
+                                   "(an internationalised domain in its xn-- form): use the user's ASCII "
+                                   "address or alias, as the identity provider's tokens name it")
+        if fold(email) in emails:
             raise w.error("email", f"duplicate email {email!r} (emails compare case-insensitively)")
-        emails.add(email.lower())
+        emails.add(fold(email))
         groups = tuple(_string(w, "groups", g) for g in _list(w, "groups", raw.get("groups") or []))
-        users.append(User(email=email, groups=groups))
+        users.append(User(email=email, groups=groups, by_hand=True))
 
     devices: list[Device] = []
     names: set[str] = set()
@@ -176,7 +177,7 @@ def parse_identities(doc: Any, file: str = "identities") -> Identities:
         if name in names:
             raise w.error("name", f"duplicate device name {name!r}")
         names.add(name)
-        owner = _string(w, "user", raw.get("user")).lower()
+        owner = fold(_string(w, "user", raw.get("user")))
         if owner not in emails:
             raise w.error("user", f"{raw['user']!r} is not a user in this file")
         if raw.get("tunnel_ipv4") is None:
@@ -225,7 +226,7 @@ def parse_policy(doc: Any, file: str = "policy") -> Policy:
     groups: dict[str, tuple[str, ...]] = {}
     for g, members in raw_groups.items():
         gname = _string(where, "groups", g)
-        groups[gname] = tuple(_string(where, f"groups.{gname}", m).lower()
+        groups[gname] = tuple(fold(_string(where, f"groups.{gname}", m))
                               for m in _list(where, f"groups.{gname}", members or []))
 
     rules: list[Rule] = []
@@ -288,7 +289,7 @@ def _parse_rule(where: _Where, i: int | None, raw: Any) -> Rule:
         kind, sep, pname = item.partition(":") if isinstance(item, str) else ("", "", "")
         if not sep or kind not in ("user", "group", "device") or not pname:
             raise w.error("principals", f"{item!r} is not user:EMAIL, group:NAME or device:NAME")
-        principals.append(Principal(kind, pname.lower() if kind == "user" else pname))
+        principals.append(Principal(kind, fold(pname) if kind == "user" else pname))
 
     protocols = None
     if raw.get("protocols") is not None:

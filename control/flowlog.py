@@ -23,6 +23,7 @@ from typing import Optional
 from dataplane.events import EventReader
 from dataplane.reasons import Verdict
 
+from .model import fold
 from .protocols import PORTED, name_of
 
 log = logging.getLogger("ztgate.flowlog")
@@ -128,7 +129,7 @@ def read_events(path: Path, cursor: Optional[list], user: Optional[str], verdict
             ev = json.loads(raw)
         except ValueError:
             continue
-        if user and (ev.get("user") or "").lower() != user.lower():
+        if user and fold(ev.get("user") or "") != fold(user):
             continue
         if verdict and ev.get("verdict") != verdict:
             continue

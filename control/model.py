@@ -30,6 +30,10 @@ class User:
     active: bool = True
     scim_id: Optional[str] = None
     external_id: Optional[str] = None
+    # Made by an operator (`ztgate user add`, an identities file), not by a login or SCIM: kept
+    # after the user logs in through the IdP, so SCIM never takes it over (admission.py).
+    # Not compared: where a user came from is not part of what it is.
+    by_hand: bool = field(default=False, compare=False)
 
     @property
     def key(self) -> str:

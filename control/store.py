@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -17,7 +18,9 @@ from typing import Iterator, Optional
 
 from .errors import InputError
 from .files import parse_policy, rule_doc
-from .model import Connector, Device, Identities, Policy, User
+from .model import Connector, Device, Identities, Policy, User, fold
+
+log = logging.getLogger("ztgate.store")
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -72,20 +75,26 @@ SCHEMA_VERSION = 3
 
 # Schema 4: tokens issued before a time are refused (IDENTITY.md; control/gateway/floors.py).
 # deleted_users: a user SCIM deleted (by email, and by issuer and subject when it had logged
+# in; one row per deletion, so a second deletion of an email does not forget the first subject)
 # in), so that a token issued before the deletion does not enroll it again. sessions_ended:
 # when `user expire` (kind "user", its email) or `device expire` ("device", its name) ended
-# sessions, so that a token issued before does not renew them.
+# sessions, so that a token issued before does not renew them. users.origin: 'hand' (an
+# operator made it: SCIM never takes it over, even after it logs in) or 'idp' (a login or
+# SCIM made it); users of before are 'hand' when they had no identity at the provider.
 LOGIN_FLOORS = """
 CREATE TABLE deleted_users (
-    email TEXT PRIMARY KEY COLLATE NOCASE, issuer TEXT, subject TEXT, deleted REAL NOT NULL);
+    email TEXT NOT NULL COLLATE NOCASE, issuer TEXT, subject TEXT, deleted REAL NOT NULL);
+CREATE INDEX deleted_users_email ON deleted_users(email);
 CREATE INDEX deleted_users_subject ON deleted_users(issuer, subject);
 CREATE TABLE sessions_ended (
     kind TEXT NOT NULL, name TEXT NOT NULL COLLATE NOCASE, ended REAL NOT NULL, PRIMARY KEY (kind, name));
+ALTER TABLE users ADD COLUMN origin TEXT NOT NULL DEFAULT 'hand';
+UPDATE users SET origin='idp' WHERE issuer IS NOT NULL OR scim_id IS NOT NULL;
 """
 SCHEMA += LOGIN_FLOORS
 MIGRATIONS[4] = LOGIN_FLOORS
 SCHEMA_VERSION = 4
-USER_COLUMNS = "email, issuer, subject, provider_groups, active, scim_id, external_id"
+USER_COLUMNS = "email, issuer, subject, provider_groups, active, scim_id, external_id, origin"
 
 
 class Store:
@@ -118,6 +127,18 @@ class Store:
             version = self._meta("schema")
         if version != SCHEMA_VERSION:
             raise InputError(f"{self.path}: database schema {version}, this ztgate reads {SCHEMA_VERSION}")
+        self._warn_non_ascii_emails()
+
+    def _warn_non_ascii_emails(self) -> None:
+        """Emails are ASCII only since schema 4, but an older store may hold others. They keep
+        working as they are (compared by model.fold, as SQLite's NOCASE does: no Unicode case
+        folding, so no two of them merge); refusing to open the store would leave the operator no
+        daemon to remove them with. They cannot log in through the IdP, so the operator is told."""
+        for (email,) in self.db.execute("SELECT email FROM users ORDER BY rowid"):
+            if not email.isascii():
+                log.warning("%s: user %r has a non-ASCII email, accepted before this version: it keeps its "
+                            "rules and devices but cannot log in through the identity provider; if it should, "
+                            "`ztgate user remove %s` and add it under an ASCII address", self.path, email, email)
 
     def close(self) -> None:
         self.db.close()
@@ -145,13 +166,13 @@ class Store:
     def identities(self) -> Identities:
         groups: dict[str, list[str]] = {}
         for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY grp"):
-            groups.setdefault(user.lower(), []).append(grp)
-        users = tuple(User(email, tuple(groups.get(email.lower(), ())), tuple(json.loads(pg or "[]")), issuer,
-                           subject, bool(active), scim_id, external_id)
-                      for email, issuer, subject, pg, active, scim_id, external_id in self.db.execute(
+            groups.setdefault(fold(user), []).append(grp)
+        users = tuple(User(email, tuple(groups.get(fold(email), ())), tuple(json.loads(pg or "[]")), issuer,
+                           subject, bool(active), scim_id, external_id, origin == "hand")
+                      for email, issuer, subject, pg, active, scim_id, external_id, origin in self.db.execute(
                           f"SELECT {USER_COLUMNS} FROM users ORDER BY rowid"))
         devices = tuple(
-            Device(name, user.lower(), ipaddress.IPv4Address(v4), ipaddress.IPv6Address(v6) if v6 else None,
+            Device(name, fold(user), ipaddress.IPv4Address(v4), ipaddress.IPv6Address(v6) if v6 else None,
                    key, bool(enabled), expires)
             for name, user, key, v4, v6, enabled, expires in self.db.execute(
                 "SELECT name, user, public_key, tunnel_ipv4, tunnel_ipv6, enabled, session_expires FROM devices "
@@ -226,7 +247,7 @@ class Change:
             raise InputError(f"store refused the change: {e}") from None
 
     def add_user(self, email: str, groups=()) -> None:
-        self._exec("INSERT INTO users (email, created) VALUES (?, ?)", (email, time.time()))
+        self._exec("INSERT INTO users (email, created, origin) VALUES (?, ?, 'hand')", (email, time.time()))
         self.set_user_groups(email, groups)
 
     def remove_user(self, email: str) -> None:
@@ -295,7 +316,7 @@ class Change:
         for table in ("devices", "members", "users", "groups"):
             self._exec(f"DELETE FROM {table}")
         now = time.time()
-        self.db.executemany(f"INSERT INTO users ({USER_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self.db.executemany(f"INSERT INTO users ({USER_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [_user_row(u) + (now,) for u in identities.users])
         groups = sorted({g for u in identities.users for g in u.groups})
         self.db.executemany("INSERT INTO groups VALUES (?, ?)", [(g, now) for g in groups])
@@ -312,9 +333,9 @@ class Change:
     def put_idp_user(self, u: User) -> None:
         """Add U, or write its identity-provider fields (not its gateway groups) if it exists."""
         row = _user_row(u)
-        self._exec(f"INSERT INTO users ({USER_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        self._exec(f"INSERT INTO users ({USER_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                    "ON CONFLICT(email) DO UPDATE SET issuer=?, subject=?, provider_groups=?, active=?, scim_id=?, "
-                   "external_id=?", row + (time.time(),) + row[1:])
+                   "external_id=?", row + (time.time(),) + row[1:7])      # (never its origin)
 
     def set_session(self, device: str, expires: Optional[float]) -> None:
         self._exec("UPDATE devices SET session_expires=? WHERE name=?", (expires, device))
@@ -323,4 +344,4 @@ class Change:
 def _user_row(u: User) -> tuple:
     """A user's USER_COLUMNS values."""
     return (u.email, u.issuer, u.subject, json.dumps(list(u.provider_groups)), int(u.active), u.scim_id,
-            u.external_id)
+            u.external_id, "hand" if u.by_hand else "idp")

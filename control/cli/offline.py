@@ -8,7 +8,7 @@ import os
 
 from ..errors import InputError, ZtError
 from ..files import load_identities, load_policy
-from ..model import Packet
+from ..model import Packet, fold
 from ..packets import load_probes, packet_from_fields
 from ..protocols import PORTED
 
@@ -55,7 +55,7 @@ def _packet_from_flags(args, identities) -> Packet:
         raise InputError(f"explain: --dst {args.dst!r} is not an IP address") from None
     src = args.src
     if args.user is not None:
-        email = args.user.lower()
+        email = fold(args.user)
         devices = [d for d in identities.devices if d.user == email and d.enabled]
         if not devices:
             raise InputError(f"explain: --user {args.user}: no enabled device of this user in {args.identities}")

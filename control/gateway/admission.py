@@ -31,13 +31,13 @@ def over_cap(ids: Identities, user: User, cap: Optional[int]) -> Optional[tuple[
 
 def hand_made(ids: Identities, user: Optional[User]) -> Optional[tuple[int, str]]:
     """SCIM binds a user of the gateway only if the IdP made it (a login, or SCIM): a user an
-    operator made (no identity at the provider), or one with devices enrolled by hand, stays
+    operator made (even one that has logged in since), or one with devices enrolled by hand, stays
     the operators', so that SCIM cannot deactivate or delete it and its devices."""
     if user is None:
         return None
-    by_hand = [d.name for d in ids.devices if d.user == user.key and d.session_expires is None]
-    if user.issuer is None or by_hand:
-        what = f"has devices enrolled by hand ({', '.join(by_hand)})" if by_hand else "was made by hand"
+    hand_devices = [d.name for d in ids.devices if d.user == user.key and d.session_expires is None]
+    if user.by_hand or user.issuer is None or hand_devices:
+        what = f"has devices enrolled by hand ({', '.join(hand_devices)})" if hand_devices else "was made by hand"
         return 409, (f"user {user.email!r} {what}: SCIM does not take it over; an operator may remove it "
                      "(`ztgate user remove --with-devices`) to let the identity provider provision it")
     return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from ..model import User
+from ..model import User, fold
 
 
 def when(seconds: float) -> str:
@@ -28,23 +28,24 @@ def when(seconds: float) -> str:
 
 def note_deleted(tx, user: User, at: float) -> None:
     """In the deletion's transaction (tx: a store Change)."""
-    tx._exec("INSERT OR REPLACE INTO deleted_users VALUES (?, ?, ?, ?)", (user.key, user.issuer, user.subject, at))
+    # one row per deletion (never replaced): the email's earlier subjects stay refused too
+    tx._exec("INSERT INTO deleted_users VALUES (?, ?, ?, ?)", (user.key, user.issuer, user.subject, at))
 
 
 def note_ended(db, kind: str, name: str, at: float) -> None:
     """In the expiry's transaction (db: a Change's connection), or on its own (the store's)."""
-    db.execute("INSERT OR REPLACE INTO sessions_ended VALUES (?, ?, ?)", (kind, name.lower(), at))
+    db.execute("INSERT OR REPLACE INTO sessions_ended VALUES (?, ?, ?)", (kind, fold(name), at))
 
 
 def deleted_at(db, issuer: str, subject: str, email: str) -> Optional[float]:
     """When the user of (ISSUER, SUBJECT), or of EMAIL, was last deleted by SCIM (None: never)."""
     row = db.execute("SELECT max(deleted) FROM deleted_users WHERE (issuer=? AND subject=?) OR email=?",
-                     (issuer, subject, email.lower())).fetchone()
+                     (issuer, subject, fold(email))).fetchone()
     return row[0] if row else None
 
 
 def ended_at(db, kind: str, name: str) -> Optional[float]:
-    row = db.execute("SELECT ended FROM sessions_ended WHERE kind=? AND name=?", (kind, name.lower())).fetchone()
+    row = db.execute("SELECT ended FROM sessions_ended WHERE kind=? AND name=?", (kind, fold(name))).fetchone()
     return row[0] if row else None
 
 

@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 from ..errors import InputError
 from ..kernel import DEFAULT_RULE
+from ..model import fold
 from ..protocols import name_of, number_of
 from .core import Core
 
@@ -44,7 +45,7 @@ class FlowOps(Core):
             if now >= f["seen_ns"] + timeout * 10**9:
                 continue                  # expired: no longer honoured, not yet evicted
             d = owner.get(f["src"])
-            if (user and (d is None or d.user != user.lower())) or (device and (d is None or d.name != device)):
+            if (user and (d is None or d.user != fold(user))) or (device and (d is None or d.name != device)):
                 continue
             yield f, d
 

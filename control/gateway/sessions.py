@@ -135,7 +135,9 @@ class SessionOps(IdentityOps):
         if not device.enabled:
             raise SessionRefused(403, f"device {device.name!r} is disabled")
         if device.session_expires is None:          # IDENTITY.md: hand-made devices never expire
-            raise SessionRefused(409, f"device {device.name!r} was enrolled by hand and has no session to renew")
+            raise SessionRefused(409, f"device {device.name!r} was enrolled by hand and has no session to renew: "
+                                      "enroll under another device name, or ask an operator to remove it "
+                                      f"(`ztgate device remove {device.name}`)")
         return replace(device, session_expires=expires)
 
     def _session_device(self, name: str, user: User, key: str, expires: float) -> Device:
@@ -355,7 +357,7 @@ def kept_from_provider(old: Identities, new: Identities) -> Identities:
 
 def _provider_fields(u: User) -> dict:
     return {"provider_groups": u.provider_groups, "issuer": u.issuer, "subject": u.subject, "active": u.active,
-            "scim_id": u.scim_id, "external_id": u.external_id}
+            "scim_id": u.scim_id, "external_id": u.external_id, "by_hand": u.by_hand}
 
 
 def _check_login(issuer: Any, subject: Any, email: Any, groups: Any, seconds: Any) -> None:

@@ -10,6 +10,7 @@ from .. import routes, wireguard
 from ..errors import InputError, ZtError
 from ..files import identities_doc, policy_doc, rule_doc
 from ..kernel import program_on
+from ..model import fold
 from ..packets import build_raw, packet_from_fields
 from ..reference import identify, trace
 from ..yamlfile import dump_yaml
@@ -137,7 +138,7 @@ class Views(Core):
             raise InputError("trace: user must be an email")
         version = 6 if isinstance(dst, str) and ":" in dst else 4
         for d in self.identities.devices:
-            if d.user == email.lower() and d.enabled:
+            if d.user == fold(email) and d.enabled:
                 for a in d.addresses:
                     if a.version == version:
                         return str(a)

@@ -53,7 +53,7 @@ class EnrollmentService:
         self.uvicorn = uvicorn.Config(self.app, host=host, port=port, ssl_certfile=str(self.cfg.tls_cert),
                                       ssl_keyfile=str(self.cfg.tls_key), log_level="warning", access_log=False,
                                       proxy_headers=False, server_header=False, timeout_keep_alive=15,
-                                      limit_concurrency=256, h11_max_incomplete_event_size=16 << 10)
+                                      limit_concurrency=None, h11_max_incomplete_event_size=16 << 10)
         try:
             self.uvicorn.load()       # the certificate and key now: a bad one stops the daemon with its name
         except (OSError, ValueError) as e:

@@ -245,7 +245,9 @@ class Verifier:
             raise TokenRefused(self.cfg.email_claim, f"missing or not an email address: {email!r:.80}")
         if not email.isascii():     # Unicode case folding would make another address of it (K, U+212A: k)
             raise TokenRefused(self.cfg.email_claim, f"{email!r:.80}: only ASCII email addresses are accepted "
-                                                     "(an internationalised domain in its xn-- form)")
+                                                     "(an internationalised domain in its xn-- form): give the "
+                                                     "user an ASCII address or alias at the identity provider, "
+                                                     "or set identity.email_claim to a claim that holds one")
         verified = claims.get("email_verified", True)
         if verified is False or isinstance(verified, str) and verified.lower() == "false":
             raise TokenRefused("email_verified", f"false: the provider has not verified {email}")

@@ -178,6 +178,7 @@ def test_an_email_with_a_kelvin_sign_is_not_another_users(site):
     before = site.snapshot()
     r = enroll(site, site.idp.admin.token("karl@example.com", None, 300, {"email": kelvin}), "karl-laptop")
     assert r.status_code == 401 and "only ASCII email addresses" in r.json()["error"], r.text
+    assert "identity.email_claim" in r.json()["error"], r.text
     s = site.scim("POST", "/Users", {"userName": kelvin})
     assert s.status_code == 400 and "only ASCII" in s.json()["detail"], s.text
     assert site.scim("GET", '/Users?filter=userName%20eq%20%22%E2%84%AAarl@example.com%22').json()["totalResults"] == 0
@@ -207,4 +208,14 @@ def test_a_renewal_does_not_give_a_hand_made_device_a_session(site):
     before = site.snapshot()
     r = enroll(site, site.idp.token("kim@example.com"), "kim-pc", key)
     assert r.status_code == 409 and "enrolled by hand and has no session" in r.json()["error"], r.text
+    assert "ztgate device remove kim-pc" in r.json()["error"], r.text
+    assert site.snapshot() == before
+
+
+def test_a_hand_made_user_stays_the_operators_after_it_logs_in(site):
+    site.ztgate("user", "add", "mia@example.com")
+    assert enroll(site, site.idp.token("mia@example.com"), "mia-laptop").status_code == 201
+    before = site.snapshot()
+    r = site.scim("POST", "/Users", {"userName": "mia@example.com"})
+    assert r.status_code == 409 and "was made by hand: SCIM does not take it over" in r.json()["detail"], r.text
     assert site.snapshot() == before
