@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
