@@ -29,7 +29,7 @@ from .errors import KernelError
 from .layout import Layout
 from .libbpf import map_info, obj_get, pin_path, prog_id
 from .mirrors import SRC_KEY, SRC_KEY_BANK
-from .program import ENTRY, POLICY_MAPS, REPLY_ENTRY, REPLY_SLOW_PIN, SHARED_MAPS, Program, cflags_for, ztgate_source
+from .program import ENTRY, POLICY_MAPS, REPLY_ENTRY, REPLY_SLOW_PIN, SHARED_MAPS, Program, cflags_for, table_type, ztgate_source
 
 RECORD_DIR = Path(os.environ.get("ZTGATE_PIN_RECORDS", "/run/ztgate-pins"))
 RECORD_VERSION = 1
@@ -55,28 +55,18 @@ def _pins(pin_dir: Path) -> dict[str, Path]:
     return out
 
 
-def table_descs(bpf) -> dict[str, list[str]]:
-    """bcc's JSON descriptions of each pinned map's key and value types, from a compiled module."""
-    from bcc import lib
-
-    return {name: [lib.bpf_table_key_desc(bpf.module, name.encode()).decode(),
-                   lib.bpf_table_leaf_desc(bpf.module, name.encode()).decode()]
-            for name in RECORDED_MAPS}
-
-
 def write_record(program: Program, pin_dir: Path) -> None:
     """Record the build just pinned under PIN_DIR (written whole, then renamed into place)."""
     path = record_path(pin_dir)
     try:
-        if program.descs is None:
-            program.descs = table_descs(program.bpf)
+        descs = {name: program.descs[name] for name in RECORDED_MAPS}
         ids = {name: prog_id(fn.fd) for name, fn in zip((n for n, _ in PROGS), (program.fn, program.reply_fn))}
         ids.update({name: map_info(program.bpf[name].get_fd()).id for name in RECORDED_MAPS})
     except KeyError:      # a build of an older ebpf/ tree (scripts/bench --against-source): not adopted
         path.unlink(missing_ok=True)
         return
     record = {"version": RECORD_VERSION, "hash": source_hash(cflags_for(program.layout, pin_dir)),
-              "layout": dataclasses.asdict(program.layout), "ids": ids, "descs": program.descs}
+              "layout": dataclasses.asdict(program.layout), "ids": ids, "descs": descs}
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record))
@@ -150,7 +140,6 @@ class PinnedMaps:
         return fd
 
     def add(self, name: str, fd: int, key_desc: str, leaf_desc: str) -> None:
-        from bcc import BPF
         from bcc import table as bt
 
         classes = {bt.BPF_MAP_TYPE_HASH: bt.HashTable, bt.BPF_MAP_TYPE_ARRAY: bt.Array,
@@ -159,7 +148,7 @@ class PinnedMaps:
         info = map_info(fd)
         if info.type not in classes:
             raise KernelError(f"{name}: map type {info.type} is not one ztgate pins")
-        key, leaf = (BPF._decode_table_type(json.loads(d)) for d in (key_desc, leaf_desc))
+        key, leaf = table_type(key_desc), table_type(leaf_desc)
         table = classes[info.type](self, info.id, fd, key, leaf, name)
         table.ttype, table.flags, table.max_entries = info.type, info.map_flags, info.max_entries
         self.tables[name] = table

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import re
 import secrets
@@ -78,6 +79,36 @@ def cflags_for(layout: Layout, pin_dir: Optional[Path]) -> list[str]:
     return cflags
 
 
+_TYPES: dict[str, type] = {}    # bcc's description of a map's key or value type -> its ctypes type
+
+
+def table_type(desc: str) -> type:
+    """The ctypes type bcc describes as DESC, made once and shared by every build: a type made
+    per build would stay in ctypes' array type cache for good once bcc makes an array of it
+    (per-CPU values, batch buffers): ~60 KiB a build, held for ever."""
+    found = _TYPES.get(desc)
+    if found is None:
+        from bcc import BPF
+
+        found = _TYPES[desc] = BPF._decode_table_type(json.loads(desc))
+    return found
+
+
+def _typed_tables(bpf) -> dict[str, list[str]]:
+    """bcc's tables of a compiled module made with the shared types (table_type), before
+    anything asks bcc for one: name -> [key description, value description]."""
+    from bcc import lib
+
+    descs = {}
+    for name in MAPS + ("zt_reply_slow",):
+        if lib.bpf_table_fd(bpf.module, name.encode()) < 0:
+            continue          # (a build of an older ebpf/ tree: scripts/bench --against-source)
+        key, leaf = (f(bpf.module, name.encode()).decode() for f in (lib.bpf_table_key_desc, lib.bpf_table_leaf_desc))
+        bpf.tables[name] = bpf.get_table(name, keytype=table_type(key), leaftype=table_type(leaf))
+        descs[name] = [key, leaf]
+    return descs
+
+
 class Program:
     """One loaded ztgate program and its maps. dataplane.attach attaches it to an interface.
 
@@ -98,10 +129,10 @@ class Program:
             raise ValueError(f"build {build}: must fit 32 bits")
         self.layout = layout
         self.pin_dir = bpffs_dir(pin_dir) if pin_dir is not None else None
-        self.descs: Optional[dict] = None     # bcc's descriptions of the maps' types (dataplane/pinned.py)
         started = time.perf_counter()
         self.bpf = BPF(text=ztgate_source(), cflags=cflags_for(layout, self.pin_dir))
         try:
+            self.descs = _typed_tables(self.bpf)    # (dataplane/pinned.py records them)
             if self.pin_dir is not None:
                 self._check_shared()
             self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
