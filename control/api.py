@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import msgpack
 
-from .config import socket_path
+from .socket_default import socket_path
 from .errors import InputError, ZtError
 
 MAX_FRAME = 64 << 20       # a 100k-device identities file is about 15 MiB of YAML

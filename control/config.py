@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,13 +42,9 @@ from .dns.settings import DnsConfig, parse_dns
 from .errors import InputError
 from .yamlfile import read_yaml
 
-DEFAULT_SOCKET = "/run/ztgate/ztgate.sock"
+from .socket_default import DEFAULT_SOCKET, socket_path  # noqa: F401  (control/socket_default.py: the CLI's)
+
 IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
-
-
-def socket_path() -> str:
-    """Where every CLI verb finds the running gateway (ZTGATE_SOCKET overrides)."""
-    return os.environ.get("ZTGATE_SOCKET", DEFAULT_SOCKET)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from dataplane.errors import KernelError, ZtError
 from dataplane.layout import POOL_BITS, Layout
 from dataplane.libbpf import prog_id, unpin_all
 from dataplane.mirrors import CT_CLOSING, CT_KILLED, CT_OPEN, IDENT_EXPIRED
+from dataplane.pinned import forget_record
 from dataplane.program import Program
 from dataplane.testrun import RunResult
 
@@ -48,6 +49,7 @@ from .compiler import Tables, compile_policy
 from .config import Config
 from .incremental import Incremental
 from .kernel_changes import RuleChanges
+from .kernel_adopt import Adoption
 from .kernel_names import LearnedNames
 from .learned import Learned
 from .model import Device, Identities, Policy
@@ -99,7 +101,7 @@ class Build:
     written: int = 0       # entries written into that bank (in place: only those that differed)
 
 
-class Kernel(LearnedNames, RuleChanges):
+class Kernel(LearnedNames, RuleChanges, Adoption):
     def __init__(self, config: Config):
         self.config = config
         # the event cache that conntrack (zt_ct) replaced, pinned by gateways before it
@@ -135,6 +137,10 @@ class Kernel(LearnedNames, RuleChanges):
             learned = self.learned.by_address()
         tables = compile_policy(policy, identities, self.base, learned)
         compiled = time.perf_counter()
+        if self.build is None:      # a restarted controller: the pinned program, if it may be adopted
+            staged = self._stage_adopted(tables, number, forget, compiled - started, (policy, identities))
+            if staged is not None:
+                return staged
         if self.build is not None:
             short = self.build.program.layout.shortfalls(tables.need)
             if not short and self.build.program.policy_tables.banks == 2:
@@ -434,3 +440,4 @@ def run_packets(program: Program, packets: list[bytes], repeat: int = 0) -> list
 def remove_pins(pin_dir) -> None:
     """Unpin every map and program under PIN_DIR (`ztgate gateway teardown`)."""
     unpin_all(pin_dir)
+    forget_record(pin_dir)

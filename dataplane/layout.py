@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .mirrors import FIRST_CHILD_NODE
-
 POOL_BITS = 20               # tunnel-address pool arrays: 2^20 slots per family (-DZT_POOL_BITS)
 
 
@@ -15,6 +13,11 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
+# The most candidates per service headroom gives: the walk's loop is verified iteration by
+# iteration, and 96 exceed the verifier's complexity limit (E2BIG) where 64 pass, with hostnames
+# and wide who-bits too (bcc 0.26, this project's kernel). A policy that needs more gets what it
+# needs, and no room.
+CANDS_HEADROOM_MAX = 64
 HEADROOM_GRANULE = 4096      # big tables are rounded up to a multiple of this, not to a power of two
 
 
@@ -83,6 +86,8 @@ class Layout:
 
     def with_headroom(self) -> "Layout":
         """A layout for the program to load: what these tables need plus room to grow."""
+        from .mirrors import FIRST_CHILD_NODE   # (mirrors needs numpy: the CLI reads POOL_BITS without it)
+
         return replace(
             self,
             max_rules=_headroom(self.max_rules, 64),
@@ -92,8 +97,10 @@ class Layout:
             max_services=_headroom(self.max_services, 64),
             # a rule added where others meet lengthens candidate lists: room for it, so that the
             # change fits the program in force (the walk stops at its first match). Few
-            # services: room for many (1024 services x 32 candidates x 2 banks: 512 KiB)
-            max_cands=_headroom(self.max_cands, 32 if self.max_services <= 1024 else 8),
+            # services: room for many (1024 services x 64 candidates x 2 banks: 1 MiB; 50 rules
+            # added on one destination fit), but never past what the verifier takes
+            max_cands=max(self.max_cands, min(_headroom(self.max_cands, 64 if self.max_services <= 1024 else 8),
+                                              CANDS_HEADROOM_MAX)),
             max_idents=_headroom(self.max_idents, 64),
             # powers of two: the kernel masks word indexes with them (the verifier needs a bound)
             who_words=_pow2(self.who_words, 1),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import re
 import secrets
@@ -41,6 +42,10 @@ POLICY_MAPS = ("zt_bank", "zt_pool4", "zt_pool6", "zt_src_hash", "zt_idents", "z
 SHARED_MAPS = ("zt_cpu_state", "zt_events", "zt_ct", "zt_fcache", "zt_epoch", "zt_frags", "zt_killed",
                "zt_kills_until")
 MAPS = POLICY_MAPS + SHARED_MAPS
+# Pinned beside prog_reply by a gateway's builds (those with a pin_dir): the reply entry's tail
+# calls. A program array is emptied when nothing in userspace holds it any more (a pin holds
+# it), and a restarted controller may adopt the pinned program (dataplane/pinned.py).
+REPLY_SLOW_PIN = "prog_reply_slow"
 
 
 @functools.cache
@@ -66,6 +71,44 @@ def _with_includes(path: Path, within: tuple = ()) -> str:
     return "\n".join(out) + "\n"
 
 
+def cflags_for(layout: Layout, pin_dir: Optional[Path]) -> list[str]:
+    """The flags ebpf/ztgate.c is compiled with for LAYOUT (and shared maps under PIN_DIR)."""
+    cflags = ["-Wno-unused-function"] + layout.defines()
+    if pin_dir is not None:
+        cflags.append(f'-DZT_PIN_DIR="{pin_dir}"')
+    return cflags
+
+
+_TYPES: dict[str, type] = {}    # bcc's description of a map's key or value type -> its ctypes type
+
+
+def table_type(desc: str) -> type:
+    """The ctypes type bcc describes as DESC, made once and shared by every build: a type made
+    per build would stay in ctypes' array type cache for good once bcc makes an array of it
+    (per-CPU values, batch buffers): ~60 KiB a build, held for ever."""
+    found = _TYPES.get(desc)
+    if found is None:
+        from bcc import BPF
+
+        found = _TYPES[desc] = BPF._decode_table_type(json.loads(desc))
+    return found
+
+
+def _typed_tables(bpf) -> dict[str, list[str]]:
+    """bcc's tables of a compiled module made with the shared types (table_type), before
+    anything asks bcc for one: name -> [key description, value description]."""
+    from bcc import lib
+
+    descs = {}
+    for name in MAPS + ("zt_reply_slow",):
+        if lib.bpf_table_fd(bpf.module, name.encode()) < 0:
+            continue          # (a build of an older ebpf/ tree: scripts/bench --against-source)
+        key, leaf = (f(bpf.module, name.encode()).decode() for f in (lib.bpf_table_key_desc, lib.bpf_table_leaf_desc))
+        bpf.tables[name] = bpf.get_table(name, keytype=table_type(key), leaftype=table_type(leaf))
+        descs[name] = [key, leaf]
+    return descs
+
+
 class Program:
     """One loaded ztgate program and its maps. dataplane.attach attaches it to an interface.
 
@@ -86,12 +129,10 @@ class Program:
             raise ValueError(f"build {build}: must fit 32 bits")
         self.layout = layout
         self.pin_dir = bpffs_dir(pin_dir) if pin_dir is not None else None
-        cflags = ["-Wno-unused-function"] + layout.defines()
-        if self.pin_dir is not None:
-            cflags.append(f'-DZT_PIN_DIR="{self.pin_dir}"')
         started = time.perf_counter()
-        self.bpf = BPF(text=ztgate_source(), cflags=cflags)
+        self.bpf = BPF(text=ztgate_source(), cflags=cflags_for(layout, self.pin_dir))
         try:
+            self.descs = _typed_tables(self.bpf)    # (dataplane/pinned.py records them)
             if self.pin_dir is not None:
                 self._check_shared()
             self.fn = self.bpf.load_func(ENTRY, BPF.XDP)
@@ -105,10 +146,27 @@ class Program:
             self.bpf.cleanup()
             raise
         self.build_seconds = time.perf_counter() - started
+        self._parts(build)
+
+    def _parts(self, build: int, bank: int = 0) -> None:
+        """The views on the maps, BANK in force holding BUILD."""
         self._ncpu = possible_cpus()
-        self.policy_tables = PolicyTables(self.bpf, layout, build)
-        self.learned = LearnedMap(self.bpf, layout, self.policy_tables.banks)
-        self.conntrack = Conntrack(self.bpf, self._ncpu, layout)
+        self.policy_tables = PolicyTables(self.bpf, self.layout, build, bank)
+        self.learned = LearnedMap(self.bpf, self.layout, self.policy_tables.banks)
+        self.conntrack = Conntrack(self.bpf, self._ncpu, self.layout)
+
+    @classmethod
+    def on_pins(cls, layout: Layout, pin_dir: Path, maps, fn, reply_fn, descs: dict) -> "Program":
+        """A program loaded and pinned before (by a controller gone since), on its pins:
+        MAPS stands for bcc's BPF object (dataplane/pinned.py's PinnedMaps), FN and REPLY_FN
+        are its entries. The bank in force and its build are read from zt_bank; nothing is
+        written. dataplane/pinned.py's adopt() makes one."""
+        self = cls.__new__(cls)
+        self.layout, self.pin_dir, self.bpf, self.fn, self.reply_fn = layout, pin_dir, maps, fn, reply_fn
+        self.descs, self.build_seconds = descs, 0.0
+        word = int(np.frombuffer(bytes(maps["zt_bank"][0]), np.uint64)[0])
+        self._parts(word >> 32, word & 1)
+        return self
 
     def _check_shared(self) -> None:
         """bcc reuses a pinned map without comparing it with the source: refuse one whose shape
@@ -313,14 +371,23 @@ class Program:
             obj_pin(self.reply_fn.fd, staging / "prog_reply")
             for name in POLICY_MAPS:
                 obj_pin(self.bpf[name].get_fd(), staging / "tables" / name)
+            gateway = self.pin_dir == directory    # (its shared maps are pinned there too)
+            if gateway:
+                obj_pin(self.bpf["zt_reply_slow"].get_fd(), staging / REPLY_SLOW_PIN)
             if (directory / "tables").exists():
                 rename_exchange(staging / "tables", directory / "tables")
             else:
                 os.rename(staging / "tables", directory / "tables")
             os.rename(staging / "prog", directory / "prog")
             os.rename(staging / "prog_reply", directory / "prog_reply")
+            if gateway:
+                os.rename(staging / REPLY_SLOW_PIN, directory / REPLY_SLOW_PIN)
         finally:
             shutil.rmtree(staging)   # the old build's tables after the swap; the new pins on failure
+        if gateway:
+            from .pinned import write_record    # (pinned.py imports this module)
+
+            write_record(self, directory)
 
     # -----------------------------------------------------------------------------------------
     # BPF_PROG_TEST_RUN (dataplane/testrun.py)

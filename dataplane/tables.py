@@ -28,7 +28,7 @@ class PolicyTables:
     built from an ebpf/ tree before the banks (scripts/bench --against-source) has one bank
     and no zt_bank: everything is written into bank 0 and flip() is refused."""
 
-    def __init__(self, bpf, layout: Layout, build: int = 0):
+    def __init__(self, bpf, layout: Layout, build: int = 0, bank: int = 0):
         self.bpf = bpf
         self.layout = layout
         self._maps: dict[str, mmap.mmap] = {}
@@ -37,7 +37,7 @@ class PolicyTables:
             self.banks = 2
         except KeyError:
             self.banks = 1
-        self.bank = 0                 # the bank in force
+        self.bank = bank              # the bank in force (an adopted program's: dataplane/pinned.py)
         self.build = build            # the build it holds (events and conntrack carry it)
         self._left = [0.0, 0.0]       # when each bank stopped being in force (perf_counter)
         # what each bank of zt_src_hash holds (the arrays are read back through their mmap),
@@ -45,7 +45,7 @@ class PolicyTables:
         self._hashed: list[dict] = [{}, {}]
         self._pooled: list[dict] = [{}, {}]
         if self.banks == 2:
-            self._select(0, build)
+            self._select(bank, build)
 
     def close(self) -> None:
         for mm in self._maps.values():

@@ -14,8 +14,7 @@ from .changes import (cmd_connector_add, cmd_connector_list, cmd_connector_remov
                       cmd_rule_disable, cmd_rule_enable, cmd_rule_list, cmd_rule_move, cmd_rule_remove,
                       cmd_user_add, cmd_user_list, cmd_user_remove)
 from .changes import cmd_lab_token
-from .offline import cmd_check
-from .parser_local import login, offline
+from .parser_local import cmd_check, login, offline
 from .sessions import cmd_device_expire, cmd_user_expire
 from .verbs import epilog, files, gw, verb
 from .watch import cmd_audit, cmd_flows, cmd_flows_kill, cmd_logs, cmd_status, cmd_trace

@@ -3,8 +3,20 @@ dataplane verdicts), the engine alone on an interface (dataplane attach/detach),
 device's login through the gateway's identity provider."""
 from __future__ import annotations
 
-from .offline import cmd_explain, cmd_verdicts
 from .verbs import files, verb
+
+
+def _offline(name: str):
+    """offline.py's cmd NAME, imported when it runs: the verbs that talk to a gateway start
+    without the policy files' readers, the reference and the packet parsers (CLI start-up
+    counts in a revocation's time)."""
+    def run(args) -> int:
+        from . import offline
+        return getattr(offline, name)(args)
+    return run
+
+
+cmd_explain, cmd_verdicts, cmd_check = _offline("cmd_explain"), _offline("cmd_verdicts"), _offline("cmd_check")
 
 
 def offline(nouns) -> None:

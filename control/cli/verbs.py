@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from ..config import DEFAULT_SOCKET
+from ..socket_default import DEFAULT_SOCKET
 
 
 def epilog(text: str) -> str:

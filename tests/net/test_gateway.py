@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from control import wireguard
-from dataplane.attach import detach
+from dataplane.attach import attached, detach
 from tests.netns import PYTHON, REPO, Namespaces, wait_until
 
 LAB = REPO / "examples" / "lab"
@@ -560,6 +560,40 @@ def test_an_open_flow_lives_through_kill_9_and_restart_and_nothing_blocked_passe
         conn.close()
     assert leaks == []
     assert len(echoes) > 50 and all(echoes), f"{echoes.count(False)} of {len(echoes)} echoes went unanswered"
+
+
+def test_a_restart_adopts_the_pinned_program_unless_its_source_changed(site, alice):
+    """Killed and started again, the controller takes over the program it pinned (no compiler
+    run: the log says so) and enforces the same policy with it; started from an edited ebpf/
+    tree it compiles a new program, and so it does when the tree is back (the pins are then
+    of the edited one)."""
+    def on_interface() -> int:
+        with site.ns.inside("gw"):
+            return attached(site.iface)[0]
+
+    def restart(**env) -> str:
+        site.kill()
+        site.stderr.write_text("")
+        site.start(**env)
+        wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="web after the restart")
+        assert site.tcp(APP_RDP, 3389) is None
+        return site.stderr.read_text()
+
+    wait_until(lambda: site.tcp(APP_WEB, 8080), timeout=10, what="web before the restart")
+    first = on_interface()
+    log = restart()
+    assert "adopted the pinned program" in log and " attached to " not in log, log[-3000:]
+    assert on_interface() == first
+    edited = site.tmp / "ebpf-edited"
+    shutil.rmtree(edited, ignore_errors=True)
+    shutil.copytree(REPO / "ebpf", edited)
+    with open(edited / "ztgate.c", "a") as f:
+        f.write("/* edited */\n")
+    log = restart(ZTGATE_EBPF_DIR=str(edited))
+    assert "not adopted: the source or the flags differ" in log and " attached to " in log, log[-3000:]
+    assert on_interface() != first
+    log = restart()
+    assert "not adopted: the source or the flags differ" in log and " attached to " in log, log[-3000:]
 
 
 def test_a_gateway_that_cannot_attach_does_not_serve_and_leaves_nothing_open(site, alice):
