@@ -89,6 +89,36 @@ class Identities:
             object.__setattr__(self, "_ubk", cached)
         return cached
 
+    @property
+    def ipv4_in_use(self) -> frozenset[int]:
+        """The devices' tunnel IPv4 addresses, as integers (where a new device may not go)."""
+        cached = self.__dict__.get("_v4")
+        if cached is None:
+            cached = frozenset(int(d.tunnel_ipv4) for d in self.devices)
+            object.__setattr__(self, "_v4", cached)
+        return cached
+
+    # One change at 100k devices must not redo the lookups above over every user and device:
+    # these two carry them over, updated, to the identities after the change.
+
+    def adding_device(self, device: Device) -> "Identities":
+        """These identities and DEVICE."""
+        out = Identities(self.users, self.devices + (device,))
+        if "_ubk" in self.__dict__:
+            object.__setattr__(out, "_ubk", self._users_by_key)
+        if "_v4" in self.__dict__:
+            object.__setattr__(out, "_v4", self.ipv4_in_use | {int(device.tunnel_ipv4)})
+        return out
+
+    def replacing_user(self, old: User, new: User) -> "Identities":
+        """These identities with user OLD (one of self.users) replaced by NEW (the same key)."""
+        out = Identities(tuple(new if u is old else u for u in self.users), self.devices)
+        if "_ubk" in self.__dict__:
+            object.__setattr__(out, "_ubk", {**self._users_by_key, new.key: new})
+        if "_v4" in self.__dict__:
+            object.__setattr__(out, "_v4", self.ipv4_in_use)
+        return out
+
 
 @dataclass(frozen=True)
 class Principal:

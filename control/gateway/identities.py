@@ -93,21 +93,20 @@ class IdentityOps(Core):
             if present == (group in user.groups):
                 return {"generation": self.store.generation(), "unchanged": True}
             groups = user.groups + (group,) if present else tuple(g for g in user.groups if g != group)
-            ids = replace(self.identities, users=tuple(replace(u, groups=groups) if u.key == user.key else u
-                                                       for u in self.identities.users))
+            ids = self.identities.replacing_user(user, replace(user, groups=groups))
+            key = user.key
             return self._commit(uid, Plan("group member add" if present else "group member remove",
                                           {"group": group, "email": user.email}, replace(self.state, identities=ids),
                                           lambda tx: tx.set_user_groups(user.email, groups),
-                                          self._devices_step(ids, [d for d in ids.devices if d.user == user.key])))
+                                          self._devices_step(ids, [d for d in ids.devices if d.user == key])))
 
     # -----------------------------------------------------------------------------------------
     # devices and their pool addresses
 
     def _free_offset(self) -> int:
-        used = {int(a) - int(self.config.pool_ipv4.network_address)
-                for d in self.identities.devices for a in d.addresses if a.version == 4}
+        used, base = self.identities.ipv4_in_use, int(self.config.pool_ipv4.network_address)
         for offset in range(2, self.config.pool_size):
-            if offset not in used:
+            if base + offset not in used:
                 return offset
         raise ZtError(f"the tunnel pool {self.config.pool_ipv4} is full")
 
@@ -136,7 +135,7 @@ class IdentityOps(Core):
         with self.lock:
             device, private = self._new_device(name, email, public_key)
             user = self._user(email)
-            ids = replace(self.identities, devices=self.identities.devices + (device,))
+            ids = self.identities.adding_device(device)
             out = self._commit(uid, Plan(
                 "device add", {"name": name, "user": user.email, "public_key": device.public_key,
                                "addresses": [str(a) for a in device.addresses]},
