@@ -98,6 +98,15 @@ class Identities:
             object.__setattr__(self, "_v4", cached)
         return cached
 
+    def first_free_ipv4(self, start: int, stop: int) -> Optional[int]:
+        """The lowest IPv4 address (an integer) in [start, stop) that no device has, or None."""
+        known = self.__dict__.get("_free", {})     # start -> an address below which all are in use
+        used, address = self.ipv4_in_use, known.get(start, start)
+        while address < stop and address in used:
+            address += 1
+        object.__setattr__(self, "_free", {**known, start: address})
+        return address if address < stop else None
+
     # One change at 100k devices must not redo the lookups above over every user and device:
     # these two carry them over, updated, to the identities after the change.
 
@@ -108,6 +117,8 @@ class Identities:
             object.__setattr__(out, "_ubk", self._users_by_key)
         if "_v4" in self.__dict__:
             object.__setattr__(out, "_v4", self.ipv4_in_use | {int(device.tunnel_ipv4)})
+        if "_free" in self.__dict__:   # an address more in use: what was all in use still is
+            object.__setattr__(out, "_free", self._free)
         return out
 
     def replacing_user(self, old: User, new: User) -> "Identities":
@@ -115,8 +126,9 @@ class Identities:
         out = Identities(tuple(new if u is old else u for u in self.users), self.devices)
         if "_ubk" in self.__dict__:
             object.__setattr__(out, "_ubk", {**self._users_by_key, new.key: new})
-        if "_v4" in self.__dict__:
-            object.__setattr__(out, "_v4", self.ipv4_in_use)
+        for name in ("_v4", "_free"):   # the same devices
+            if name in self.__dict__:
+                object.__setattr__(out, name, self.__dict__[name])
         return out
 
 

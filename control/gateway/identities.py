@@ -104,10 +104,10 @@ class IdentityOps(Core):
     # devices and their pool addresses
 
     def _free_offset(self) -> int:
-        used, base = self.identities.ipv4_in_use, int(self.config.pool_ipv4.network_address)
-        for offset in range(2, self.config.pool_size):
-            if base + offset not in used:
-                return offset
+        base = int(self.config.pool_ipv4.network_address)
+        address = self.identities.first_free_ipv4(base + 2, base + self.config.pool_size)
+        if address is not None:
+            return address - base
         raise ZtError(f"the tunnel pool {self.config.pool_ipv4} is full")
 
     def _new_device(self, name: str, email: str, public_key: Optional[str]) -> tuple[Device, Optional[str]]:

@@ -64,16 +64,23 @@ def fresh(ids: Identities) -> Identities:
 def test_carried_lookups_equal_fresh_ones(deployment):
     rng = random.Random(1)
     ids = deployment.identities
-    ids.find_user(ids.users[0].email), ids.ipv4_in_use   # worked out, so the next ones carry them
-    for _ in range(20):
+    start, stop = int(benchgen.TUNNEL4), int(benchgen.TUNNEL4) + len(ids.devices) + 30
+    ids.find_user(ids.users[0].email), ids.first_free_ipv4(start, stop)   # worked out: the next ones carry them
+    for i in range(40):
         old = rng.choice(ids.users)
         ids = ids.replacing_user(old, replace(old, groups=old.groups + (f"new-{rng.randrange(5)}",)))
+        free = ids.first_free_ipv4(start, stop)
+        used = fresh(ids).ipv4_in_use
+        assert free == next((a for a in range(start, stop) if a not in used), None)
+        # the first free address (as device add picks it), or one further on
+        address = free if i % 2 or free is None else free + rng.randrange(1, 20)
         d = Device(f"new-dev-{rng.randrange(10**9)}", rng.choice(ids.users).key,
-                   benchgen.TUNNEL4 + 10**6 + rng.randrange(10**5), None, None, True)
+                   ipaddress.IPv4Address(address if address is not None else stop + i), None, None, True)
         ids = ids.adding_device(d)
-        assert "_ubk" in ids.__dict__ and "_v4" in ids.__dict__
+        assert {"_ubk", "_v4", "_free"} <= set(ids.__dict__)
         assert ids._users_by_key == fresh(ids)._users_by_key
         assert ids.ipv4_in_use == fresh(ids).ipv4_in_use
+    assert ids.first_free_ipv4(start, stop) is None   # the pool filled up along the way
 
 
 def test_entries_bits_equal_the_plain_definition(deployment):
