@@ -121,6 +121,16 @@ class Identities:
             object.__setattr__(out, "_free", self._free)
         return out
 
+    def replacing_device(self, old: Device, new: Device) -> "Identities":
+        """These identities with device OLD (one of self.devices) replaced by NEW, which has
+        the same addresses (enabled or not: a disabled device keeps its addresses)."""
+        out = Identities(self.users, tuple(new if d is old else d for d in self.devices))
+        same = new.tunnel_ipv4 == old.tunnel_ipv4
+        for name in ("_ubk",) + (("_v4", "_free") if same else ()):
+            if name in self.__dict__:
+                object.__setattr__(out, name, self.__dict__[name])
+        return out
+
     def replacing_user(self, old: User, new: User) -> "Identities":
         """These identities with user OLD (one of self.users) replaced by NEW (the same key)."""
         out = Identities(tuple(new if u is old else u for u in self.users), self.devices)

@@ -100,6 +100,14 @@ class Core:
         self.state = state
         self.owner.update(owners)
 
+    def _warm_lookups(self) -> None:
+        """Work out now, after a start or a whole apply (seconds at 100k devices anyway), the
+        lookups a device add or a membership change needs (users by key, the first free pool
+        address): the changes carry them over, so the first such change does not pay for them."""
+        base = int(self.config.pool_ipv4.network_address)
+        self.identities.find_user("")
+        self.identities.first_free_ipv4(base + 2, base + self.config.pool_size)
+
     # -----------------------------------------------------------------------------------------
     # the transaction every change goes through
 
@@ -174,6 +182,7 @@ class Core:
             for warning in routes.host_warnings(tuple(self.config.routes)):
                 log.warning("%s", warning)
             self.owner.update((d.name, d.user) for d in self.identities.devices)
+            self._warm_lookups()
             log.info("gateway up on %s (%s WireGuard), %d connectors, generation %d", cfg.interface, self.wg_kind,
                      len(self.connectors), self.store.generation())
 

@@ -162,7 +162,7 @@ class IdentityOps(Core):
             if device.enabled == enabled:
                 return {"generation": self.store.generation(), "unchanged": True}
             new = replace(device, enabled=enabled)
-            ids = replace(self.identities, devices=tuple(new if d.name == name else d for d in self.identities.devices))
+            ids = self.identities.replacing_device(device, new)
             if enabled:
                 staged = self._devices_step(ids, [new]) + (
                     [lambda gen: steps.peer_step(self.config, new, admit=True)] if new.public_key else [])

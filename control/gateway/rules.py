@@ -53,6 +53,7 @@ class RuleOps(Core):
                         peer_steps if identities is not None else kernel_step,
                         owners={d.name: d.user for d in new_ids.devices})
             out = self._commit(uid, plan)
+            self._warm_lookups()
             return {"changes": changes, "applied": True, "generation": out["generation"]}
 
     def _check_not_the_gateways(self, identities: Identities, source: str) -> None:

@@ -1,5 +1,5 @@
 """A device or user change at scale: the gateway's carried-over lookups (Identities.adding_device,
-replacing_user) equal those worked out afresh, and Sources.entries' who-bits for the changed
+replacing_device, replacing_user) equal those worked out afresh, and Sources.entries' who-bits for the changed
 devices equal the plain definition (every who-token whose principals and source prefixes hold)
 on a random deployment."""
 import ipaddress
@@ -77,6 +77,8 @@ def test_carried_lookups_equal_fresh_ones(deployment):
         d = Device(f"new-dev-{rng.randrange(10**9)}", rng.choice(ids.users).key,
                    ipaddress.IPv4Address(address if address is not None else stop + i), None, None, True)
         ids = ids.adding_device(d)
+        toggled = rng.choice(ids.devices)
+        ids = ids.replacing_device(toggled, replace(toggled, enabled=not toggled.enabled))
         assert {"_ubk", "_v4", "_free"} <= set(ids.__dict__)
         assert ids._users_by_key == fresh(ids)._users_by_key
         assert ids.ipv4_in_use == fresh(ids).ipv4_in_use
