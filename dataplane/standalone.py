@@ -28,6 +28,7 @@ from .attach import attach, attached, detach
 from .conntrack import SETTLE
 from .errors import InputError, KernelError
 from .libbpf import check, libbpf, map_info, obj_get, on_bpffs, unpin_all
+from .pinned import forget_record
 from .program import Program
 
 PIN_ROOT = Path(os.environ.get("ZTGATE_DP_PIN_ROOT", "/sys/fs/bpf/ztgate-dp"))
@@ -206,8 +207,7 @@ def _unpin_unless(in_force: bool, pins: Path) -> None:
     """After a failed first attach, the shared maps the build pinned go too (an engine in
     force keeps its pins)."""
     if not in_force:
-        unpin_all(pins)
-        _remove_empty(pins.parent)
+        _unpin(pins)
 
 
 def remove(ifname: str) -> Optional[int]:
@@ -221,17 +221,23 @@ def remove(ifname: str) -> Optional[int]:
         if not pins.exists():
             raise InputError(f"no interface {ifname} in this network namespace, and no engine pinned "
                              f"for it at {pins}")
-        unpin_all(pins)
-        _remove_empty(pins.parent)
+        _unpin(pins)
         return None
     there = occupant(ifname)
     if there.prog_id is not None and not there.ours:
         check_free(ifname, "auto")      # says whose program it is
     if there.prog_id is not None:
         detach(ifname)
-    unpin_all(pins)
-    _remove_empty(pins.parent)
+    _unpin(pins)
     return there.prog_id
+
+
+def _unpin(pins: Path) -> None:
+    """The engine's pins, the record Program.pin() wrote of them (dataplane/pinned.py), and the
+    directories they leave empty."""
+    unpin_all(pins)
+    forget_record(pins)
+    _remove_empty(pins.parent)
 
 
 def _remove_empty(directory: Path) -> None:

@@ -396,7 +396,9 @@ def down() -> int:
         _remove_stale_socket(Path(f"/var/run/wireguard/{name}.sock"))
     if Path(PIN_DIR).exists():
         from dataplane.libbpf import unpin_all
+        from dataplane.pinned import forget_record
         unpin_all(PIN_DIR)
+        forget_record(PIN_DIR)     # the gateway's record of its pins (a restart adopts by it)
         shutil.rmtree(PIN_DIR, ignore_errors=True)
     if RUN.exists():
         shutil.rmtree(RUN)
