@@ -291,19 +291,6 @@ def test_hundreds_of_swaps_under_traffic_decide_every_packet_by_one_policy(ns, p
     events = []
     try:
         with EventReader.pinned(pin_dir) as reader:
-            senders = []
-            for i in range(16):                       # 32 flows: 16 source ports x 2 services
-                s = ns.socket("peer")
-                s.bind((PEER, 4100 + i))
-                senders.append(s)
-
-            def send():
-                while not stop.is_set():
-                    for s in senders:
-                        for port in (ALLOWED, port_b):
-                            s.sendto(b"x", (GW, port))
-                    time.sleep(0.002)
-
             def test_runs(number):
                 program = programs[number]
                 while not stop.is_set():
@@ -314,8 +301,9 @@ def test_hundreds_of_swaps_under_traffic_decide_every_packet_by_one_policy(ns, p
                             wrong_runs.append((number, port, r.retval))
                     time.sleep(0.001)     # (the GIL: the swapping thread must get its turns)
 
-            threads = [threading.Thread(target=send)] + [threading.Thread(target=test_runs, args=(n,)) for n in (1, 2)]
-            for t in threads:
+            threads = [start_flows(ns, (ALLOWED, port_b), stop)]
+            threads += [threading.Thread(target=test_runs, args=(n,)) for n in (1, 2)]
+            for t in threads[1:]:
                 t.start()
             with ns.inside("gw"):
                 for flip in range(400):
@@ -341,3 +329,23 @@ def test_hundreds_of_swaps_under_traffic_decide_every_packet_by_one_policy(ns, p
     assert mixed == [], mixed[:5]
     by_build = {n: sum(1 for e in ours if e.build == n) for n in policies}
     assert min(by_build.values()) > 200, by_build      # both builds decided many packets
+
+
+def start_flows(ns, ports, stop: threading.Event) -> threading.Thread:
+    """32 UDP flows from the peer to the gateway (16 source ports x the two PORTS), a packet of
+    each every 2 ms until STOP is set: the thread sending them, started."""
+    senders = []
+    for i in range(16):
+        s = ns.socket("peer")
+        s.bind((PEER, 4100 + i))
+        senders.append(s)
+
+    def send():
+        while not stop.is_set():
+            for s in senders:
+                for port in ports:
+                    s.sendto(b"x", (GW, port))
+            time.sleep(0.002)
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread

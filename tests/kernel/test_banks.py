@@ -20,8 +20,8 @@ from dataplane.attach import attach
 from dataplane.errors import TablesDoNotFit
 from dataplane.events import EventReader
 from dataplane.program import POLICY_MAPS, Program
-from tests.kernel.test_attach import (ALLOWED, BLOCKED, GW, IDS, PEER, POLICY, ns, pin_dir, receivers,  # noqa: F401
-                                      udp_to_gw, veth_pair)
+from tests.kernel.test_attach import (ALLOWED, BLOCKED, IDS, POLICY, ns, pin_dir, receivers,  # noqa: F401
+                                      start_flows, udp_to_gw, veth_pair)
 from tests.kernel.test_differential import identities, packets, policies
 from tests.programs import TEST_LAYOUT
 
@@ -161,24 +161,9 @@ def test_hundreds_of_flips_under_traffic_decide_every_packet_by_one_policy(ns, p
     try:
         program.load(tables[1])
         with EventReader.pinned(pin_dir) as reader:
-            senders = []
-            for i in range(16):
-                s = ns.socket("peer")
-                s.bind((PEER, 4100 + i))
-                senders.append(s)
-
-            def send():
-                while not stop.is_set():
-                    for s in senders:
-                        for port in (ALLOWED, BLOCKED):
-                            s.sendto(b"x", (GW, port))
-                    time.sleep(0.002)
-
             # (no test runs alongside, unlike test_attach's: a run reads its decision back from
             # the CPU's last one, which the peer's packets on that CPU may have replaced)
-            threads = [threading.Thread(target=send)]
-            for t in threads:
-                t.start()
+            threads = [start_flows(ns, (ALLOWED, BLOCKED), stop)]
             with ns.inside("gw"):
                 attach(program, gw_if)
                 for flip in range(400):
