@@ -65,6 +65,8 @@ def _string(where: _Where, field: str, value: Any) -> str:
 def unprintable(text: str) -> str:
     """The first control or formatting character of TEXT (escapes, bidirectional overrides),
     or "": such a character in a name would act on the terminal of whoever lists it."""
+    if text.isprintable():      # (no Cc or Cf in it: the usual case, without a pass in Python)
+        return ""
     return next((c for c in text if unicodedata.category(c) in ("Cc", "Cf")), "")
 
 
@@ -75,6 +77,11 @@ def _bool(where: _Where, field: str, value: Any) -> bool:
 
 
 def _address(where: _Where, field: str, value: Any, version: int):
+    if isinstance(value, str) and value.isprintable():
+        try:            # the usual case: the address of the version asked for (one parse, not two)
+            return (ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address)(value)
+        except ValueError:
+            pass        # refused below, in the words of the general case
     try:
         addr = ipaddress.ip_address(_string(where, field, value))
     except ValueError:

@@ -2,41 +2,60 @@
 verbs (add, remove, enable, disable, move). Every rule change is a whole new build."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any, Optional
 
 from ..errors import InputError
 from ..files import check_rules, parse_identities, parse_policy, parse_rule, rule_doc
+from ..gcpause import collections_paused
 from ..model import Identities, Rule
+from ..stopwatch import Stopwatch
 from ..yamlfile import parse_yaml
 from . import steps
 from .core import Core, Plan
 from .diff import identities_diff, policy_diff
 from .sessions import kept_from_provider
 
+log = logging.getLogger("ztgate.gateway")
+
 
 class RuleOps(Core):
     def policy_apply(self, uid: int, policy_text: str, policy_name: str, identities_text: Optional[str],
                      identities_name: Optional[str], dry_run: bool) -> dict:
-        policy = parse_policy(parse_yaml(policy_text, policy_name), policy_name)
+        # Millions of objects are made and kept (the files' documents, the new deployment, its
+        # tables): no cyclic collection walks them (nor the deployment in force) meanwhile.
+        with collections_paused():
+            watch = Stopwatch()
+            out = self._policy_apply(uid, watch, policy_text, policy_name, identities_text, identities_name, dry_run)
+            log.info("policy apply: %s", watch)
+            return out
+
+    def _policy_apply(self, uid: int, watch: Stopwatch, policy_text: str, policy_name: str,
+                      identities_text: Optional[str], identities_name: Optional[str], dry_run: bool) -> dict:
+        with watch.stage("policy read"):
+            policy = parse_policy(parse_yaml(policy_text, policy_name), policy_name)
         identities = None
         if identities_text is not None:
-            identities = parse_identities(parse_yaml(identities_text, identities_name), identities_name)
-            self._check_not_the_gateways(identities, identities_name)
+            with watch.stage("identities read"):
+                identities = parse_identities(parse_yaml(identities_text, identities_name), identities_name)
+                self._check_not_the_gateways(identities, identities_name)
         with self.lock:
-            if identities is not None:
-                identities = kept_from_provider(self.identities, identities)
-            changes = policy_diff(self.policy, policy)
-            if identities is not None:
-                changes += identities_diff(self.identities, identities)
+            with watch.stage("diff"):
+                if identities is not None:
+                    identities = kept_from_provider(self.identities, identities)
+                changes = policy_diff(self.policy, policy)
+                if identities is not None:
+                    changes += identities_diff(self.identities, identities)
             if dry_run or not changes:
                 return {"changes": changes, "applied": False, "generation": self.store.generation()}
             new_ids = identities if identities is not None else self.identities
 
             def write(tx) -> None:
-                tx.replace_policy(policy)
-                if identities is not None:
-                    tx.replace_identities(identities)
+                with watch.stage("store"):
+                    tx.replace_policy(policy)
+                    if identities is not None:
+                        tx.replace_identities(identities)
             # Addresses that change hands: their flows are forgotten with the swap (a reply on
             # an old tuple must not be decided again as the new owner's). WireGuard stops taking
             # them from their old peers before the kernel gives them to new owners, and gives
@@ -44,16 +63,17 @@ class RuleOps(Core):
             # by no peer, never by a peer the kernel takes for someone else.
             old_ids = self.identities
             moved = moved_addresses(old_ids, new_ids)
-            kernel_step = [lambda gen: self.kernel.stage_swap(new_ids, policy, gen, forget=moved)]
-            peer_steps = [lambda gen: steps.kept_peers_step(self.config, old_ids, new_ids),
-                          *kernel_step, lambda gen: steps.all_peers_step(self.config, new_ids)]
+            kernel_step = [watch.step("kernel", lambda gen: self.kernel.stage_swap(new_ids, policy, gen, forget=moved))]
+            peer_steps = [watch.step("peers", lambda gen: steps.kept_peers_step(self.config, old_ids, new_ids)),
+                          *kernel_step, watch.step("peers", lambda gen: steps.all_peers_step(self.config, new_ids))]
             plan = Plan("policy apply", {"policy": policy_name, "identities": identities_name,
                                          "changes": len(changes)},
                         replace(self.state, identities=new_ids, policy=policy), write,
                         peer_steps if identities is not None else kernel_step,
                         owners={d.name: d.user for d in new_ids.devices})
             out = self._commit(uid, plan)
-            self._warm_lookups()
+            with watch.stage("lookups"):
+                self._warm_lookups()
             return {"changes": changes, "applied": True, "generation": out["generation"]}
 
     def _check_not_the_gateways(self, identities: Identities, source: str) -> None:
