@@ -322,11 +322,12 @@ class Change:
         self.db.executemany("INSERT INTO groups VALUES (?, ?)", [(g, now) for g in groups])
         self.db.executemany("INSERT INTO members VALUES (?, ?)",
                             [(g, u.email) for u in identities.users for g in dict.fromkeys(u.groups)])
-        for d in identities.devices:
-            self._exec("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (d.name, d.user, d.public_key, str(d.tunnel_ipv4),
-                        str(d.tunnel_ipv6) if d.tunnel_ipv6 else None, int(d.enabled),
-                        created.get(d.name, now), d.session_expires))
+        rows = [(d.name, d.user, d.public_key, str(d.tunnel_ipv4), str(d.tunnel_ipv6) if d.tunnel_ipv6 else None,
+                 int(d.enabled), created.get(d.name, now), d.session_expires) for d in identities.devices]
+        try:        # one statement for all (100,000 at the bench's large scale: half the time of one each)
+            self.db.executemany("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.IntegrityError as e:
+            raise InputError(f"store refused the change: {e}") from None
 
     # users and devices from the identity provider (schema 3)
 
