@@ -30,6 +30,11 @@ set: !!set {a, b}
 omap: !!omap [{a: 1}, {b: 2}]
 pairs: !!pairs [{a: 1}, {a: 2}]
 nested: {a: [{b: {c: [d, {e: f}]}}]}
+strings-only: &s {a: b, c: d, a: e}
+strings-again: *s
+seq-only: &q [a, b, 'c']
+seq-again: *q
+merge-strings: {<<: *s, x: y}
 "with: colon": "x\\ty\\u00e9"
 = : value key
 dup: 1
@@ -47,7 +52,8 @@ def test_fast_loader_reads_what_the_python_loader_reads():
 
 
 @pytest.mark.parametrize("text", ["? [complex, key]\n: value", "a: !!python/name:os.system x",
-                                  "a: {<<: [1]}", "a: *nowhere"])
+                                  "a: {<<: [1]}", "a: *nowhere",
+                                  "a: !!seq {b: c}", "a: !!map [b, c]", "a: !!str [b]"])
 def test_fast_loader_refuses_what_the_python_loader_refuses(text):
     with pytest.raises(yaml.YAMLError) as python:
         yaml.safe_load(text)
@@ -61,6 +67,7 @@ def test_fast_loader_refuses_what_the_python_loader_refuses(text):
 def test_aliases_stay_one_object():
     doc = fast(TRICKY)
     assert doc["copy"] is doc["base"] and doc["same-list"] is doc["list"]
+    assert doc["strings-again"] is doc["strings-only"] and doc["seq-again"] is doc["seq-only"]
     loop = fast("a: &a [1, *a]")
     assert loop["a"][1] is loop["a"]
 
