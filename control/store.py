@@ -110,6 +110,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")     # a committed change survives power loss
         self.db.execute("PRAGMA foreign_keys=ON")
+        # A whole identities write (policy apply: 100,000 devices and their indexes) outgrows
+        # SQLite's 2 MiB page cache, which then spills pages mid-transaction: 16 MiB keeps it
+        # in memory (the bench's large apply: store write 3.4 s instead of 4.8 s).
+        self.db.execute("PRAGMA cache_size=-16384")
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
             with self._tx():
                 for stmt in SCHEMA.split(";"):
