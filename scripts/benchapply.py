@@ -9,8 +9,14 @@ starts it, and the request is timed from the client's side; the daemon's own sta
 daemon is sampled during the request without stopping it (a stopped process aborts the BPF
 verifier with EAGAIN) into FILE, in py-spy's raw format, and its busiest functions printed.
 
+With --tree DIR the daemon runs the code of another checkout (main's, say: `git worktree add`
+or `git archive main | tar -x -C DIR`) with this one's venv, for a before and after in one run;
+--stages also times the controller's stages in-process (scripts/benchapply_stages.py: YAML,
+checks, diff, store write; CPU seconds) with each tree's code.
+
 examples (the large deployment needs GBs: run it under the large lock):
   flock /tmp/ztgate-large.lock scripts/benchapply.py --scale large
+  flock /tmp/ztgate-large.lock scripts/benchapply.py --scale large --tree /tmp/main-tree --stages
   scripts/benchapply.py --scale small --repeat 3
 """
 import os
@@ -71,8 +77,18 @@ def top(raw: Path, n: int = 25) -> None:
             print(f"    {100 * c / samples:5.1f} %  {f}")
 
 
-def run(args) -> None:
+def stages(tree: Path, policy: Path, identities: Path) -> None:
+    """The controller's stages in-process, with TREE's code."""
+    got = subprocess.run([PYTHON, str(REPO / "scripts" / "benchapply_stages.py"), str(policy), str(identities)],
+                         cwd=tree, capture_output=True, text=True)
+    print(f"stages with {tree} (CPU s): {got.stdout.strip() or got.stderr.strip()[-500:]}", flush=True)
+
+
+def run(args, tree: Path) -> None:
     policy, identities = deployment_files(args.scale, args.seed, Path(args.files))
+    print(f"== daemon from {tree}", flush=True)
+    if args.stages:
+        stages(tree, policy, identities)
     token = secrets.token_hex(3)
     netns, iface = f"ztbench-{token}", f"ztb{token}"
     tmp = Path(tempfile.mkdtemp(prefix="ztbench-apply-"))
@@ -85,7 +101,7 @@ def run(args) -> None:
     daemon = spy = None
     try:
         daemon = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", PYTHON, "-m", "control.cli", "gateway",
-                                   "run", "--config", str(config)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   "run", "--config", str(config)], cwd=tree, stdout=subprocess.DEVNULL,
                                   stderr=open(tmp / "daemon.log", "w"))
         _wait_socket(sock, daemon, 120)
         pid = daemon.pid      # nsenter execs the daemon: same process
@@ -145,7 +161,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="applies in a row (each after the first moves a rule)")
     ap.add_argument("--py-spy", help="sample the daemon during the first apply into this file (raw format)")
     ap.add_argument("--idle", action="store_true", help="with --py-spy: idle threads' samples too")
-    run(ap.parse_args())
+    ap.add_argument("--tree", help="also run the daemon from this checkout (first), for a before and after")
+    ap.add_argument("--stages", action="store_true", help="the controller's stages in-process too, per tree")
+    args = ap.parse_args()
+    for tree in ([Path(args.tree).resolve()] if args.tree else []) + [REPO]:
+        run(args, tree)
 
 
 if __name__ == "__main__":
