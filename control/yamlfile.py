@@ -96,12 +96,15 @@ def _parse(text: str, name: Any) -> Any:
     if FAST_LOADER is not None and "\t" not in text:
         try:
             return yaml.load(text, Loader=FAST_LOADER)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, TypeError):
             pass         # the Python loader decides, and says why in its own words (below)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise InputError(f"{name}: not valid YAML: {e}") from None
+    except (ValueError, TypeError) as e:   # an explicit tag the value does not fit (`!!int x`)
+        raise InputError(f"{name}: not valid YAML: a tagged value cannot be read as its tag says "
+                         f"({e}); remove the tag or fix the value") from None
 
 
 def dump_yaml(doc: dict) -> str:

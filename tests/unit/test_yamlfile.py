@@ -31,3 +31,10 @@ def test_refusals_are_worded_by_the_python_parser(text):
     with pytest.raises(InputError) as ours:
         parse_yaml(text, "p.yaml")
     assert str(ours.value) == f"p.yaml: not valid YAML: {python.value}"
+
+
+@pytest.mark.parametrize("text", ["version: !!int x\n", "a: !!float zz\n", "a: !!timestamp 2020-13-45\n"])
+def test_a_tag_the_value_does_not_fit_is_refused_not_raised(text):
+    """PyYAML raises a bare ValueError there; the CLI printed a traceback."""
+    with pytest.raises(InputError, match=r"^p\.yaml: not valid YAML: a tagged value cannot be read as its tag says"):
+        parse_yaml(text, "p.yaml")
