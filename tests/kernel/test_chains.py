@@ -20,7 +20,8 @@ from control.incr_rows import Refs, chained_next, service_rows
 from control.incremental import Incremental, NotIncremental
 from control.model import TCP, UDP, Device, Identities, Packet, Policy, Principal, Rule, User
 from control.probe import kernel_verdicts, reference_verdicts
-from dataplane.layout import chain_links
+from dataplane import mirrors
+from dataplane.layout import WALK_CANDS, chain_links
 from dataplane.mirrors import CAND, CAND_CHAIN, PORT_END
 from dataplane.program import Program
 from tests.kernel.test_banks import load_fresh
@@ -199,7 +200,7 @@ def test_the_benchs_fifty_adds_on_one_destination_stay_in_place_at_width_16():
         Rule("s", 30, "allow", src_ports=((1024, 65535),), dst_ports=((443, 443),)),
         Rule("far", 40, "allow", dst_cidrs=(ipaddress.ip_network("10.1.0.0/16"),))))
     layout = replace(TEST_LAYOUT, max_rules=128, max_cands=16, who_words=1, max_idents=128)
-    assert chain_links(layout.max_cands) == 4
+    assert chain_links(layout.max_cands) == 4 and WALK_CANDS == mirrors.WALK_CANDS     # (layout's copy of the C's)
     probes = [Packet(a, ipaddress.ip_address("10.99.99.1"), TCP, sport, 443)
               for d in ids.devices for a in d.addresses for sport in (1000, 40000)]
     with Program(layout) as program:
