@@ -11,10 +11,11 @@ import ipaddress
 
 import numpy as np
 
+from dataplane.layout import chain_links
 from dataplane.mirrors import CAND, CLASS, PORT_END
 
 from .compiler import _interval
-from .incr_rows import Refs, RowsFull, table_services
+from .incr_rows import ChainTooLong, Refs, RowsFull, free_services, service_rows, table_services
 from .incr_trie import Trie
 from .port_tables import build_services, rule_facts
 
@@ -105,12 +106,15 @@ class Destinations:
                            [0] + [x[2] for x in f], [()] + [x[3] for x in f], self.default,
                            rule=[0] + union, name=[0] * (len(union) + 1))
         st = build_services(facts, [tuple(local[c] for c in self.class_sets[k]) for k in fresh])
-        if st.max_cands > lay.max_cands or st.port_slots > lay.port_slots:
-            raise NotIncremental(f"candidates {st.max_cands} (of {lay.max_cands}) or port slots "
-                                 f"{st.port_slots} (of {lay.port_slots}) outgrow the program")
+        if st.port_slots > lay.port_slots:
+            raise NotIncremental(f"port slots {st.port_slots} (of {lay.port_slots}) outgrow the program")
         pt = self.program.policy_tables
-        svc_map = self._service_rows(st.services, pt.in_bank("zt_services", bank).view(CAND),
-                                     dirty.setdefault("zt_services", set()))
+        try:        # lists longer than the program's width are chained (control/incr_rows.py)
+            svc_map = service_rows(st.services, pt.in_bank("zt_services", bank).view(CAND),
+                                   dirty.setdefault("zt_services", set()), self.svc_ids, self.svc_refs,
+                                   chain_links(lay.max_cands))
+        except (RowsFull, ChainTooLong) as e:
+            raise NotIncremental(str(e)) from None
         rows = np.full((len(st.port_tables), 2, lay.port_slots), PORT_END, np.uint32)
         rows[:, 1, :] = 0
         rows[:, :, :st.port_slots] = st.port_tables
@@ -132,27 +136,6 @@ class Destinations:
         pt.in_bank("zt_classes", bank).view(CLASS)[:, 0][fresh] = out
         dirty.setdefault("zt_classes", set()).update(fresh)
 
-    def _service_rows(self, services: np.ndarray, view: np.ndarray, dirty: set) -> np.ndarray:
-        """Each local service's row: an equal row's, or a new row in VIEW. (A per-row pass
-        over services goes here: it sees only the rows this change writes.)"""
-        width = view.shape[1]
-        padded = np.zeros((len(services), width), CAND)
-        padded[:, :services.shape[1]] = services
-        out = np.empty(len(services), np.int64)
-        for k in range(len(services)):
-            key = padded[k].tobytes()
-            got = self.svc_ids.get(key)
-            if got is None:
-                try:
-                    got = self.svc_refs.take()
-                except RowsFull as e:
-                    raise NotIncremental(str(e)) from None
-                view[got] = padded[k]
-                self.svc_ids[key] = got
-                dirty.add(got)
-            out[k] = got
-        return out
-
     def _free_rows(self, bank: int) -> None:
         """Rows no longer referenced after this change: free for the next ones (classes first,
         then what they referenced)."""
@@ -173,12 +156,7 @@ class Destinations:
         for p in dead:
             self.svc_refs.drop(table_services(tables[p]))
         self.table_refs.release(dead)
-        dead = self.svc_refs.unreferenced()
-        for s in dead:
-            key = services[s].tobytes()
-            if self.svc_ids.get(key) == s:
-                del self.svc_ids[key]
-        self.svc_refs.release(dead)
+        free_services(services, self.svc_ids, self.svc_refs)
 
 
 def start_refs(program, n_nodes: int, n_classes: int, n_pt: int, n_svc: int):

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataplane.mirrors import NODE_FLAG, PORT_END
+from dataplane.mirrors import CAND_CHAIN, NODE_FLAG, PORT_END, WHO_NEVER
 
 
 class RowsFull(Exception):
     """A table of the program has no free row left."""
+
+
+class ChainTooLong(Exception):
+    """A candidate list that even a chain of the program's most services cannot hold."""
 
 
 class Refs:
@@ -75,3 +79,89 @@ def service_refs(classes: np.ndarray, live_classes: np.ndarray, tables: np.ndarr
 def table_services(row: np.ndarray) -> np.ndarray:
     """The services a port table's entries reference (one per entry in use)."""
     return row[1][row[0] != PORT_END]
+
+
+# ---------------------------------------------------------------------------------------------
+# Services, chained when a list outgrows the program's width (ebpf/maps.h, "A chain")
+
+def list_length(row: np.ndarray) -> int:
+    """A compiled list's entries: up to its first unconditional one (every list ends there;
+    what follows is padding, zeros that look like the default's entry)."""
+    ends = np.flatnonzero((row["who"] == 0) & (row["sport"] == 0) & (row["name"] == 0))
+    return int(ends[0]) + 1 if len(ends) else len(row)
+
+
+def chain_entry(row: np.ndarray, next_service: int) -> None:
+    """ROW (one CAND) says: the list goes on in service NEXT_SERVICE of this bank."""
+    row["rule"], row["sport"] = next_service & 0xFFFF, next_service >> 16
+    row["who"], row["action"], row["name"] = WHO_NEVER, CAND_CHAIN, 0
+
+
+def chained_next(row: np.ndarray) -> int:
+    """The service a row's list goes on in, or -1 when its last entry is no chain entry."""
+    last = row[-1]
+    return int(last["rule"]) | int(last["sport"]) << 16 if last["action"] == CAND_CHAIN else -1
+
+
+def service_rows(services: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs, links: int) -> np.ndarray:
+    """Each list of SERVICES ((n, cands) CAND) as a service id of VIEW (the bank's rows, the
+    program's width): an equal row's, or new rows; a list longer than the width as a chain of
+    up to LINKS services, each but the last ending in a chain entry, written from its end so
+    that equal tails are shared too. IDS: row bytes -> id of the live rows; REFS counts a
+    chain entry as one reference of the service it names. (Per row in Python: only the rows a
+    change writes come here.)"""
+    width = view.shape[1]
+    out = np.empty(len(services), np.int64)
+    for k in range(len(services)):
+        row = services[k, :list_length(services[k])]
+        if len(row) <= width:
+            out[k] = _intern(row, view, dirty, ids, refs)[0]
+            continue
+        n = -(-(len(row) - 1) // (width - 1))
+        if n > links:
+            raise ChainTooLong(f"a candidate list of {len(row)} outgrows {links} chained services of {width}")
+        at = (n - 1) * (width - 1)
+        nxt = _intern(row[at:], view, dirty, ids, refs)[0]
+        while at:
+            at -= width - 1
+            link = np.zeros(width, row.dtype)
+            link[:width - 1] = row[at:at + width - 1]
+            chain_entry(link[width - 1:], nxt)
+            head, new = _intern(link, view, dirty, ids, refs)
+            if new:                 # a new row: its chain entry references NXT (an old one did already)
+                refs.add([nxt])
+            nxt = head
+        out[k] = nxt
+    return out
+
+
+def _intern(row: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs) -> tuple[int, bool]:
+    """ROW's service id (an equal live row's, or a new row's), and whether it is new."""
+    padded = np.zeros(view.shape[1], view.dtype)
+    padded[:len(row)] = row
+    key = padded.tobytes()
+    got = ids.get(key)
+    if got is None:
+        got = refs.take()
+        view[got] = padded
+        ids[key] = got
+        dirty.add(got)
+        return got, True
+    return got, False
+
+
+def free_services(view: np.ndarray, ids: dict, refs: Refs) -> None:
+    """The services no longer referenced after a change: free for the next ones, and the
+    services their chains went on in with them when nothing else references those."""
+    dead = refs.unreferenced()
+    while dead:
+        for s in dead:
+            key = view[s].tobytes()
+            if ids.get(key) == s:
+                del ids[key]
+        refs.release(dead)
+        onward = [n for n in map(chained_next, view[dead]) if n >= 0]
+        if not onward:
+            break
+        refs.drop(onward)
+        dead = refs.unreferenced()

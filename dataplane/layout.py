@@ -18,7 +18,15 @@ def _pow2(n: int, floor: int) -> int:
 # and wide who-bits too (bcc 0.26, this project's kernel). A policy that needs more gets what it
 # needs, and no room.
 CANDS_HEADROOM_MAX = 64
+WALK_CANDS = CANDS_HEADROOM_MAX   # candidates one walk checks in all, over a chain's services (ZT_WALK_CANDS)
 HEADROOM_GRANULE = 4096      # big tables are rounded up to a multiple of this, not to a power of two
+
+
+def chain_links(max_cands: int) -> int:
+    """The services one candidate list may take in a program of this width (ZT_CHAIN_LINKS): a
+    list that grows past the width in place goes on in other services (a chain, ebpf/maps.h),
+    as many as keep a walk within WALK_CANDS candidates; one (no chain) past that."""
+    return max(1, WALK_CANDS // max_cands)
 
 
 def _headroom(n: int, floor: int) -> int:

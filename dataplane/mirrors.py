@@ -33,6 +33,10 @@ SRC_KEY_BANK = 16            # ZT_SRC_KEY_BANK: zt_src_key.family carries the ba
 BANKS = 2                    # ZT_BANKS: every policy map holds two banks (zt_bank says which decides)
 BANK = np.dtype([("bank", "<u4"), ("build", "<u4")])                                       # struct zt_bank
 CAND = np.dtype([("rule", "<u2"), ("who", "<u2"), ("sport", "<u2"), ("action", "u1"), ("name", "u1")])  # zt_cand
+# Chains (ebpf/maps.h): a service's last entry that says "go on in service N" of its bank
+CAND_CHAIN = 0xFF            # ZT_CAND_CHAIN: zt_cand.action of a chain entry (N: rule | sport << 16)
+WHO_NEVER = 0xFFFF           # ZT_WHO_NEVER: a chain entry's who-token, never given (the walk skips it)
+WALK_CANDS = 64              # ZT_WALK_CANDS: candidates a walk checks in all, over a chain's services
 CLASS = np.dtype([("ports", "<u4", (2,)), ("svc_icmp", "<u4"), ("svc_other", "<u4")])   # zt_class; ports: tcp, udp
 COUNTER = np.dtype([("packets", "<u8"), ("bytes", "<u8")])                                # struct zt_counter
 # Hostnames: zt_learned is keyed like zt_src_hash (SRC_KEY); its value, struct zt_names, is

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import TablesDoNotFit
 from .layout import POOL_BITS, Layout
 from .libbpf import percpu_array, possible_cpus
-from .mirrors import COUNTER, IDENT_EXPIRED, PORT_END, SRC_KEY, SRC_KEY_BANK
+from .mirrors import CAND_CHAIN, COUNTER, IDENT_EXPIRED, PORT_END, SRC_KEY, SRC_KEY_BANK, WHO_NEVER
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 SETTLE = 0.002   # (dataplane/conntrack.py's): a packet that read a bank has finished with it after this
@@ -282,6 +282,14 @@ def without_names(rows: np.ndarray) -> np.ndarray:
     order = np.argsort(~keep, axis=1, kind="stable")   # the kept first, each side in its order
     out = np.take_along_axis(rows, order, axis=1)
     out[~np.take_along_axis(keep, order, axis=1)] = np.zeros((), rows.dtype)
+    # A service of a chain (its last entry goes on elsewhere: ebpf/maps.h) keeps its entries in
+    # place, a name candidate becoming one that never holds: zeros before its chain entry would
+    # decide (they read as the default's entry).
+    chained = rows["action"][:, -1] == CAND_CHAIN
+    if chained.any():
+        out[chained] = rows[chained]
+        out["who"][chained] = np.where(keep[chained], rows["who"][chained], WHO_NEVER)
+        out["name"][chained] = 0
     return out
 
 

@@ -108,6 +108,19 @@ struct zt_svc {
 	struct zt_cand c[ZT_MAX_CANDS];
 };
 
+/* A chain (README.md, "Changes in place"): a list longer than ZT_MAX_CANDS, written in place,
+ * continues in other services of its bank. Its service's last entry is then a chain entry:
+ * action ZT_CAND_CHAIN, who ZT_WHO_NEVER (a who-token never given, so the walk's test skips it
+ * with no test of its own), the next service's bank-relative id in rule (low 16 bits) and sport
+ * (high 16 bits), name 0. A walk follows at most ZT_CHAIN_LINKS services, so that it checks at
+ * most ZT_WALK_CANDS candidates in all: the verifier walks every iteration (96 hit E2BIG). */
+#define ZT_CAND_CHAIN 0xFF
+#define ZT_WHO_NEVER 0xFFFF
+#ifndef ZT_WALK_CANDS
+#define ZT_WALK_CANDS 64
+#endif
+#define ZT_CHAIN_LINKS (ZT_WALK_CANDS / ZT_MAX_CANDS > 1 ? ZT_WALK_CANDS / ZT_MAX_CANDS : 1)
+
 /* Who-bits of an identity class: bit t set when who-token t (a rule's principals and source
  * prefixes) holds for the addresses of that class. */
 struct zt_ident {

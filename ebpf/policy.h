@@ -144,46 +144,57 @@ static __always_inline int learned_names(const struct zt_pkt *p, __u32 bank, str
  * for a policy with hostnames reads the destination's learned names once, first (the filter,
  * and a hash probe when its slot is not empty), and walks the service's list without its name
  * candidates when the destination was learned for no name (zt_services, maps.h); one for a
- * policy without them has neither the lookup nor the test. */
+ * policy without them has neither the lookup nor the test. A list that grew past the width in
+ * place goes on in the service its last entry names (a chain, maps.h): only a walk that found
+ * no candidate in a whole service gets past the inner loop, so a list that fits pays nothing
+ * for chains (the chain entry's who-bit is never set: the loop skips it with its who test). */
 static __always_inline int walk(struct zt_decision *d, const struct zt_pkt *p, __u32 svc_id,
 				const struct zt_ident *who)
 {
 #if ZT_NAME_WORDS
 	struct zt_names nb = {};
 	int named = learned_names(p, d->bank, &nb);
-	svc_id += (d->bank * ZT_SVC_VARIANTS + !named) * ZT_MAX_SERVICES;
+	__u32 base = (d->bank * ZT_SVC_VARIANTS + !named) * ZT_MAX_SERVICES;
 #else
-	svc_id = ZT_IN_BANK(d->bank, svc_id, ZT_MAX_SERVICES);
+	__u32 base = ZT_IN_BANK(d->bank, 0, ZT_MAX_SERVICES);
 #endif
-	struct zt_svc *svc = zt_services.lookup(&svc_id);
-	if (!svc)
-		return -1;
+	__u32 key = base + svc_id;
 	struct zt_sport *sp = NULL;
-	for (int i = 0; i < ZT_MAX_CANDS; i++) {
-		struct zt_cand c = svc->c[i];
-		if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
-			continue;
-#if ZT_NAME_WORDS
-		if (c.name && !bit_set(nb.w, ZT_NAME_WORDS, c.name))
-			continue;
-#endif
-		if (c.sport) {
-			if (!sp) {
-				__u32 port = ZT_IN_BANK(d->bank, p->sport, 65536);
-				sp = zt_sport.lookup(&port);
-				if (!sp)
-					return -1;
-			}
-			if (!bit_set(sp->w, ZT_SPORT_WORDS, c.sport))
+	for (int link = 0; link < ZT_CHAIN_LINKS; link++) {
+		struct zt_svc *svc = zt_services.lookup(&key);
+		if (!svc)
+			return -1;
+		for (int i = 0; i < ZT_MAX_CANDS; i++) {
+			struct zt_cand c = svc->c[i];
+			if (c.who && !bit_set(who->w, ZT_WHO_WORDS, c.who))
 				continue;
+#if ZT_NAME_WORDS
+			if (c.name && !bit_set(nb.w, ZT_NAME_WORDS, c.name))
+				continue;
+#endif
+			if (c.sport) {
+				if (!sp) {
+					__u32 port = ZT_IN_BANK(d->bank, p->sport, 65536);
+					sp = zt_sport.lookup(&port);
+					if (!sp)
+						return -1;
+				}
+				if (!bit_set(sp->w, ZT_SPORT_WORDS, c.sport))
+					continue;
+			}
+			d->rule = c.rule;
+			d->name = c.name;
+			d->verdict = c.action;
+			d->reason = c.rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
+			return 0;
 		}
-		d->rule = c.rule;
-		d->name = c.name;
-		d->verdict = c.action;
-		d->reason = c.rule ? ZT_REASON_RULE : ZT_REASON_DEFAULT;
-		return 0;
+		struct zt_cand last = svc->c[ZT_MAX_CANDS - 1];
+		__u32 next = last.rule | (__u32)last.sport << 16;
+		if (last.action != ZT_CAND_CHAIN || next >= ZT_MAX_SERVICES)
+			return -1;
+		key = base + next;
 	}
-	return -1; /* the compiler always ends a list with an unconditional entry */
+	return -1; /* the compiler ends a list (its chain's last service) with an unconditional entry */
 }
 
 /* The policy's decision for a parsed packet: its source's identity (none: unknown source), then

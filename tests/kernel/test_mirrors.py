@@ -36,6 +36,10 @@ CONSTANTS = {
     "LEARNED_FILTER_MUL": "ZT_LEARNED_FILTER_MUL == {v}",
     "LEARNED_FILTER_COUNT_BYTES": "sizeof(zt_learned_count) == {v}",
     "LEARNED_MANY": "ZT_LEARNED_MANY == {v}",
+    # a chain entry: its action no verdict, its who-token none the compiler gives (< U16_MAX)
+    "CAND_CHAIN": "ZT_CAND_CHAIN == {v} && {v} >= ZT_VERDICT__MAX",
+    "WHO_NEVER": "ZT_WHO_NEVER == {v}",
+    "WALK_CANDS": "ZT_WALK_CANDS == {v}",
     "LEARNED_ONE_NAMES": "__builtin_offsetof(struct zt_learned_one, names) == {v} && "
                          "__builtin_offsetof(struct zt_learned_slot, copy) == sizeof(zt_learned_count)",
 }
