@@ -130,3 +130,33 @@ def _port_items(ranges) -> list[str]:
         else:
             merged.append([lo, hi])
     return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged]
+
+
+def increments(policy: Policy, identities: Identities, table: str = "ztbench", hook: str = "forward"):
+    """The same table as ruleset() (not dormant), as `nft -f` inputs to load one after another:
+    first the table, its chain and the sets of enabled devices, then one input per rule in
+    precedence order: the sets of principals it is the first to name, and its nft rules. A
+    prefix of them is the policy's first rules (scripts/benchnftchanges.py loads as many as nft
+    takes in its time budget)."""
+    enabled = [d for d in identities.devices if d.enabled]
+    holders = _holders(policy, identities, enabled)
+    head = [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
+    for version in (4, 6):
+        head += _set(f"dev{version}", version, enabled)
+    head += [f"\tchain {hook} {{",
+             f"\t\ttype filter hook {hook} priority filter; policy {VERDICT[policy.default_action]};",
+             "\t\tct state established,related accept",
+             "\t\tip saddr != @dev4 drop", "\t\tip6 saddr != @dev6 drop", "\t}", "}"]
+    yield "\n".join(head) + "\n"
+    sets: dict[tuple[str, str], int] = {}
+    for rule in policy.ordered_rules:
+        out = []
+        for p in rule.principals:
+            if (p.kind, p.name) not in sets:
+                sets[(p.kind, p.name)] = len(sets)
+                for version in (4, 6):
+                    body = _set(f"p{sets[(p.kind, p.name)]}_{version}", version, holders.get((p.kind, p.name), []),
+                                f"{p.kind}:{p.name}")
+                    out += [f"add set inet {table} " + body[0].strip().removeprefix("set ")] + body[1:]
+        out += [f"add rule inet {table} {hook} {line}" for line in _rule_lines(rule, sets)]
+        yield "\n".join(out) + "\n"
