@@ -38,13 +38,18 @@ def ruleset(policy: Policy, identities: Identities, table: str = "ztbench", hook
         out += _set(f"dev{version}", version, [d for d in enabled])
         for (kind, name), n in sets.items():
             out += _set(f"p{n}_{version}", version, holders.get((kind, name), []), f"{kind}:{name}")
-    out += [f"\tchain {hook} {{",
-            f"\t\ttype filter hook {hook} priority filter; policy {VERDICT[policy.default_action]};",
-            "\t\tct state established,related accept",
-            "\t\tip saddr != @dev4 drop", "\t\tip6 saddr != @dev6 drop"]
+    out += _chain_head(policy, hook)
     out += [f"\t\t{line}" for line in lines]
     out += ["\t}", "}"]
     return "\n".join(out) + "\n"
+
+
+def _chain_head(policy: Policy, hook: str) -> list[str]:
+    """The chain's opening: its hook and default, established flows, and unknown sources dropped."""
+    return [f"\tchain {hook} {{",
+            f"\t\ttype filter hook {hook} priority filter; policy {VERDICT[policy.default_action]};",
+            "\t\tct state established,related accept",
+            "\t\tip saddr != @dev4 drop", "\t\tip6 saddr != @dev6 drop"]
 
 
 def _holders(policy: Policy, identities: Identities, enabled: list) -> dict[tuple[str, str], list]:
@@ -143,10 +148,7 @@ def increments(policy: Policy, identities: Identities, table: str = "ztbench", h
     head = [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
     for version in (4, 6):
         head += _set(f"dev{version}", version, enabled)
-    head += [f"\tchain {hook} {{",
-             f"\t\ttype filter hook {hook} priority filter; policy {VERDICT[policy.default_action]};",
-             "\t\tct state established,related accept",
-             "\t\tip saddr != @dev4 drop", "\t\tip6 saddr != @dev6 drop", "\t}", "}"]
+    head += _chain_head(policy, hook) + ["\t}", "}"]
     yield "\n".join(head) + "\n"
     sets: dict[tuple[str, str], int] = {}
     for rule in policy.ordered_rules:
