@@ -25,6 +25,7 @@ the rules are loaded in precedence order, chunk after chunk, while a time budget
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import secrets
@@ -94,8 +95,6 @@ def report(result: dict) -> tuple[str, list]:
 def _in_worker(netns: str, spec: dict, scale: str) -> dict:
     """Run the timing worker inside NETNS; on any failure its whole process group (the nft it
     may be running) goes with it."""
-    import os
-
     worker = subprocess.Popen(["ip", "netns", "exec", netns, PYTHON, __file__, "--worker"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
