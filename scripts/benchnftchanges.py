@@ -77,8 +77,8 @@ LIKE = {"add rule": "rule add", "delete rule": "rule remove", "add element": "gr
 def report(result: dict) -> tuple[str, list]:
     """nftables' heading and table rows, printed under ztgate's for the same scale (scripts/bench)."""
     loaded = (f"all {result['rules_total']} rules" if result["complete"] else
-              f"{result['rules_loaded']} of {result['rules_total']} rules, as many as loaded in "
-              f"{result['budget_s']:.0f} s: the whole ruleset does not load in useful time")
+              f"the first {result['rules_loaded']} of {result['rules_total']} rules, all that loaded before the "
+              f"{result['budget_s']:.0f} s budget ran out: the whole ruleset does not load in useful time")
     heading = (f"nftables, same scale, same run ({loaded}; {result['nft_rules']} nft rules, loaded in "
                f"{result['load_s']:.1f} s; ms from a change's start to its end"
                + ("" if result["ways"].get("in-process") else f"; {result['binding']}") + "):")
