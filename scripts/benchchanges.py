@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from benchgateway import apply_args, bench_gateway
+from benchgateway import PYTHON, REPO, wait_socket as _wait_socket  # noqa: F401 (other scripts import them from here)
 from control.api import Client
 from control.wireguard import generate_keypair
 
