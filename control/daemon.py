@@ -75,14 +75,11 @@ def teardown(config: Config) -> list[str]:
     interface, the interface, the pins and the socket. Says what it removed."""
     from . import routes, wireguard
     from .kernel import remove_pins
-    from .store import Store
+    from .store import connector_interfaces
 
     done = []
-    connectors = []
-    if config.database.exists():
-        store = Store(config.database)
-        connectors = [c.interface for c in store.connectors()]
-        store.close()
+    # read, not opened as a Store: no upgrade and no second round of the store's warnings
+    connectors = connector_interfaces(config.database) if config.database.exists() else []
     for ifname in connectors:
         if wireguard.exists(ifname):
             wireguard.delete_interface(ifname)     # (its XDP program goes with it)

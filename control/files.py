@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from .errors import InputError
 from .learned import hostname_problem, normalize
-from .wireguard.keys import check_public_key
+from .keytext import check_public_key
 from .yamlfile import read_yaml
 from .model import Device, Identities, Policy, Principal, Rule, User, PROTOCOL_NAMES, fold
 

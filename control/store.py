@@ -350,3 +350,16 @@ def _user_row(u: User) -> tuple:
     """A user's USER_COLUMNS values."""
     return (u.email, u.issuer, u.subject, json.dumps(list(u.provider_groups)), int(u.active), u.scim_id,
             u.external_id, "hand" if u.by_hand else "idp")
+
+
+def connector_interfaces(path: str | Path) -> list[str]:
+    """The connectors' interface names in the store at PATH, read without opening it as a Store:
+    no upgrade, no checks, no warnings (`gateway teardown` needs only these; the daemon told the
+    rest when it opened the store). [] where the store has no connectors table (schema 1)."""
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return [name for (name,) in db.execute("SELECT interface FROM connectors ORDER BY created")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()

@@ -10,36 +10,12 @@ the attached program and must agree with the reference. Everything is removed af
 """
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-import yaml
-
+from benchgateway import apply_args, bench_gateway
+from benchgateway import PYTHON, REPO, wait_socket as _wait_socket  # noqa: F401 (other scripts import them from here)
 from control.api import Client
-from control.files import identities_doc, policy_doc
 from control.wireguard import generate_keypair
-
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = str(REPO / ".venv" / "bin" / "python")
-
-
-def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the gateway daemon exited during start-up")
-        try:
-            with Client(path) as c:
-                c.call("status")
-                return
-        except Exception:
-            time.sleep(0.2)
-    raise RuntimeError("the gateway daemon did not start")
 
 
 def _timed(fn) -> float:
@@ -73,30 +49,12 @@ def _changes(c, user, dst: str, top: int) -> dict:
 
 
 def run(dep, repeats: int, log, scale: str = "large") -> dict:
-    token = secrets.token_hex(3)
-    netns, iface = f"ztbench-{token}", f"ztb{token}"
-    tmp = Path(tempfile.mkdtemp(prefix="ztbench-"))
-    pin_dir = f"/sys/fs/bpf/ztgate-bench-{token}"
-    sock = str(tmp / "ztgate.sock")
-    config = tmp / "gateway.yaml"
-    config.write_text(yaml.safe_dump({
-        "interface": iface, "endpoint": "198.18.0.1:51820", "state_dir": str(tmp / "state"), "socket": sock,
-        "flow_log": str(tmp / "flows.log"), "metrics": None, "bpf_pin_dir": pin_dir}))
-    (tmp / "policy.yaml").write_text(yaml.safe_dump(policy_doc(dep.policy), sort_keys=False))
-    (tmp / "identities.yaml").write_text(yaml.safe_dump(identities_doc(dep.identities), sort_keys=False))
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    daemon = None
-    try:
-        daemon = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", PYTHON, "-m", "control.cli", "gateway",
-                                   "run", "--config", str(config)], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=open(tmp / "daemon.log", "w"))
-        _wait_socket(sock, daemon, 120)
+    with bench_gateway("bench") as gw:
         out: dict = {}
-        with Client(sock, timeout=900) as c:
+        with Client(gw.sock, timeout=900) as c:
             log(f"gateway ({scale}): applying the deployment through the socket")
-            out["apply_all_s"] = _timed(lambda: c.call(
-                "policy.apply", policy_text=(tmp / "policy.yaml").read_text(), policy_name="policy.yaml",
-                identities_text=(tmp / "identities.yaml").read_text(), identities_name="identities.yaml"))
+            whole = apply_args(dep)
+            out["apply_all_s"] = _timed(lambda: c.call("policy.apply", **whole))
             users = [u for u in dep.identities.users if dep.devices_of.get(u.key)]
             dst = "10.99.99.1"
             top = max((r.precedence for r in dep.policy.rules), default=0) + 1000
@@ -117,16 +75,6 @@ def run(dep, repeats: int, log, scale: str = "large") -> dict:
                 out[name] = times
                 log(f"gateway ({scale}): {name}: p50 {percentile(times, 50) * 1000:.1f} ms, "
                     f"p99 {percentile(times, 99) * 1000:.1f} ms of {repeats}")
-            daemon_log = (tmp / "daemon.log").read_text()
-            out["full_builds"] = daemon_log.count("falling back to a full build")
+            out["full_builds"] = gw.full_builds()
             out["build"] = c.call("status")["tables"]
         return out
-    finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.terminate()
-            daemon.wait(timeout=30)
-        subprocess.run(["nsenter", f"--net=/run/netns/{netns}", PYTHON, "-m", "control.cli", "gateway", "teardown",
-                        "--config", str(config)], cwd=REPO, capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)

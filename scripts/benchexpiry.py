@@ -16,43 +16,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
+import benchecho  # noqa: E402
+
 SESSION_SECONDS = 2
-# Runs in the device's namespace: echoes over one socket (one flow) for `seconds`; prints one
-# JSON line: [[sent unix ns, answered], ...].
-SENDER = r"""
-import json, socket, sys, time
-seconds = float(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("10.20.0.10", 5353))
-s.setblocking(False)
-sent, answered = [], set()
-end = time.monotonic() + seconds
-seq = 0
-while time.monotonic() < end:
-    sent.append(time.time_ns())
-    s.send(seq.to_bytes(4, "big"))
-    seq += 1
-    deadline = time.monotonic() + 0.0005
-    while time.monotonic() < deadline:
-        try:
-            answered.add(int.from_bytes(s.recv(64)[5:9], "big"))
-        except BlockingIOError:
-            pass
-print(json.dumps([[t, i in answered] for i, t in enumerate(sent)]))
-"""
 
 
 def one(site, key: str, login) -> float:
     """Seconds from a session's end to the first unanswered packet of the device's open flow."""
     from tests.net.test_gateway import PYTHON
     expires = login(site, key, SESSION_SECONDS)["session_expires"]
-    sender = site.ns.popen("dev", PYTHON, "-c", SENDER, str(SESSION_SECONDS + 1.0), stdout=subprocess.PIPE, text=True)
+    # the wall clock (session_expires is unix time); the gateway tests' echo prefixes 5 bytes
+    sender = site.ns.popen("dev", PYTHON, *benchecho.argv(SESSION_SECONDS + 1.0, wall_clock=True, seq_at=5),
+                           stdout=subprocess.PIPE, text=True)
     out, _ = sender.communicate(timeout=60)
     packets = json.loads(out)
     if not packets[0][1]:

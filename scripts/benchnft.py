@@ -38,13 +38,18 @@ def ruleset(policy: Policy, identities: Identities, table: str = "ztbench", hook
         out += _set(f"dev{version}", version, [d for d in enabled])
         for (kind, name), n in sets.items():
             out += _set(f"p{n}_{version}", version, holders.get((kind, name), []), f"{kind}:{name}")
-    out += [f"\tchain {hook} {{",
-            f"\t\ttype filter hook {hook} priority filter; policy {VERDICT[policy.default_action]};",
-            "\t\tct state established,related accept",
-            "\t\tip saddr != @dev4 drop", "\t\tip6 saddr != @dev6 drop"]
+    out += _chain_head(policy, hook)
     out += [f"\t\t{line}" for line in lines]
     out += ["\t}", "}"]
     return "\n".join(out) + "\n"
+
+
+def _chain_head(policy: Policy, hook: str) -> list[str]:
+    """The chain's opening: its hook and default, established flows, and unknown sources dropped."""
+    return [f"\tchain {hook} {{",
+            f"\t\ttype filter hook {hook} priority filter; policy {VERDICT[policy.default_action]};",
+            "\t\tct state established,related accept",
+            "\t\tip saddr != @dev4 drop", "\t\tip6 saddr != @dev6 drop"]
 
 
 def _holders(policy: Policy, identities: Identities, enabled: list) -> dict[tuple[str, str], list]:
@@ -130,3 +135,30 @@ def _port_items(ranges) -> list[str]:
         else:
             merged.append([lo, hi])
     return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged]
+
+
+def increments(policy: Policy, identities: Identities, table: str = "ztbench", hook: str = "forward"):
+    """The same table as ruleset() (not dormant), as `nft -f` inputs to load one after another:
+    first the table, its chain and the sets of enabled devices, then one input per rule in
+    precedence order: the sets of principals it is the first to name, and its nft rules. A
+    prefix of them is the policy's first rules (scripts/benchnftchanges.py loads as many as nft
+    takes in its time budget)."""
+    enabled = [d for d in identities.devices if d.enabled]
+    holders = _holders(policy, identities, enabled)
+    head = [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
+    for version in (4, 6):
+        head += _set(f"dev{version}", version, enabled)
+    head += _chain_head(policy, hook) + ["\t}", "}"]
+    yield "\n".join(head) + "\n"
+    sets: dict[tuple[str, str], int] = {}
+    for rule in policy.ordered_rules:
+        out = []
+        for p in rule.principals:
+            if (p.kind, p.name) not in sets:
+                sets[(p.kind, p.name)] = len(sets)
+                for version in (4, 6):
+                    body = _set(f"p{sets[(p.kind, p.name)]}_{version}", version, holders.get((p.kind, p.name), []),
+                                f"{p.kind}:{p.name}")
+                    out += [f"add set inet {table} " + body[0].strip().removeprefix("set ")] + body[1:]
+        out += [f"add rule inet {table} {hook} {line}" for line in _rule_lines(rule, sets)]
+        yield "\n".join(out) + "\n"

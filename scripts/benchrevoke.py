@@ -22,42 +22,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import benchecho
+
 REPO = Path(__file__).resolve().parent.parent
 ZTGATE = str(REPO / ".venv" / "bin" / "ztgate")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 FLOW_LOG = Path("/run/ztgate-lab/flows.log")     # the lab gateway's (lab/lab.py)
 RULE = "bench-revoke"
-
-# Runs in zt-alice: echoes over one socket (one flow) for `seconds`; prints one JSON line:
-# [[sent monotonic ns, answered], ...].
-SENDER = r"""
-import json, socket, sys, time
-seconds = float(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("10.20.0.10", 5353))
-s.setblocking(False)
-sent, answered = [], set()
-end = time.monotonic() + seconds
-seq = 0
-while time.monotonic() < end:
-    sent.append(time.monotonic_ns())
-    s.send(seq.to_bytes(4, "big"))
-    seq += 1
-    deadline = time.monotonic() + 0.0005
-    while time.monotonic() < deadline:
-        try:
-            answered.add(int.from_bytes(s.recv(64)[:4], "big"))
-        except BlockingIOError:
-            pass
-time.sleep(0.3)
-while True:
-    try:
-        answered.add(int.from_bytes(s.recv(64)[:4], "big"))
-    except BlockingIOError:
-        break
-print(json.dumps([[t, i in answered] for i, t in enumerate(sent)]))
-"""
-
 
 def _zt(*args: str) -> None:
     subprocess.run([ZTGATE, *args], check=True, capture_output=True, text=True, timeout=120)
@@ -82,7 +53,8 @@ def first_drop_s(started_wall_ns: int):
 def one(log) -> tuple[float, float, float]:
     """Seconds from the CLI starting, and from it returning, to the first unanswered packet of
     alice's open flow; and from the CLI starting to the kernel's first drop (flow log)."""
-    sender = subprocess.Popen(["nsenter", "--net=/run/netns/zt-alice", PYTHON, "-c", SENDER, "6"],
+    # alice's flow for 6 s, on the monotonic clock; the echoes still on their way are taken at the end
+    sender = subprocess.Popen(["nsenter", "--net=/run/netns/zt-alice", PYTHON, *benchecho.argv(6, drain=0.3)],
                               stdout=subprocess.PIPE, text=True)
     time.sleep(1.0)
     try:

@@ -24,38 +24,11 @@ from pathlib import Path
 
 import httpx
 
+import benchecho
 from tests.netns import PYTHON, Namespaces, wait_until
 
 GOAL_MS = 100.0
 PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-# Runs in the device's namespace: prints "up" once the flow is answered, keeps echoing over one
-# socket for `seconds` more, then prints one JSON line: [[sent unix ns, answered], ...].
-SENDER = r"""
-import json, socket, sys, time
-seconds = float(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("10.20.0.10", 5353))
-s.setblocking(False)
-sent, answered = [], set()
-end = None
-seq = 0
-while end is None or time.monotonic() < end:
-    sent.append(time.time_ns())
-    s.send(seq.to_bytes(4, "big"))
-    seq += 1
-    deadline = time.monotonic() + 0.0005
-    while time.monotonic() < deadline:
-        try:
-            answered.add(int.from_bytes(s.recv(64)[:4], "big"))
-        except BlockingIOError:
-            pass
-    if end is None and answered:
-        end = time.monotonic() + seconds
-        print("up", flush=True)
-    if end is None and len(sent) > 20000:
-        break
-print(json.dumps([[t, i in answered] for i, t in enumerate(sent)]), flush=True)
-"""
 
 
 def patch_active(http: httpx.Client, url: str, token: str, uid: str, active: bool) -> httpx.Response:
@@ -104,7 +77,8 @@ def run(ns: Namespaces, http: httpx.Client, url: str, scim_token: str, idp, devi
     uid = made.json()["id"]
     echo, logged = [], []
     for i in range(n):
-        sender = ns.popen("dev", PYTHON, "-c", SENDER, "0.6", stdout=subprocess.PIPE, text=True)
+        sender = ns.popen("dev", PYTHON, *benchecho.argv(0.6, wall_clock=True, wait_answer=True),
+                          stdout=subprocess.PIPE, text=True)
         if sender.stdout.readline().strip() != "up":
             raise SystemExit(f"bench: SCIM round {i}: the device's flow never answered")
         time.sleep(0.1)                          # the flow runs steadily before the IdP acts
