@@ -1,11 +1,11 @@
 """A narrow harness for device changes at one of the bench's scales (issue 15's device add).
 
-  profile    one gateway in this process (in a throwaway network namespace): N device adds
-             and N device disables timed, then N more of each under cProfile (top functions
-             by cumulative and own time), and gc's pauses over them
+  profile    one gateway in this process (in a throwaway network namespace): N device adds,
+             group member adds and device disables timed, gc's collections over them, then
+             N more of each under cProfile (top functions by cumulative and own time)
   compare    real daemons, one per source tree (e.g. main's checkout and this one), each on
-             its own namespace, interface, pins and store; the same device adds (and
-             disables) sent to each in turn, interleaved, p50/p99 of each tree
+             its own namespace, interface, pins and store; the same changes sent to each in
+             turn, interleaved (the order alternating), p50/p99 of each tree and kind
 
 The deployment is scripts/benchgen's, written straight into each store (the tree's own
 Store) before its gateway starts: the gateway's start builds it whole, as `policy apply`
@@ -75,13 +75,18 @@ def cleanup(tree: Path, tmp: Path, config: Path, netns: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def changes(users: list, n: int, offset: int):
-    """(op, args) of N device adds then N disables, device names from OFFSET."""
+OPS = {"device.add": "device_add", "group.member": "group_member", "device.set_enabled": "device_set_enabled"}
+
+
+def changes(users: list, n: int, offset: int) -> dict:
+    """Kind -> (op, args) of N changes each, as scripts/benchchanges.py makes them (names from OFFSET)."""
     from control.wireguard import generate_keypair
-    adds = [("device.add", dict(name=f"h-dev-{offset + i}", email=users[i % len(users)],
-                                public_key=generate_keypair()[1])) for i in range(n)]
-    disables = [("device.set_enabled", dict(name=f"h-dev-{offset + i}", enabled=False)) for i in range(n)]
-    return adds, disables
+    return {
+        "device add": [("device.add", dict(name=f"h-dev-{offset + i}", email=users[(offset + i) % len(users)],
+                                           public_key=generate_keypair()[1])) for i in range(n)],
+        "group member add": [("group.member", dict(group=f"h-group-{offset + i}", email=users[(offset + i) % len(users)],
+                                                   present=True)) for i in range(n)],
+        "device disable": [("device.set_enabled", dict(name=f"h-dev-{offset + i}", enabled=False)) for i in range(n)]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,29 +123,24 @@ def inner(config_path: str, users_path: str, n: int, freeze: int) -> None:
     def run(batch) -> list:
         out = []
         for op, a in batch:
-            fn = getattr(gw, {"device.add": "device_add", "device.set_enabled": "device_set_enabled"}[op])
+            fn = getattr(gw, OPS[op])
             t0 = time.perf_counter()
             fn(0, **a)
             out.append(time.perf_counter() - t0)
         return out
-    adds, disables = changes(users, n, 0)
-    print(f"device add      {summary(run(adds))}")
-    print(f"device disable  {summary(run(disables))}")
+    for kind, batch in changes(users, n, 0).items():
+        print(f"{kind:17s} {summary(run(batch))}")
     gen2 = [p for p in pauses if p[1] == 2]
     print(f"gc: {len(pauses) // 2} collections, {len(gen2) // 2} of generation 2")
-    adds, disables = changes(users, n, n)
-    prof = cProfile.Profile()
-    prof.enable()
-    run(adds)
-    prof.disable()
-    stats = pstats.Stats(prof)
-    stats.sort_stats("cumulative").print_stats(45)
-    stats.sort_stats("tottime").print_stats(25)
-    prof = cProfile.Profile()
-    prof.enable()
-    run(disables)
-    prof.disable()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    for kind, batch in changes(users, n, n).items():
+        prof = cProfile.Profile()
+        prof.enable()
+        run(batch)
+        prof.disable()
+        print(f"---- {kind}, profiled")
+        stats = pstats.Stats(prof)
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +162,9 @@ def compare(args) -> None:
         for (tmp, _, _), proc in zip(setups, daemons):
             clients.append(wait_client(str(tmp / "ztgate.sock"), proc))
         users = Path(setups[0][0] / "users").read_text().split("\n")
-        adds, disables = changes(users, args.changes, 0)
-        times = {(t, k): [] for t in range(len(trees)) for k in ("device add", "device disable")}
-        for kind, batch in (("device add", adds), ("device disable", disables)):
+        kinds = changes(users, args.changes, 0)
+        times = {(t, k): [] for t in range(len(trees)) for k in kinds}
+        for kind, batch in kinds.items():
             for i, (op, a) in enumerate(batch):
                 order = range(len(trees)) if i % 2 == 0 else reversed(range(len(trees)))
                 for t in order:
@@ -173,7 +173,7 @@ def compare(args) -> None:
                     times[(t, kind)].append(time.perf_counter() - t0)
         os.system("uptime")
         for (t, kind), values in times.items():
-            print(f"{str(trees[t]):40s} {kind:15s} {summary(values)}")
+            print(f"{str(trees[t]):40s} {kind:17s} {summary(values)}")
     finally:
         for proc in daemons:
             if proc.poll() is None:
