@@ -37,7 +37,9 @@ def percentile(values: list, q: float) -> float:
 
 
 def summary(times: list) -> str:
-    return f"p50 {percentile(times, 50) * 1e3:6.1f} ms  p99 {percentile(times, 99) * 1e3:6.1f} ms  (n={len(times)})"
+    slowest = sorted(range(len(times)), key=times.__getitem__)[-3:][::-1]
+    return (f"p50 {percentile(times, 50) * 1e3:6.1f} ms  p99 {percentile(times, 99) * 1e3:6.1f} ms  (n={len(times)}; "
+            f"slowest #{', #'.join(f'{i} {times[i] * 1e3:.1f}' for i in slowest)})")
 
 
 def prepare(tree: Path, scale: str, seed: int) -> tuple[Path, Path, str]:
@@ -130,8 +132,10 @@ def inner(config_path: str, users_path: str, n: int, freeze: int) -> None:
         return out
     for kind, batch in changes(users, n, 0).items():
         print(f"{kind:17s} {summary(run(batch))}")
-    gen2 = [p for p in pauses if p[1] == 2]
-    print(f"gc: {len(pauses) // 2} collections, {len(gen2) // 2} of generation 2")
+    spans = [(g, t1 - t0) for (_, g, t0), (_, _, t1) in zip(pauses[::2], pauses[1::2])]
+    for gen in (0, 1, 2):
+        mine = [t for g, t in spans if g == gen]
+        print(f"gc generation {gen}: {len(mine)} collections, longest {max(mine, default=0) * 1e3:.1f} ms")
     for kind, batch in changes(users, n, n).items():
         prof = cProfile.Profile()
         prof.enable()
