@@ -112,8 +112,10 @@ class Lookups:
         if old.user != new.user and self._owned is not None:
             self._owned = None                      # (no change does this: worked out again if asked)
         if old.public_key != new.public_key and self._keys is not None:
-            _less(self._keys, old.public_key)
-            _more(self._keys, new.public_key)
+            if old.public_key:
+                _less(self._keys, old.public_key)
+            if new.public_key:
+                _more(self._keys, new.public_key)
         if old.tunnel_ipv4 != new.tunnel_ipv4:
             if self._v4 is not None:
                 _more(self._v4, int(new.tunnel_ipv4))
