@@ -9,7 +9,8 @@ Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 PortRange = tuple[int, int]  # inclusive
 
-from .protocols import ICMP, ICMPV6, PROTOCOL_NAMES, TCP, UDP  # noqa: F401 (imported from here too)
+from .lookups import Lookups  # noqa: E402
+from .protocols import ICMP, ICMPV6, PROTOCOL_NAMES, TCP, UDP  # noqa: F401,E402 (imported from here too)
 
 
 def fold(email: str) -> str:
@@ -69,77 +70,133 @@ class Identities:
     devices: tuple[Device, ...]
 
     def user(self, email: str) -> User:
-        return self._users_by_key[fold(email)]
+        return self._lookups.users[fold(email)]
 
     def find_user(self, email: str) -> Optional[User]:
         """The user with this email (compared case-insensitively), or None."""
-        return self._users_by_key.get(fold(email))
+        return self._lookups.users.get(fold(email))
+
+    def find_device(self, name: str) -> Optional[Device]:
+        """The device of this name, or None."""
+        return self._lookups.devices.get(name)
+
+    def key_enrolled(self, public_key: str) -> bool:
+        """Does a device have this public key?"""
+        return public_key in self._lookups.keys
+
+    def devices_of(self, key: str) -> list[Device]:
+        """The devices of the user with this key (User.key), enabled or not, in their order."""
+        lookups = self._lookups
+        return [lookups.devices[name] for name in lookups.owned.get(key, ())]
 
     def session_expired(self, device: Device, now: float) -> bool:
         """An enabled device whose packets drop as session-expired at NOW: its session is
         over, or its user was deprovisioned (inactive)."""
-        user = self._users_by_key.get(device.user)
+        user = self._lookups.users.get(device.user)
         return device.session_over(now) or (user is not None and not user.active)
 
     @property
     def _users_by_key(self) -> dict[str, User]:
-        cached = self.__dict__.get("_ubk")
-        if cached is None:
-            cached = {u.key: u for u in self.users}
-            object.__setattr__(self, "_ubk", cached)
-        return cached
+        return self._lookups.users
 
     @property
     def ipv4_in_use(self) -> frozenset[int]:
         """The devices' tunnel IPv4 addresses, as integers (where a new device may not go)."""
-        cached = self.__dict__.get("_v4")
-        if cached is None:
-            cached = frozenset(int(d.tunnel_ipv4) for d in self.devices)
-            object.__setattr__(self, "_v4", cached)
-        return cached
+        return frozenset(self._lookups.v4)
 
     def first_free_ipv4(self, start: int, stop: int) -> Optional[int]:
         """The lowest IPv4 address (an integer) in [start, stop) that no device has, or None."""
-        known = self.__dict__.get("_free", {})     # start -> an address below which all are in use
-        used, address = self.ipv4_in_use, known.get(start, start)
+        lookups = self._lookups
+        used, address = lookups.v4, lookups.free.get(start, start)
         while address < stop and address in used:
             address += 1
-        object.__setattr__(self, "_free", {**known, start: address})
+        lookups.free[start] = address
         return address if address < stop else None
 
-    # One change at 100k devices must not redo the lookups above over every user and device:
-    # these two carry them over, updated, to the identities after the change.
+    def work_out_lookups(self) -> None:
+        """Every lookup above, now: see control/lookups.py."""
+        self._lookups.work_out()
+
+    @property
+    def _lookups(self) -> Lookups:
+        """Users by key, devices by name and the like (control/lookups.py): handed on from the
+        identities this one was made from by one change, or worked out here."""
+        lookups = self.__dict__.get("_lk")
+        if lookups is None or not lookups.serves(self.users, self.devices):
+            lookups = Lookups(self.users, self.devices)
+            object.__setattr__(self, "_lk", lookups)
+        return lookups
+
+    # One change at 100k devices must not redo the lookups above over every user and device,
+    # nor pass over them to make its new identities: these hand them on, updated, to the
+    # identities after the change.
+
+    def _handed_on(self, users: tuple, devices: tuple) -> tuple["Identities", Optional[Lookups]]:
+        """New identities of USERS and DEVICES, and the lookups to update for them (None if
+        this one had none worked out: the new one works out its own when asked)."""
+        out = Identities(users, devices)
+        lookups = self.__dict__.get("_lk")
+        if lookups is None or not lookups.serves(self.users, self.devices):
+            return out, None
+        object.__setattr__(out, "_lk", lookups.handed_on(users, devices))
+        return out, lookups
 
     def adding_device(self, device: Device) -> "Identities":
         """These identities and DEVICE."""
-        out = Identities(self.users, self.devices + (device,))
-        if "_ubk" in self.__dict__:
-            object.__setattr__(out, "_ubk", self._users_by_key)
-        if "_v4" in self.__dict__:
-            object.__setattr__(out, "_v4", self.ipv4_in_use | {int(device.tunnel_ipv4)})
-        if "_free" in self.__dict__:   # an address more in use: what was all in use still is
-            object.__setattr__(out, "_free", self._free)
+        out, lookups = self._handed_on(self.users, self.devices + (device,))
+        if lookups is not None:
+            lookups.device_added(device, len(self.devices))
         return out
 
     def replacing_device(self, old: Device, new: Device) -> "Identities":
-        """These identities with device OLD (one of self.devices) replaced by NEW, which has
-        the same addresses (enabled or not: a disabled device keeps its addresses)."""
-        out = Identities(self.users, tuple(new if d is old else d for d in self.devices))
-        same = new.tunnel_ipv4 == old.tunnel_ipv4
-        for name in ("_ubk",) + (("_v4", "_free") if same else ()):
-            if name in self.__dict__:
-                object.__setattr__(out, name, self.__dict__[name])
+        """These identities with device OLD (one of self.devices) replaced by NEW, of the same
+        name (enabled or not: a disabled device keeps its addresses)."""
+        lookups = self._lookups
+        at = lookups.device_at.get(old.name) if len(lookups.devices) == len(self.devices) else None   # (names unique)
+        if at is None or self.devices[at] is not old or new.name != old.name:
+            return Identities(self.users, tuple(new if d is old else d for d in self.devices))
+        out, lookups = self._handed_on(self.users, _replaced(self.devices, at, new))
+        lookups.device_replaced(old, new)
+        return out
+
+    def removing_devices(self, names) -> "Identities":
+        """These identities without the devices of these names."""
+        lookups, names = self._lookups, set(names)
+        gone = sorted((lookups.device_at[n], lookups.devices[n]) for n in names if n in lookups.devices)
+        if len(lookups.devices) != len(self.devices) or len(gone) != len(names) or any(self.devices[at] is not d for at, d in gone):
+            return Identities(self.users, tuple(d for d in self.devices if d.name not in names))
+        devices, last = (), 0
+        for at, _ in gone:
+            devices, last = devices + self.devices[last:at], at + 1
+        out, lookups = self._handed_on(self.users, devices + self.devices[last:])
+        lookups.devices_removed([d for _, d in gone])
+        return out
+
+    def adding_user(self, user: User) -> "Identities":
+        """These identities and USER (of a key no user has)."""
+        out, lookups = self._handed_on(self.users + (user,), self.devices)
+        if lookups is not None:
+            lookups.user_added(user, len(self.users))
         return out
 
     def replacing_user(self, old: User, new: User) -> "Identities":
         """These identities with user OLD (one of self.users) replaced by NEW (the same key)."""
-        out = Identities(tuple(new if u is old else u for u in self.users), self.devices)
-        if "_ubk" in self.__dict__:
-            object.__setattr__(out, "_ubk", {**self._users_by_key, new.key: new})
-        for name in ("_v4", "_free"):   # the same devices
-            if name in self.__dict__:
-                object.__setattr__(out, name, self.__dict__[name])
+        lookups = self._lookups
+        at = lookups.user_at.get(old.key) if len(lookups.users) == len(self.users) else None   # (keys unique)
+        if at is None or self.users[at] is not old or new.key != old.key:
+            return Identities(tuple(new if u is old else u for u in self.users), self.devices)
+        out, lookups = self._handed_on(_replaced(self.users, at, new), self.devices)
+        lookups.user_replaced(new)
         return out
+
+
+def _replaced(items: tuple, at: int, new) -> tuple:
+    """ITEMS with the one AT replaced by NEW: through a list, which touches each of 100k items
+    (their reference counts: a cache miss each) three times, where slicing and joining touch
+    them five."""
+    out = list(items)
+    out[at] = new
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,10 @@ class Store:
             version = self._meta("schema")
         if version != SCHEMA_VERSION:
             raise InputError(f"{self.path}: database schema {version}, this ztgate reads {SCHEMA_VERSION}")
+        # A user's memberships by user (a membership change rewrites them, a user's removal
+        # cascades to them): without it each is a pass over every membership, ~20 ms at 50k
+        # users. An index only: any schema-4 ztgate reads the store as before.
+        self.db.execute("CREATE INDEX IF NOT EXISTS members_user ON members(user)")
         self._warn_non_ascii_emails()
 
     def _warn_non_ascii_emails(self) -> None:

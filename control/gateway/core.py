@@ -87,9 +87,9 @@ class Core:
             raise InputError(f"no user {email!r} (see `ztgate user list`)") from None
 
     def _device(self, name: Any) -> Device:
-        for d in self.identities.devices:
-            if d.name == name:
-                return d
+        found = self.identities.find_device(name) if isinstance(name, str) else None
+        if found is not None:
+            return found
         raise InputError(f"no device named {name!r} (see `ztgate device list`)")
 
     def _stored(self) -> State:
@@ -102,10 +102,11 @@ class Core:
 
     def _warm_lookups(self) -> None:
         """Work out now, after a start or a whole apply (seconds at 100k devices anyway), the
-        lookups a device add or a membership change needs (users by key, the first free pool
-        address): the changes carry them over, so the first such change does not pay for them."""
+        lookups a device add or a membership change needs (users by key, devices by name, the
+        first free pool address: control/lookups.py): the changes carry them over, so the
+        first such change does not pay for them."""
         base = int(self.config.pool_ipv4.network_address)
-        self.identities.find_user("")
+        self.identities.work_out_lookups()
         self.identities.first_free_ipv4(base + 2, base + self.config.pool_size)
 
     # -----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class IdentityOps(Core):
                 raise InputError(f"user {email!r} exists already")
             user = parse_identities({"users": [{"email": email, "groups": groups}]}, "user").users[0]
             check_groups(groups)
-            ids = replace(self.identities, users=self.identities.users + (user,))
+            ids = self.identities.adding_user(user)
             return self._commit(uid, Plan("user add", {"email": email, "groups": groups},
                                           replace(self.state, identities=ids),
                                           lambda tx: tx.add_user(user.email, dict.fromkeys(groups))))
@@ -45,7 +45,7 @@ class IdentityOps(Core):
     def user_remove(self, uid: int, email: str, with_devices: bool) -> dict:
         with self.lock:
             user = self._user(email)
-            devices = [d for d in self.identities.devices if d.user == user.key]
+            devices = self.identities.devices_of(user.key)
             if devices and not with_devices:
                 raise InputError(f"user {email!r} has devices ({', '.join(d.name for d in devices)}): "
                                  "remove them first, or pass --with-devices")
@@ -98,7 +98,7 @@ class IdentityOps(Core):
             return self._commit(uid, Plan("group member add" if present else "group member remove",
                                           {"group": group, "email": user.email}, replace(self.state, identities=ids),
                                           lambda tx: tx.set_user_groups(user.email, groups),
-                                          self._devices_step(ids, [d for d in ids.devices if d.user == key])))
+                                          self._devices_step(ids, ids.devices_of(key))))
 
     # -----------------------------------------------------------------------------------------
     # devices and their pool addresses
@@ -114,7 +114,7 @@ class IdentityOps(Core):
         """The device to enroll, with its pool addresses, and its private key if made here."""
         if not DEVICE_NAME.match(name):
             raise InputError(f"device name {name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
-        if any(d.name == name for d in self.identities.devices):
+        if self.identities.find_device(name) is not None:
             raise InputError(f"device {name!r} exists already (remove it first, or pick another name)")
         user = self._user(email)
         private = None
@@ -122,7 +122,7 @@ class IdentityOps(Core):
             private, public_key = wireguard.generate_keypair()
         else:
             public_key = wireguard.check_public_key(public_key)
-            if public_key == self.public_key or any(d.public_key == public_key for d in self.identities.devices):
+            if public_key == self.public_key or self.identities.key_enrolled(public_key):
                 raise InputError("that public key is already enrolled: each device has its own key pair")
         if not self.config.endpoint:
             raise InputError(f"{self.config.source}: set endpoint (HOST:PORT devices dial) to enroll devices")
@@ -175,7 +175,7 @@ class IdentityOps(Core):
     def device_remove(self, uid: int, name: str) -> dict:
         with self.lock:
             device = self._device(name)
-            ids = replace(self.identities, devices=tuple(d for d in self.identities.devices if d.name != name))
+            ids = self.identities.removing_devices([name])
             return self._commit(uid, Plan("device remove", {"name": name}, replace(self.state, identities=ids),
                                           lambda tx: tx.remove_device(name),
                                           self._cut_steps(ids, [device], remove=True)))
