@@ -132,8 +132,9 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 /* A packet the policy allowed writes its flow's entry: created, or brought up to this decision.
  * A new flow is reported (an event): any flow when zt_ct did not hold it open, its last report
  * is older than ZT_FLOW_EVENT_NS, or another build or rule decided it; a TCP flow only at a SYN
- * (without ACK): a retransmitted SYN of a flow reported in this window is no new flow. (A drop writes nothing: the way back of a flow the policy no longer
- * allows closes on the connector side, which decides it again when the epoch has moved.) */
+ * (without ACK): a retransmitted SYN of a flow reported in this window is no new flow. (A drop
+ * writes nothing: the way back of a flow the policy no longer allows closes on the connector
+ * side, which decides it again when the epoch has moved.) */
 static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
 				     __u64 bytes, __u64 now)
 {
