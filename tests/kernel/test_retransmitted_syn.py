@@ -1,9 +1,10 @@
 """A retransmitted SYN (BPF_PROG_TEST_RUN): a SYN of a flow that conntrack holds open, allowed
 by this build in this epoch and reported within ZT_FLOW_EVENT_NS, is the same connection
-attempt again. It is allowed and counted as before, and it is no new flow: the flow log gets one event per connection, not one per retransmission. A SYN
-that opens a connection again is still reported: after the flow closed (FIN), after its report
-aged past the window (a reused tuple), on a tuple that no SYN opened, after a change of rule;
-and a change that revokes the flow drops its retransmissions."""
+attempt again. It is allowed and counted as before, and it is no new flow: the flow log gets
+one event per connection, not one per retransmission. A SYN that opens a connection again is
+still reported: after the flow closed (FIN), after its report aged past the window (a reused
+tuple), on a tuple that no SYN opened, after a change of rule; and a change that revokes the
+flow drops its retransmissions."""
 import pytest
 from scapy.layers.inet import IP, TCP
 
