@@ -44,6 +44,13 @@ static __always_inline void ct_touch(struct zt_ct *ct, const struct zt_pkt *p, _
 		ct->state = ZT_CT_CLOSING;
 }
 
+/* Was the flow reported within ZT_FLOW_EVENT_NS? (A TCP entry that no SYN opened has event_ns
+ * 0: no report was due, so its tuple's first SYN is reported.) */
+static __always_inline int ct_reported_since(const struct zt_ct *ct, __u64 now)
+{
+	return ct->event_ns && now < ct->event_ns + ZT_FLOW_EVENT_NS;
+}
+
 /* A killed flow's packet: dropped, named as its device's. */
 static __always_inline void killed(struct zt_decision *d, __u32 device, __u32 ident)
 {
@@ -58,7 +65,8 @@ static __always_inline void killed(struct zt_decision *d, __u32 device, __u32 id
  * killed flow's packet is dropped (also once its entry is gone: kills.h). One lookup: the
  * flow cache's slot on this CPU, or zt_ct when the slot holds another flow or is due for its
  * check (which refills it). A SYN (a new connection) and everything else is decided by the
- * policy. Returns 1 when it decided. */
+ * policy; a tuple zt_ct does not hold is remembered (d->ct_absent), so that ct_track does not
+ * probe it again. Returns 1 when it decided. */
 static __always_inline int established(struct zt_decision *d, const struct zt_pkt *p, struct zt_cpu *cpu,
 				       __u64 bytes, int dry)
 {
@@ -92,8 +100,10 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 	if (!ct || !ct_alive(ct, p->proto, now)) {
 		/* no live entry: the policy decides, unless a kill outlived the entry (kills.h) */
 		struct zt_kill *k = kill_of(&key, now);
-		if (!k)
+		if (!k) {
+			d->ct_absent = !ct;
 			return 0;
+		}
 		killed(d, k->device, k->ident);
 		return 1;
 	}
@@ -120,10 +130,11 @@ static __always_inline int established(struct zt_decision *d, const struct zt_pk
 }
 
 /* A packet the policy allowed writes its flow's entry: created, or brought up to this decision.
- * A new flow is reported (an event): a TCP flow at its SYN (without ACK), any other when zt_ct
- * did not hold it, its last report is older than ZT_FLOW_EVENT_NS, or another build or rule
- * decided it. (A drop writes nothing: the way back of a flow the policy no longer
- * allows closes on the connector side, which decides it again when the epoch has moved.) */
+ * A new flow is reported (an event): any flow when zt_ct did not hold it open, its last report
+ * is older than ZT_FLOW_EVENT_NS, or another build or rule decided it; a TCP flow only at a SYN
+ * (without ACK): a retransmitted SYN of a flow reported in this window is no new flow. (A drop
+ * writes nothing: the way back of a flow the policy no longer allows closes on the connector
+ * side, which decides it again when the epoch has moved.) */
 static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decision *d, const struct zt_pkt *p,
 				     __u64 bytes, __u64 now)
 {
@@ -136,7 +147,7 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 	}
 	struct zt_ct_key key = {};
 	ct_key_of(&key, p);
-	struct zt_ct *ct = zt_ct.lookup(&key);
+	struct zt_ct *ct = d->ct_absent ? NULL : zt_ct.lookup(&key);
 	int syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (ZT_TCP_SYN | ZT_TCP_ACK)) == ZT_TCP_SYN;
 	/* A killed flow stays killed (this packet raced the kill: it passes, as one in flight
 	 * would, but revives nothing) unless its tuple opens a new connection (a SYN). */
@@ -158,8 +169,9 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 	}
 	frag_track(p, d->epoch, now);
 	int new_flow;
-	if (p->proto == IPPROTO_TCP)
-		new_flow = syn;
+	if (p->proto == IPPROTO_TCP)   /* a SYN, unless it retransmits a flow reported in this window */
+		new_flow = syn && (!ct || ct->state != ZT_CT_OPEN || !ct_reported_since(ct, now) ||
+				   ct->build != d->build || ct->rule != d->rule);
 	else
 		new_flow = !ct || now >= ct->event_ns + ZT_FLOW_EVENT_NS || ct->build != d->build ||
 			   ct->rule != d->rule;
@@ -179,7 +191,7 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 		/* (An event the limiter held back is counted as lost, and the flow's next report is
 		 * a window later: under a flood, unreported flows must not keep their packets off
 		 * the established path.) */
-		flow.event_ns = now;
+		flow.event_ns = p->proto != IPPROTO_TCP || syn ? now : 0;   /* (TCP: no SYN, no report due) */
 		ct_touch(&flow, p, now);
 		zt_ct.update(&key, &flow);
 		return;
@@ -189,7 +201,7 @@ static __always_inline void ct_track(struct zt_cpu *cpu, const struct zt_decisio
 		ct->state = ZT_CT_OPEN;   /* the tuple's new connection */
 	ct->packets++;
 	ct->bytes += bytes;
-	if (p->proto != IPPROTO_TCP && new_flow)
+	if (new_flow)
 		ct->event_ns = now;   /* (two CPUs may both report a flow: no harm) */
 	ct->epoch = d->epoch;
 	ct->build = d->build;

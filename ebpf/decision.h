@@ -14,6 +14,7 @@ struct zt_decision {
 	__u32 bank;  /* zt_bank as the packet arrived, read once, right after the epoch */
 	__u32 build; /* the build that bank holds */
 	__u8 fast;   /* decided without the policy (conntrack, a followed fragment): nothing to report */
+	__u8 ct_absent; /* the established path found no zt_ct entry: ct_track need not probe again */
 	__u32 rule;
 	__u32 device;
 	__u32 ident;
