@@ -28,9 +28,11 @@ class Members:
     """Who is in a principal: users by group (the identity provider's and the policy's), devices
     by user. Made for one Identities (and the policy's groups), each index when first asked."""
 
-    def __init__(self, identities: Identities, local_groups: dict):
+    def __init__(self, identities: Identities, local_groups: dict, before: "Members | None" = None):
         self.identities, self.local_groups = identities, local_groups
-        self._by_group = self._devices_of = None
+        self._by_group = None
+        if before is not None and before.identities.users is identities.users and before.local_groups == local_groups:
+            self._by_group = before._by_group   # a device change: the users, so the groups, are the same
 
     @property
     def by_group(self) -> dict:
@@ -44,16 +46,6 @@ class Members:
             self._by_group = by_group
         return self._by_group
 
-    @property
-    def devices_of(self) -> dict:
-        if self._devices_of is None:
-            devices_of: dict[str, list] = defaultdict(list)
-            for d in self.identities.devices:
-                if d.enabled:
-                    devices_of[d.user].append(d)
-            self._devices_of = devices_of
-        return self._devices_of
-
     def devices(self, principals) -> list:
         users, out = set(), {}
         for p in principals:
@@ -62,10 +54,13 @@ class Members:
             elif p.kind == "group":
                 users |= self.by_group.get(p.name, set())
             else:
-                out.update((d.name, d) for d in self.identities.devices if d.enabled and d.name == p.name)
-        for u in users:
-            for d in self.devices_of.get(u, ()):
-                out[d.name] = d
+                d = self.identities.find_device(p.name)
+                if d is not None and d.enabled:
+                    out[d.name] = d
+        for u in users:     # the identities' own index of devices by user (control/lookups.py):
+            for d in self.identities.devices_of(u):     # no pass over every device
+                if d.enabled:
+                    out[d.name] = d
         return list(out.values())
 
 

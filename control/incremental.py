@@ -143,7 +143,7 @@ class Incremental(Destinations):
             else:
                 pending.setdefault(slot[0], set()).add(slot[1])
         self.identities, self.counts = identities, None
-        self.members = Members(identities, self.policy.groups)
+        self.members = Members(identities, self.policy.groups, self.members)
 
     def applied(self, change: Change, policy: Policy, old_bank: int) -> None:
         """CHANGE is in force; OLD_BANK (in force before) lacks its rows."""
