@@ -12,6 +12,7 @@ import ipaddress
 import numpy as np
 
 from dataplane.mirrors import CAND, CLASS, PORT_END
+from dataplane.tables import without_names
 
 from .compiler import _interval
 from .incr_rows import Refs, RowsFull, table_services
@@ -136,6 +137,7 @@ class Destinations:
         """Each local service's row: an equal row's, or a new row in VIEW. (A per-row pass
         over services goes here: it sees only the rows this change writes.)"""
         width = view.shape[1]
+        names = self.program.layout.max_services if self.program.layout.name_words else 0
         padded = np.zeros((len(services), width), CAND)
         padded[:, :services.shape[1]] = services
         out = np.empty(len(services), np.int64)
@@ -150,6 +152,9 @@ class Destinations:
                 view[got] = padded[k]
                 self.svc_ids[key] = got
                 dirty.add(got)
+                if names:     # a program built for hostnames: its lists without names, walked by
+                    view[names + got] = without_names(padded[k:k + 1])[0]   # every unlearned destination
+                    dirty.add(names + got)
             out[k] = got
         return out
 
