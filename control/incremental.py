@@ -85,7 +85,7 @@ class Incremental(Destinations):
         self.sources = tables.sources
         self.rule_names = list(tables.rule_names)
         self.stats = dict(tables.stats)
-        self.n_nodes = tables.need.max_nodes
+        self.n_nodes, self.free_nodes = tables.need.max_nodes, []
         with _no_collections():
             self._start_rows(classes, len(tables.port_tables), len(tables.services))
             self.counts = class_counts(program, program.bank)       # sources per identity class

@@ -58,3 +58,148 @@ def test_a_change_in_a_program_built_for_hostnames_writes_the_lists_without_name
         policy = replace(POLICY, rules=rules)
         tables = staged(program, inc, policy, IDS, number)
         assert kernel_verdicts(program, tables, pkts) == reference_verdicts(policy, IDS, pkts), rules[-1].name
+
+
+# ---------------------------------------------------------------------------------------------
+# rule changes interleaved with device, membership and session changes, and whole builds,
+# through Kernel as the gateway stages them
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from control.model import Device, Identities, User  # noqa: E402
+from tests.kernel.test_differential import GROUPS, identities, packets, policies  # noqa: E402
+
+SPARE_V4 = ["100.96.0.5", "100.96.0.6", "100.96.0.7", "198.51.100.7"]     # (the last: outside the pools)
+
+
+@pytest.fixture(scope="module")
+def shared_program():
+    with Program(TEST_LAYOUT) as program:
+        yield program
+
+
+def kernel_on(program, policy, ids, tmp):
+    """A Kernel attached to nothing whose build in force is POLICY compiled into PROGRAM."""
+    from control.config import Config
+    from control.kernel import Build, Kernel
+
+    kernel = Kernel(Config(bpf_pin_dir=tmp))
+    tables = compile_policy(policy, ids, program.layout)
+    program.load(tables)
+    kernel.build = Build(program.build, program, tables, 0.0, 0.0, program.bank)
+    kernel._remember(kernel.build)
+    kernel._begin_changes(kernel.build, policy, ids)
+    return kernel
+
+
+def rule_step(data, ids, policy, step):
+    rules = list(policy.rules)
+    kind = data.draw(st.sampled_from(["add", "remove", "enable", "disable", "move"] if rules else ["add"]))
+    if kind == "add":
+        new = data.draw(policies(ids)).rules
+        if not new:
+            return policy
+        rules.append(replace(new[0], name=f"s{step}", precedence=data.draw(st.integers(1, 100_000))))
+    else:
+        i = data.draw(st.integers(0, len(rules) - 1))
+        if kind == "remove":
+            del rules[i]
+        elif kind == "move":
+            rules[i] = replace(rules[i], precedence=data.draw(st.integers(1, 100_000)))
+        else:
+            rules[i] = replace(rules[i], enabled=kind == "enable")
+    if len({r.precedence for r in rules}) != len(rules):
+        return policy
+    return replace(policy, rules=tuple(rules))
+
+
+def device_step(data, ids, step):
+    """A device added, enabled or disabled, a session over or renewed, or a user's groups
+    changed: the new identities and the devices touched."""
+    devices = list(ids.devices)
+    kind = data.draw(st.sampled_from(["add", "toggle", "session", "groups"]))
+    if kind == "add":
+        free = [a for a in SPARE_V4 if ipaddress.ip_address(a) not in {d.tunnel_ipv4 for d in devices}]
+        if not free:
+            return ids, []
+        d = Device(f"x{step}", data.draw(st.sampled_from(ids.users)).key, ipaddress.IPv4Address(data.draw(
+            st.sampled_from(free))))
+        return Identities(ids.users, tuple(devices + [d])), [d]
+    if kind == "groups":
+        user = data.draw(st.sampled_from(ids.users))
+        new = replace(user, groups=tuple(data.draw(st.sets(st.sampled_from(GROUPS), max_size=3))))
+        users = tuple(new if u.key == user.key else u for u in ids.users)
+        return Identities(users, ids.devices), [d for d in ids.devices if d.user == user.key]
+    i = data.draw(st.integers(0, len(devices) - 1))
+    d = devices[i]
+    if kind == "toggle":
+        d = replace(d, enabled=not d.enabled)
+    else:
+        d = replace(d, session_expires=None if d.session_expires else 1.0)
+    devices[i] = d
+    return Identities(ids.users, tuple(devices)), [d]
+
+
+@settings(max_examples=int(__import__("os").environ.get("REVIEW_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_rule_changes_between_device_membership_session_changes_and_whole_builds(shared_program, tmp_path, data):
+    program = shared_program
+    ids = data.draw(identities())
+    policy = data.draw(policies(ids))
+    kernel = kernel_on(program, policy, ids, tmp_path)
+    number = program.build
+    for step in range(data.draw(st.integers(2, 10))):
+        number += 1
+        what = data.draw(st.sampled_from(["rule", "rule", "rule", "device", "device", "whole"]))
+        if what == "rule":
+            policy = rule_step(data, ids, policy, step)
+            kernel.stage_swap(ids, policy, number).apply()
+        elif what == "device":
+            ids, touched = device_step(data, ids, step)
+            if touched:
+                kernel.stage_devices(ids, policy, touched).apply()
+        else:   # the default action: a whole compile, into the program in force
+            policy = replace(policy, default_action="allow" if policy.default_action == "block" else "block")
+            kernel.stage_swap(ids, policy, number).apply()
+        pkts = data.draw(st.lists(packets(ids, policy), min_size=10, max_size=16))
+        got = kernel_verdicts(program, kernel.build.tables, pkts)
+        assert got == reference_verdicts(policy, ids, pkts), f"step {step}: {what}"
+
+
+@pytest.fixture(scope="module")
+def few_nodes():
+    """A program with room for 256 trie nodes past the first strides."""
+    with Program(replace(TEST_LAYOUT, max_nodes=768)) as program:
+        yield program
+
+
+def test_blocking_one_address_after_another_reuses_trie_nodes(few_nodes):
+    """An operator blocks an attacker's address, lifts the block, blocks the next one: each /32
+    splits two trie nodes, which must be given again once no slot points to them (the trie
+    merged back), not kept until the program runs out of nodes and the change needs a whole
+    compile. And a change that does run out says why (NotIncremental), as for other tables."""
+    from control.incremental import NotIncremental
+
+    program = few_nodes
+    tables = compile_policy(POLICY, IDS, program.layout)
+    program.load(tables)
+    inc = Incremental(tables, POLICY, IDS, program)
+    number, policy = program.build, POLICY
+    for i in range(200):
+        dst = ipaddress.ip_network(f"10.{50 + i // 100}.{i % 100}.7/32")
+        block = Rule("attacker", 1, "block", dst_cidrs=(dst,))
+        for rules in (POLICY.rules + (block,), POLICY.rules):
+            number += 1
+            policy = replace(POLICY, rules=rules)
+            tables = staged(program, inc, policy, IDS, number)
+        if i % 50 == 0:
+            pkts = probes(dsts=DSTS + [dst.network_address, dst.network_address + 1])
+            assert kernel_verdicts(program, tables, pkts) == reference_verdicts(policy, IDS, pkts)
+    assert inc.n_nodes <= 512 + 4, inc.n_nodes
+    # 300 addresses at once split more nodes than the program has: refused, saying why
+    many = Rule("many", 1, "block", dst_cidrs=tuple(ipaddress.ip_network(f"10.{60 + i // 200}.{i % 200}.7/32")
+                                                    for i in range(300)))
+    with pytest.raises(NotIncremental, match="trie nodes"):
+        inc.stage(replace(POLICY, rules=POLICY.rules + (many,)), IDS, [])
