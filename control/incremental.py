@@ -36,7 +36,7 @@ from dataplane.tables import SETTLE
 
 from .compiler import ACTION_CODE, Tables, _no_collections
 from .incr_dest import Destinations, NotIncremental, start_refs
-from .incr_idents import IdentsFull, Members, SourceWrites, add_token, class_counts
+from .incr_idents import IdentsFull, Members, SourceWrites, add_token, class_counts, copied
 from .learned import Patterns
 from .model import Identities, Policy, Rule
 
@@ -282,6 +282,7 @@ class Incremental(Destinations):
         if self.counts is None:
             self.counts = class_counts(self.program, pt.bank)
         writes = SourceWrites()
+        self.sources = copied(self.sources)     # the build in force's stay as they are
         try:
             add_token(token, key[0], self.sources, self.members, self.program, bank, self.counts, writes)
         except IdentsFull as e:
