@@ -203,3 +203,48 @@ def test_blocking_one_address_after_another_reuses_trie_nodes(few_nodes):
                                                     for i in range(300)))
     with pytest.raises(NotIncremental, match="trie nodes"):
         inc.stage(replace(POLICY, rules=POLICY.rules + (many,)), IDS, [])
+
+
+def test_a_change_staged_then_discarded_leaves_the_identity_classes_in_force_alone(shared_program, tmp_path):
+    """A rule naming a new principal is staged (bob's device leaves the identity class it shares
+    with carl's for one with the new bit, written only into the bank not in force) and then
+    discarded (the store did not commit, or the whole compile it fell back to failed). A device
+    added for bob after that must get the classes of the build in force: the staff rule in
+    force still applies to it."""
+    from control.model import Device, Identities, User
+
+    ids = Identities(IDS.users + (User("carl@example.com", ()),), IDS.devices + (
+        Device("carl-pc", "carl@example.com", ipaddress.IPv4Address("100.96.0.5")),))
+    ids = Identities(tuple(replace(u, groups=u.groups + ("staff",)) if u.key != "ann@example.com" else u
+                           for u in ids.users), ids.devices)
+    staff = Rule("staff-no-web", 1, "block", principals=(Principal("group", "staff"),), protocols=frozenset({"tcp"}),
+                 dst_ports=((8080, 8080),))
+    policy = replace(POLICY, rules=POLICY.rules + (staff,))
+    kernel = kernel_on(shared_program, policy, ids, tmp_path)
+    bob = Rule("bob-https", 2, "allow", principals=(Principal("user", "bob@example.com"),),
+               protocols=frozenset({"tcp"}), dst_ports=((443, 443),))
+    staged_change = kernel.stage_swap(ids, replace(policy, rules=policy.rules + (bob,)), shared_program.build + 1)
+    staged_change.discard()
+    tablet = Device("bob-tablet", "bob@example.com", ipaddress.IPv4Address("100.96.0.9"))
+    ids = Identities(ids.users, ids.devices + (tablet,))
+    kernel.stage_devices(ids, policy, [tablet]).apply()
+    pkts = probes(ids)
+    assert kernel_verdicts(shared_program, kernel.build.tables, pkts) == reference_verdicts(policy, ids, pkts)
+
+
+def test_a_device_change_staged_then_discarded_leaves_no_class_unwritten(shared_program, tmp_path):
+    """A device add is staged (its new identity class made) and discarded (its peer step could
+    not be staged, or the store did not commit); added again, the device must get a class whose
+    row is in the kernel: the rule naming the device applies to it."""
+    from control.model import Device, Identities
+
+    tablet = Device("bob-tablet", "bob@example.com", ipaddress.IPv4Address("100.96.0.9"))
+    deny = Rule("tablet-no-web", 1, "block", principals=(Principal("device", "bob-tablet"),),
+                protocols=frozenset({"tcp"}), dst_ports=((8080, 8080),))
+    policy = replace(POLICY, rules=POLICY.rules + (deny,))
+    kernel = kernel_on(shared_program, policy, IDS, tmp_path)
+    ids = Identities(IDS.users, IDS.devices + (tablet,))
+    kernel.stage_devices(ids, policy, [tablet]).discard()
+    kernel.stage_devices(ids, policy, [tablet]).apply()
+    pkts = probes(ids)
+    assert kernel_verdicts(shared_program, kernel.build.tables, pkts) == reference_verdicts(policy, ids, pkts)
