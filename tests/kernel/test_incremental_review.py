@@ -11,6 +11,8 @@ from control.model import ICMP, TCP, UDP, Packet, Principal, Rule
 from control.probe import kernel_verdicts, reference_verdicts
 from dataplane.program import Program
 from tests.app_policy import IDS, POLICY
+from tests.kernel.test_adopt import pinned_build  # noqa: F401
+from tests.kernel.test_attach import pin_dir  # noqa: F401
 from tests.programs import TEST_LAYOUT
 
 DSTS = [ipaddress.ip_address(a) for a in ("10.20.0.10", "10.99.99.1", "fd20::10")]
@@ -248,3 +250,24 @@ def test_a_device_change_staged_then_discarded_leaves_no_class_unwritten(shared_
     kernel.stage_devices(ids, policy, [tablet]).apply()
     pkts = probes(ids)
     assert kernel_verdicts(shared_program, kernel.build.tables, pkts) == reference_verdicts(policy, ids, pkts)
+
+
+def test_a_record_of_another_shape_is_refused_not_raised(pin_dir, pinned_build):  # noqa: F811
+    """A record that is JSON but not of this schema (hand-edited, truncated to another object, a
+    field gone) is not adopted, saying why: the controller compiles instead of failing to start."""
+    import json
+
+    from dataplane.pinned import adopt, record_path
+
+    _, tables = pinned_build
+    good = json.loads(record_path(pin_dir).read_text())
+    broken = [[1, 2], "text", {k: v for k, v in good.items() if k != "hash"},
+              {k: v for k, v in good.items() if k != "ids"}, dict(good, ids=None), dict(good, layout=[1])]
+    for record in broken:
+        record_path(pin_dir).write_text(json.dumps(record))
+        program, why = adopt(pin_dir, tables.need)
+        assert program is None and why, record
+    record_path(pin_dir).write_text(json.dumps(good))
+    program, why = adopt(pin_dir, tables.need)
+    assert why == "" and program is not None
+    program.close()
