@@ -132,6 +132,16 @@ def copied(sources: Sources) -> Sources:
     return out
 
 
+def forget_classes(sources: Sources, known: int) -> None:
+    """Take back the identity classes after the first KNOWN that SOURCES made for a change that
+    was not applied (Kernel.stage_devices): they are in no bank, and kept, a later device of
+    those bits would get a class whose row was never written."""
+    for bits in sources.idents.values[known:]:
+        if sources.idents.ids.get(bits, 0) > known:
+            del sources.idents.ids[bits]
+    del sources.idents.values[known:]
+
+
 def _rekey(interner, i: int, bits: int) -> None:
     old = interner.values[i - 1]
     if interner.ids.get(old) == i:
