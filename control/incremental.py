@@ -17,7 +17,11 @@ change of rules R (old ids out, new ids in) then touches only:
 Only those rows are written, into the bank not in force. That bank holds the build before
 the one in force, so the rows the last change wrote (and device changes wrote in force since)
 are copied over from the bank in force first (`pending`). Rows no longer referenced are
-free for the next changes (control/incr_rows.py). When the program has no room left, or a
+free for the next changes (control/incr_rows.py), and so are trie nodes merged back into
+their parent (control/incr_trie.py). In a program built for hostnames (a policy before had
+them) each new service row is also written as its list without names, which every
+destination learned for no name walks (ebpf/policy.h walk()). What a change makes on the
+source side goes into a copy of the build's Sources until it is applied. When the program has no room left, or a
 change is one this does not take (hostnames, a new source-port set or source prefixes,
 identities, groups or the default changed, many rules at once), NotIncremental says why and
 the caller compiles everything.
