@@ -271,3 +271,59 @@ def test_a_record_of_another_shape_is_refused_not_raised(pin_dir, pinned_build):
     program, why = adopt(pin_dir, tables.need)
     assert why == "" and program is not None
     program.close()
+
+
+def test_changes_after_adopting_the_pinned_program_stay_right(pin_dir, pinned_build):  # noqa: F811
+    """A restarted controller adopts the pinned program (the last controller's build in one
+    bank), writes the policy into the other and flips, then takes rule changes in place: one
+    naming a new principal (ann's devices, one of them outside the pools, leave their class),
+    one removing it, a block: each equals the reference."""
+    from dataplane.pinned import adopt
+    from tests.kernel.test_adopt import IDS2
+    from tests.kernel.test_attach import POLICY as ONE_RULE
+
+    _, tables = pinned_build
+    program, why = adopt(pin_dir, tables.need)
+    assert why == ""
+    with program:
+        tables = compile_policy(ONE_RULE, IDS2, program.layout)
+        old = program.bank
+        program.stage(tables)
+        program.flip(program.build + 1)
+        assert program.bank != old
+        inc = Incremental(tables, ONE_RULE, IDS2, program)
+        ann = Rule("ann-tcp", 5, "allow", principals=(Principal("user", "ann@example.com"),),
+                   protocols=frozenset({"tcp"}))
+        block = Rule("no-udp-here", 2, "block", protocols=frozenset({"udp"}),
+                     dst_cidrs=(ipaddress.ip_network("10.20.0.0/24"),))
+        dsts = [ipaddress.ip_address(a) for a in ("10.20.0.10", "10.99.0.1", "192.0.2.1")]
+        pkts = probes(IDS2, dsts, ports=(22, 5001, 5002))
+        for number, rules in enumerate([ONE_RULE.rules + (ann,), ONE_RULE.rules + (ann, block), ONE_RULE.rules + (block,),
+                                        ONE_RULE.rules], start=program.build + 1):
+            policy = replace(ONE_RULE, rules=rules)
+            got = kernel_verdicts(program, staged(program, inc, policy, IDS2, number), pkts)
+            assert got == reference_verdicts(policy, IDS2, pkts), [r.name for r in rules]
+
+
+def test_counters_follow_rule_names_when_ids_are_given_again(shared_program, tmp_path):
+    """Rule a's id is freed when it goes and given to rule b: the counters say a for what a
+    allowed and b for what b allowed, across the changes after (ztgate stats, the metrics)."""
+    from control.kernel import run_packets
+    from control.probe import probe_bytes
+
+    a = Rule("a", 3, "allow", protocols=frozenset({"udp"}), dst_ports=((5001, 5001),))
+    kernel = kernel_on(shared_program, replace(POLICY, rules=(a,)), IDS, tmp_path)
+    pkt = [Packet(ipaddress.ip_address("100.96.0.2"), ipaddress.ip_address("10.20.0.10"), UDP, 40000, 5001)]
+
+    def send(n):
+        run_packets(shared_program, [probe_bytes(p) for p in pkt] * n, repeat=1)
+    send(3)
+    number = shared_program.build
+    b = replace(a, name="b", precedence=4)
+    for rules, sent in [((), 0), ((b,), 2), ((b, replace(a, precedence=9)), 5), ((replace(a, precedence=9),), 7)]:
+        number += 1
+        kernel.stage_swap(IDS, replace(POLICY, rules=rules), number).apply()
+        assert kernel.inc is not None
+        send(sent)
+    hits = {k: v[0] for k, v in kernel.rule_hits().items() if v[0]}
+    assert hits == {"a": 3 + 7, "b": 2 + 5}, hits
