@@ -103,10 +103,10 @@ class Trie:
     def _merge(self, view: np.ndarray, row0: int, s: int, child: int) -> None:
         """Slot S's CHILD holds one class in all its slots: the slot holds it instead."""
         row = self.nodes[child]
-        first = row[0]
-        if first & NODE_FLAG or not (row == first).all():
+        first = int(row[0])
+        if first & NODE_FLAG or int(row[255]) != first or not (row == first).all():   # (the ends first: cheap)
             return
         view[s] = first
-        self.refs.add([int(first)], -255)     # its 256 slots, less the parent's slot
+        self.refs.add([first], -255)     # its 256 slots, less the parent's slot
         self.dirty.add(row0 + s // 256)
         self.freed.append(child)

@@ -97,8 +97,16 @@ def kernel_on(program, policy, ids, tmp):
 
 def rule_step(data, ids, policy, step):
     rules = list(policy.rules)
-    kind = data.draw(st.sampled_from(["add", "remove", "enable", "disable", "move"] if rules else ["add"]))
-    if kind == "add":
+    kind = data.draw(st.sampled_from(["add", "name", "remove", "enable", "disable", "move"] if rules else ["add", "name"]))
+    if kind == "name":      # one user or device named: its sources leave the class they shared
+        who = data.draw(st.sampled_from([Principal("user", u.key) for u in ids.users] +
+                                        [Principal("device", d.name) for d in ids.devices]))
+        new = data.draw(policies(ids)).rules
+        if not new:
+            return policy
+        rules.append(replace(new[0], name=f"s{step}", precedence=data.draw(st.integers(1, 100_000)),
+                             principals=(who,), src_cidrs=None))
+    elif kind == "add":
         new = data.draw(policies(ids)).rules
         if not new:
             return policy
