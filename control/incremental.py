@@ -211,7 +211,7 @@ class Incremental(Destinations):
         if forget:
             raise NotIncremental("tunnel addresses change hands")
         if identities is not self.identities:
-            raise NotIncremental("the identities changed")
+            self._same_sources(identities)
         old_p = self.policy
         if policy.default_action != old_p.default_action or policy.groups != old_p.groups:
             raise NotIncremental("the default action or the policy's groups changed")
@@ -232,6 +232,20 @@ class Incremental(Destinations):
             raise NotIncremental("two rules share a precedence")
         self._admissible(added)
         return removed, added
+
+    def _same_sources(self, identities: Identities) -> None:
+        """IDENTITIES differ from those of the build in force only where no source entry
+        changes (`user add`, a group membership of a user with no device: the gateway makes no
+        kernel step for them): they become this state's. Else NotIncremental."""
+        old = self.identities
+        if identities.devices != old.devices:
+            raise NotIncremental("the identities changed")
+        before, after = {id(u): u for u in old.users}, {id(u): u for u in identities.users}
+        changed = {u.key for k, u in before.items() if k not in after} | \
+                  {u.key for k, u in after.items() if k not in before}
+        if changed & {d.user for d in identities.devices}:
+            raise NotIncremental("the identities changed")
+        self.identities, self.members = identities, Members(identities, self.policy.groups)
 
     def _by_id(self, policy: Policy) -> dict:
         """id(rule) -> rule of POLICY (the last one's kept: the policy in force, next time)."""

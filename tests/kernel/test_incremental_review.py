@@ -335,3 +335,32 @@ def test_counters_follow_rule_names_when_ids_are_given_again(shared_program, tmp
         send(sent)
     hits = {k: v[0] for k, v in kernel.rule_hits().items() if v[0]}
     assert hits == {"a": 3 + 7, "b": 2 + 5}, hits
+
+
+def test_a_user_without_devices_added_or_regrouped_leaves_rule_changes_incremental(shared_program, tmp_path):
+    """`user add`, or a group membership of a user with no device, changes the identities
+    without a kernel step (no source changes). The next rule change stays incremental (not a
+    whole compile: seconds at 10k rules) and right; a user whose devices' bits changed without
+    their kernel step is still compiled whole."""
+    from control.model import Identities, User
+
+    kernel = kernel_on(shared_program, POLICY, IDS, tmp_path)
+    number = shared_program.build
+    ids = Identities(IDS.users + (User("dan@example.com", ("dev",)),), IDS.devices)
+    dan = Rule("dan-ssh", 7, "allow", principals=(Principal("user", "dan@example.com"),),
+               protocols=frozenset({"tcp"}), dst_ports=((2222, 2222),))
+    policy = POLICY
+    for ids, rules in [(ids, POLICY.rules + (dan,)),
+                       (ids.replacing_user(ids.users[-1], replace(ids.users[-1], groups=())), POLICY.rules)]:
+        number += 1
+        policy = replace(POLICY, rules=rules)
+        kernel.stage_swap(ids, policy, number).apply()
+        assert kernel.build.tables.basis is None        # no compile
+        pkts = probes(ids, ports=(22, 2222, 8080))
+        assert kernel_verdicts(shared_program, kernel.build.tables, pkts) == reference_verdicts(policy, ids, pkts)
+    # bob joins dev with no kernel step for his phone: the rule change compiles everything
+    bob = ids.users[1]
+    ids = ids.replacing_user(bob, replace(bob, groups=("dev",)))
+    number += 1
+    kernel.stage_swap(ids, replace(policy, rules=POLICY.rules[1:]), number).apply()
+    assert kernel.build.tables.basis is not None
