@@ -218,9 +218,9 @@ class Incremental(Destinations):
         before, after = self._by_id(old_p), self._by_id(policy)
         gone = {r.name: r for r in map(before.get, before.keys() - after.keys())}   # (set operations at C
         came = {r.name: r for r in map(after.get, after.keys() - before.keys())}    # speed: 10,000 rules)
-        if len(gone) + len(came) > MAX_RULES_CHANGED:
-            raise NotIncremental(f"{len(gone) + len(came)} rules changed")
-        same = [n for n in gone if n in came and gone[n] == came[n]]
+        same = {n for n in gone.keys() & came.keys() if gone[n] == came[n]}   # (a policy parsed again: new objects)
+        if len(gone) + len(came) - 2 * len(same) > MAX_RULES_CHANGED:
+            raise NotIncremental(f"{len(gone) + len(came) - 2 * len(same)} rules changed")
         removed = [r for n, r in gone.items() if r.enabled and n not in same]
         added = [r for n, r in came.items() if r.enabled and n not in same]
         taken = {self.rule_of[self.slot[r.name]].precedence for r in removed}

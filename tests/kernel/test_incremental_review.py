@@ -364,3 +364,18 @@ def test_a_user_without_devices_added_or_regrouped_leaves_rule_changes_increment
     number += 1
     kernel.stage_swap(ids, replace(policy, rules=POLICY.rules[1:]), number).apply()
     assert kernel.build.tables.basis is not None
+
+
+def test_a_policy_read_again_with_one_rule_changed_is_a_change_of_one_rule(shared_program, tmp_path):
+    """`policy apply` of the file in force with one rule changed: every rule is a new object
+    (parsed again), but only one differs: incremental, however many rules the policy has."""
+    many = tuple(Rule(f"m{i}", 100 + i, "allow", protocols=frozenset({"udp"}), dst_ports=((6000 + i, 6000 + i),))
+                 for i in range(20))
+    policy = replace(POLICY, rules=POLICY.rules + many)
+    kernel = kernel_on(shared_program, policy, IDS, tmp_path)
+    again = replace(policy, rules=tuple(replace(r) for r in policy.rules[:-1]) + (replace(many[-1], action="block"),))
+    assert all(a is not b for a, b in zip(again.rules, policy.rules))
+    kernel.stage_swap(IDS, again, shared_program.build + 1).apply()
+    assert kernel.build.tables.basis is None        # no compile
+    pkts = probes(ports=(22, 6000, 6019))
+    assert kernel_verdicts(shared_program, kernel.build.tables, pkts) == reference_verdicts(again, IDS, pkts)
