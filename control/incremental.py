@@ -216,6 +216,8 @@ class Incremental(Destinations):
         if policy.default_action != old_p.default_action or policy.groups != old_p.groups:
             raise NotIncremental("the default action or the policy's groups changed")
         before, after = self._by_id(old_p), self._by_id(policy)
+        if len({r.name for r in policy.rules}) != len(policy.rules):   # (refused by validation; changes go by name)
+            raise NotIncremental("two rules share a name")
         gone = {r.name: r for r in map(before.get, before.keys() - after.keys())}   # (set operations at C
         came = {r.name: r for r in map(after.get, after.keys() - before.keys())}    # speed: 10,000 rules)
         same = {n for n in gone.keys() & came.keys() if gone[n] == came[n]}   # (a policy parsed again: new objects)
