@@ -240,12 +240,16 @@ class Incremental(Destinations):
         changes (`user add`, a group membership of a user with no device: the gateway makes no
         kernel step for them): they become this state's. Else NotIncremental."""
         old = self.identities
-        if identities.devices != old.devices:
+        if identities.devices is not old.devices and identities.devices != old.devices:
             raise NotIncremental("the identities changed")
-        before, after = {id(u): u for u in old.users}, {id(u): u for u in identities.users}
-        changed = {u.key for k, u in before.items() if k not in after} | \
-                  {u.key for k, u in after.items() if k not in before}
-        if changed & {d.user for d in identities.devices}:
+        a, b = old.users, identities.users
+        pairs = [p for p in zip(a, b) if p[0] is not p[1]]     # users replaced in place, added at the end:
+        if len(pairs) <= MAX_RULES_CHANGED:                    # a pass at C speed (50,000 users)
+            changed = {u.key for p in pairs for u in p} | {u.key for u in a[len(b):] + b[len(a):]}
+        else:
+            gone, came = set(map(id, a)), set(map(id, b))
+            changed = {u.key for u in a if id(u) not in came} | {u.key for u in b if id(u) not in gone}
+        if changed and any(d.user in changed for d in identities.devices):
             raise NotIncremental("the identities changed")
         self.identities, self.members = identities, Members(identities, self.policy.groups)
 
