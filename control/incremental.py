@@ -21,10 +21,10 @@ free for the next changes (control/incr_rows.py), and so are trie nodes merged b
 their parent (control/incr_trie.py). In a program built for hostnames (a policy before had
 them) each new service row is also written as its list without names, which every
 destination learned for no name walks (ebpf/policy.h walk()). What a change makes on the
-source side goes into a copy of the build's Sources until it is applied. When the program has no room left, or a
-change is one this does not take (hostnames, a new source-port set or source prefixes,
-identities, groups or the default changed, many rules at once), NotIncremental says why and
-the caller compiles everything.
+source side goes into a copy of the build's Sources until it is applied. When the program
+has no room left, or a change is one this does not take (hostnames, a new source-port set or
+source prefixes, sources changed, groups or the default changed, many rules at once),
+NotIncremental says why and the caller compiles everything.
 """
 from __future__ import annotations
 
