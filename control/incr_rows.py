@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataplane.mirrors import CAND_CHAIN, NODE_FLAG, PORT_END, WHO_NEVER
+from dataplane.mirrors import CAND_CHAIN, FIRST_CHILD_NODE, NODE_FLAG, PORT_END, WHO_NEVER
 from dataplane.tables import without_names
 
 
@@ -58,9 +58,17 @@ class Refs:
 
 
 def class_refs(nodes: np.ndarray, n_nodes: int, capacity: int) -> np.ndarray:
-    """Leaf slots per class id over the trie's nodes in use."""
-    slots = nodes[:n_nodes].ravel()
-    return np.bincount(slots[(slots & NODE_FLAG) == 0], minlength=capacity).astype(np.int64)[:capacity]
+    """Leaf slots per class id over the trie's nodes in use: the first strides and the nodes
+    their slots lead to. (Not every node below N_NODES: one a change merged back into its
+    parent keeps its old slots, but no slot points to it; control/incr_trie.py.)"""
+    counts = np.zeros(capacity, np.int64)
+    level = np.arange(min(FIRST_CHILD_NODE, n_nodes))
+    while len(level):
+        slots = nodes[level].ravel()
+        ptr = (slots & NODE_FLAG) != 0
+        counts += np.bincount(slots[~ptr], minlength=capacity)[:capacity]
+        level = (slots[ptr] & np.uint32(NODE_FLAG - 1)).astype(np.int64)
+    return counts
 
 
 def table_refs(classes: np.ndarray, live: np.ndarray, capacity: int) -> np.ndarray:
