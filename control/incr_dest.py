@@ -16,7 +16,7 @@ from dataplane.mirrors import CAND, CLASS, PORT_END
 
 from .compiler import _interval
 from .incr_rows import ChainTooLong, Refs, RowsFull, free_services, service_rows, table_services
-from .incr_trie import Trie
+from .incr_trie import Trie, TrieFull
 from .port_tables import build_services, rule_facts
 
 FULL = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
@@ -28,21 +28,23 @@ class NotIncremental(Exception):
 
 class Destinations:
     """(A part of Incremental.) Needs: program, rule_of, facts, default, class_sets, class_ids,
-    svc_ids, and the Refs class_refs, table_refs, svc_refs."""
+    svc_ids, the Refs class_refs, table_refs, svc_refs, and free_nodes (trie nodes below n_nodes
+    that no slot points to)."""
 
     def _paint(self, bank: int, n_nodes: int, old_ids: set, new_ids: list, dirty: dict) -> tuple[int, list]:
         """Map the classes over the changed candidates' destinations: the nodes in use after,
         and the classes made."""
         pt = self.program.policy_tables
-        trie = Trie(pt.in_bank("zt_nodes", bank).view(np.uint32), n_nodes, self.class_refs)
+        trie = Trie(pt.in_bank("zt_nodes", bank).view(np.uint32), n_nodes, self.class_refs, self.free_nodes)
         fresh: list = []
         try:
             for family in (4, 6):
                 for lo, hi, here in self._intervals(family, old_ids, new_ids):
                     trie.paint(family, lo, hi, self._mapper(old_ids, here, fresh))
-        except RowsFull as e:
+        except (RowsFull, TrieFull) as e:
             raise NotIncremental(str(e)) from None
         dirty["zt_nodes"] = trie.dirty
+        self.free_nodes += trie.freed
         return trie.n, fresh
 
     def _cover(self, cid: int, family: int) -> tuple[list, list]:
@@ -112,7 +114,7 @@ class Destinations:
         try:        # lists longer than the program's width are chained (control/incr_rows.py)
             svc_map = service_rows(st.services, pt.in_bank("zt_services", bank).view(CAND),
                                    dirty.setdefault("zt_services", set()), self.svc_ids, self.svc_refs,
-                                   chain_links(lay.max_cands))
+                                   chain_links(lay.max_cands), lay.max_services if lay.name_words else 0)
         except (RowsFull, ChainTooLong) as e:
             raise NotIncremental(str(e)) from None
         rows = np.full((len(st.port_tables), 2, lay.port_slots), PORT_END, np.uint32)

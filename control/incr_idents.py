@@ -10,6 +10,7 @@ that names the same principals again finds its token whole.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import numpy as np
@@ -111,6 +112,29 @@ def add_token(token: int, principals, sources: Sources, members: Members, progra
         counts[i] -= len(got)
         counts[j] += len(got)
         writes.sources += [(addr, j, device) for addr, device in got]
+
+
+def copied(sources: Sources) -> Sources:
+    """SOURCES with its own copy of what add_token() changes (the who-bits of principals, the
+    identity classes): the build in force keeps its own until the change is applied, so a
+    change staged and discarded leaves the device changes that follow with the classes in
+    force. (Device ids only grow: shared.)"""
+    out = copy.copy(sources)
+    out.by_principal = defaultdict(int, sources.by_principal)
+    out.group_bits = dict(sources.group_bits)
+    out.idents = copy.copy(sources.idents)
+    out.idents.ids, out.idents.values = dict(sources.idents.ids), list(sources.idents.values)
+    return out
+
+
+def forget_classes(sources: Sources, known: int) -> None:
+    """Take back the identity classes after the first KNOWN that SOURCES made for a change that
+    was not applied (Kernel.stage_devices): they are in no bank, and kept, a later device of
+    those bits would get a class whose row was never written."""
+    for bits in sources.idents.values[known:]:
+        if sources.idents.ids.get(bits, 0) > known:
+            del sources.idents.ids[bits]
+    del sources.idents.values[known:]
 
 
 def _rekey(interner, i: int, bits: int) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataplane.mirrors import CAND_CHAIN, NODE_FLAG, PORT_END, WHO_NEVER
+from dataplane.mirrors import CAND_CHAIN, FIRST_CHILD_NODE, NODE_FLAG, PORT_END, WHO_NEVER
+from dataplane.tables import without_names
 
 
 class RowsFull(Exception):
@@ -57,9 +58,17 @@ class Refs:
 
 
 def class_refs(nodes: np.ndarray, n_nodes: int, capacity: int) -> np.ndarray:
-    """Leaf slots per class id over the trie's nodes in use."""
-    slots = nodes[:n_nodes].ravel()
-    return np.bincount(slots[(slots & NODE_FLAG) == 0], minlength=capacity).astype(np.int64)[:capacity]
+    """Leaf slots per class id over the trie's nodes in use: the first strides and the nodes
+    their slots lead to. (Not every node below N_NODES: one a change merged back into its
+    parent keeps its old slots, but no slot points to it; control/incr_trie.py.)"""
+    counts = np.zeros(capacity, np.int64)
+    level = np.arange(min(FIRST_CHILD_NODE, n_nodes))
+    while len(level):
+        slots = nodes[level].ravel()
+        ptr = (slots & NODE_FLAG) != 0
+        counts += np.bincount(slots[~ptr], minlength=capacity)[:capacity]
+        level = (slots[ptr] & np.uint32(NODE_FLAG - 1)).astype(np.int64)
+    return counts
 
 
 def table_refs(classes: np.ndarray, live: np.ndarray, capacity: int) -> np.ndarray:
@@ -103,31 +112,33 @@ def chained_next(row: np.ndarray) -> int:
     return int(last["rule"]) | int(last["sport"]) << 16 if last["action"] == CAND_CHAIN else -1
 
 
-def service_rows(services: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs, links: int) -> np.ndarray:
+def service_rows(services: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs, links: int,
+                 names: int = 0) -> np.ndarray:
     """Each list of SERVICES ((n, cands) CAND) as a service id of VIEW (the bank's rows, the
     program's width): an equal row's, or new rows; a list longer than the width as a chain of
     up to LINKS services, each but the last ending in a chain entry, written from its end so
     that equal tails are shared too. IDS: row bytes -> id of the live rows; REFS counts a
     chain entry as one reference of the service it names. (Per row in Python: only the rows a
-    change writes come here.)"""
+    change writes come here.) NAMES: in a program built for hostnames, where each row's copy
+    without name candidates starts (every destination learned for no name walks it), else 0."""
     width = view.shape[1]
     out = np.empty(len(services), np.int64)
     for k in range(len(services)):
         row = services[k, :list_length(services[k])]
         if len(row) <= width:
-            out[k] = _intern(row, view, dirty, ids, refs)[0]
+            out[k] = _intern(row, view, dirty, ids, refs, names)[0]
             continue
         n = -(-(len(row) - 1) // (width - 1))
         if n > links:
             raise ChainTooLong(f"a candidate list of {len(row)} outgrows {links} chained services of {width}")
         at = (n - 1) * (width - 1)
-        nxt = _intern(row[at:], view, dirty, ids, refs)[0]
+        nxt = _intern(row[at:], view, dirty, ids, refs, names)[0]
         while at:
             at -= width - 1
             link = np.zeros(width, row.dtype)
             link[:width - 1] = row[at:at + width - 1]
             chain_entry(link[width - 1:], nxt)
-            head, new = _intern(link, view, dirty, ids, refs)
+            head, new = _intern(link, view, dirty, ids, refs, names)
             if new:                 # a new row: its chain entry references NXT (an old one did already)
                 refs.add([nxt])
             nxt = head
@@ -135,8 +146,9 @@ def service_rows(services: np.ndarray, view: np.ndarray, dirty: set, ids: dict, 
     return out
 
 
-def _intern(row: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs) -> tuple[int, bool]:
-    """ROW's service id (an equal live row's, or a new row's), and whether it is new."""
+def _intern(row: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs, names: int) -> tuple[int, bool]:
+    """ROW's service id (an equal live row's, or a new row's, written with its copy without
+    names when NAMES), and whether it is new."""
     padded = np.zeros(view.shape[1], view.dtype)
     padded[:len(row)] = row
     key = padded.tobytes()
@@ -146,6 +158,9 @@ def _intern(row: np.ndarray, view: np.ndarray, dirty: set, ids: dict, refs: Refs
         view[got] = padded
         ids[key] = got
         dirty.add(got)
+        if names:     # left zero, that copy would allow by default (fail open)
+            view[names + got] = without_names(padded[None])[0]
+            dirty.add(names + got)
         return got, True
     return got, False
 

@@ -17,10 +17,14 @@ change of rules R (old ids out, new ids in) then touches only:
 Only those rows are written, into the bank not in force. That bank holds the build before
 the one in force, so the rows the last change wrote (and device changes wrote in force since)
 are copied over from the bank in force first (`pending`). Rows no longer referenced are
-free for the next changes (control/incr_rows.py). When the program has no room left, or a
-change is one this does not take (hostnames, a new source-port set or source prefixes,
-identities, groups or the default changed, many rules at once), NotIncremental says why and
-the caller compiles everything.
+free for the next changes (control/incr_rows.py), and so are trie nodes merged back into
+their parent (control/incr_trie.py). In a program built for hostnames (a policy before had
+them) each new service row is also written as its list without names, which every
+destination learned for no name walks (ebpf/policy.h walk()). What a change makes on the
+source side goes into a copy of the build's Sources until it is applied. When the program
+has no room left, or a change is one this does not take (hostnames, a new source-port set or
+source prefixes, sources changed, groups or the default changed, many rules at once),
+NotIncremental says why and the caller compiles everything.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from dataplane.tables import SETTLE
 
 from .compiler import ACTION_CODE, Tables, _no_collections
 from .incr_dest import Destinations, NotIncremental, start_refs
-from .incr_idents import IdentsFull, Members, SourceWrites, add_token, class_counts
+from .incr_idents import IdentsFull, Members, SourceWrites, add_token, class_counts, copied
 from .learned import Patterns
 from .model import Identities, Policy, Rule
 
@@ -85,7 +89,7 @@ class Incremental(Destinations):
         self.sources = tables.sources
         self.rule_names = list(tables.rule_names)
         self.stats = dict(tables.stats)
-        self.n_nodes = tables.need.max_nodes
+        self.n_nodes, self.free_nodes = tables.need.max_nodes, []
         with _no_collections():
             self._start_rows(classes, len(tables.port_tables), len(tables.services))
             self.counts = class_counts(program, program.bank)       # sources per identity class
@@ -207,16 +211,18 @@ class Incremental(Destinations):
         if forget:
             raise NotIncremental("tunnel addresses change hands")
         if identities is not self.identities:
-            raise NotIncremental("the identities changed")
+            self._same_sources(identities)
         old_p = self.policy
         if policy.default_action != old_p.default_action or policy.groups != old_p.groups:
             raise NotIncremental("the default action or the policy's groups changed")
         before, after = self._by_id(old_p), self._by_id(policy)
+        if len({r.name for r in policy.rules}) != len(policy.rules):   # (refused by validation; changes go by name)
+            raise NotIncremental("two rules share a name")
         gone = {r.name: r for r in map(before.get, before.keys() - after.keys())}   # (set operations at C
         came = {r.name: r for r in map(after.get, after.keys() - before.keys())}    # speed: 10,000 rules)
-        if len(gone) + len(came) > MAX_RULES_CHANGED:
-            raise NotIncremental(f"{len(gone) + len(came)} rules changed")
-        same = [n for n in gone if n in came and gone[n] == came[n]]
+        same = {n for n in gone.keys() & came.keys() if gone[n] == came[n]}   # (a policy parsed again: new objects)
+        if len(gone) + len(came) - 2 * len(same) > MAX_RULES_CHANGED:
+            raise NotIncremental(f"{len(gone) + len(came) - 2 * len(same)} rules changed")
         removed = [r for n, r in gone.items() if r.enabled and n not in same]
         added = [r for n, r in came.items() if r.enabled and n not in same]
         taken = {self.rule_of[self.slot[r.name]].precedence for r in removed}
@@ -228,6 +234,24 @@ class Incremental(Destinations):
             raise NotIncremental("two rules share a precedence")
         self._admissible(added)
         return removed, added
+
+    def _same_sources(self, identities: Identities) -> None:
+        """IDENTITIES differ from those of the build in force only where no source entry
+        changes (`user add`, a group membership of a user with no device: the gateway makes no
+        kernel step for them): they become this state's. Else NotIncremental."""
+        old = self.identities
+        if identities.devices is not old.devices and identities.devices != old.devices:
+            raise NotIncremental("the identities changed")
+        a, b = old.users, identities.users
+        pairs = [p for p in zip(a, b) if p[0] is not p[1]]     # users replaced in place, added at the end:
+        if len(pairs) <= MAX_RULES_CHANGED:                    # a pass at C speed (50,000 users)
+            changed = {u.key for p in pairs for u in p} | {u.key for u in a[len(b):] + b[len(a):]}
+        else:
+            gone, came = set(map(id, a)), set(map(id, b))
+            changed = {u.key for u in a if id(u) not in came} | {u.key for u in b if id(u) not in gone}
+        if changed and any(d.user in changed for d in identities.devices):
+            raise NotIncremental("the identities changed")
+        self.identities, self.members = identities, Members(identities, self.policy.groups)
 
     def _by_id(self, policy: Policy) -> dict:
         """id(rule) -> rule of POLICY (the last one's kept: the policy in force, next time)."""
@@ -282,6 +306,7 @@ class Incremental(Destinations):
         if self.counts is None:
             self.counts = class_counts(self.program, pt.bank)
         writes = SourceWrites()
+        self.sources = copied(self.sources)     # the build in force's stay as they are
         try:
             add_token(token, key[0], self.sources, self.members, self.program, bank, self.counts, writes)
         except IdentsFull as e:

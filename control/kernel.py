@@ -47,6 +47,7 @@ from dataplane.testrun import RunResult
 
 from .compiler import Tables, compile_policy
 from .config import Config
+from .incr_idents import forget_classes
 from .incremental import Incremental
 from .kernel_changes import RuleChanges
 from .kernel_adopt import Adoption
@@ -285,6 +286,7 @@ class Kernel(LearnedNames, RuleChanges, Adoption):
         entries = sources.entries(identities, devices)
         added = len(sources.idents.values) - known
         if known + added + 1 > build.program.layout.max_idents:
+            forget_classes(sources, known)
             log.info("identity classes outgrew build %d: staging a new build", build.number)
             return self.stage_swap(identities, policy, build.number + 1)
         rows = [sources.ident_row(i) for i in range(known + 1, known + added + 1)]
@@ -300,7 +302,7 @@ class Kernel(LearnedNames, RuleChanges, Adoption):
             # address may go to another device: its flows go with it.
             build.program.next_epoch()
             build.program.forget_flows(addr for addr, ident, _ in entries if not ident)
-        return Staged(apply, lambda: None)
+        return Staged(apply, lambda: forget_classes(sources, known))   # (not applied: in no bank)
 
     def expired_devices(self, devices: list[Device]) -> set[str]:
         """The names of these devices whose source entries in the build in force say their

@@ -83,18 +83,19 @@ def adopt(pin_dir: Union[str, Path], need: Layout) -> tuple[Optional[Program], s
     pin_dir = pin_path(pin_dir)
     try:
         record = json.loads(record_path(pin_dir).read_text())
-        if record.get("version") != RECORD_VERSION:
+        if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
             return None, "its record is of another version"
         layout = Layout(**record["layout"])
+        recorded_hash, ids, descs = str(record["hash"]), dict(record["ids"]), dict(record["descs"])
     except FileNotFoundError:
         return None, "no record of a pinned build"
-    except (OSError, ValueError, TypeError) as e:
-        return None, f"its record cannot be read ({e})"
+    except (OSError, ValueError, TypeError, KeyError) as e:     # not JSON, or not a record of this shape
+        return None, f"its record cannot be read ({e!r})"
     short = layout.shortfalls(need) + [f"{f.name} differs" for f in dataclasses.fields(Layout)
                                        if f.name.startswith("ct_") and getattr(layout, f.name) != getattr(need, f.name)]
     if short:
         return None, f"its layout does not hold this policy ({'; '.join(short)})"
-    if record["hash"] != source_hash(cflags_for(layout, pin_dir)):
+    if recorded_hash != source_hash(cflags_for(layout, pin_dir)):
         return None, "the source or the flags differ from those it was compiled from"
     maps = PinnedMaps()
     try:
@@ -102,13 +103,13 @@ def adopt(pin_dir: Union[str, Path], need: Layout) -> tuple[Optional[Program], s
         for name, path in _pins(pin_dir).items():
             fds[name] = maps.own(obj_get(path))
             got = prog_id(fds[name]) if name in dict(PROGS) else map_info(fds[name]).id
-            if got != record["ids"][name]:
+            if got != ids[name]:
                 raise KernelError(f"{path} is not the recorded one")
         for name in RECORDED_MAPS:
-            maps.add(name, fds[name], *record["descs"][name])
+            maps.add(name, fds[name], *descs[name])
         fn, reply_fn = (PinnedFunction(entry, fds[name]) for name, entry in PROGS)
-        program = Program.on_pins(layout, pin_dir, maps, fn, reply_fn, record["descs"])
-    except (KernelError, KeyError) as e:
+        program = Program.on_pins(layout, pin_dir, maps, fn, reply_fn, descs)
+    except (KernelError, KeyError, TypeError, ValueError) as e:
         maps.cleanup()
         return None, f"its pins are not the recorded build's ({e})"
     _seed_held(program)

@@ -307,3 +307,33 @@ def test_chained_lists_with_hostnames_walk_both_variants_as_the_reference(named,
 def named():
     with Program(replace(TEST_LAYOUT, max_cands=8, who_words=2, name_words=1)) as program:
         yield program
+
+
+def test_a_class_left_only_in_a_node_merged_back_is_not_counted(narrow):
+    """A rule on one address splits its /24's slot into child nodes; removed, they merge back
+    into the slot and are free, keeping their old slots (control/incr_trie.py); a rule over the
+    /8 then maps that /24's class to another, and the class is dead. A recount of the bank
+    (start_refs) counts the slots of nodes in use only: the classes' and services' counts equal
+    the tracked ones, and the kernel the reference."""
+    users = tuple(User(f"w{i}@example.com", ()) for i in range(3))
+    ids = Identities(users, tuple(Device(f"d{i}", u.key, ipaddress.ip_address("100.96.2.0") + i)
+                                  for i, u in enumerate(users)))
+    who = [(Principal("user", u.key),) for u in users]
+    base = Policy("block", (Rule("a", 10, "allow", principals=who[0], dst_cidrs=(ipaddress.ip_network("10.20.0.0/24"),)),))
+    steps = [base.rules + (Rule("b", 20, "allow", principals=who[1], dst_cidrs=(ipaddress.ip_network("10.20.0.10/32"),)),),
+             base.rules,
+             base.rules + (Rule("c", 5, "block", principals=who[2], dst_cidrs=(ipaddress.ip_network("10.0.0.0/8"),)),)]
+    probes = [Packet(a, ipaddress.ip_address(x), TCP, 40000, 443) for d in ids.devices for a in d.addresses
+              for x in ("10.20.0.10", "10.20.0.11", "10.20.1.1", "10.1.1.1")]
+    tables = compile_policy(base, ids, narrow.layout)
+    narrow.load(tables)
+    inc, whys = Incremental(tables, base, ids, narrow), []
+    for rules in steps:
+        policy = replace(base, rules=rules)
+        tables, inc = change(narrow, inc, policy, ids, narrow.build + 1, whys)
+        assert whys == []
+        assert kernel_verdicts(narrow, tables, probes) == reference_verdicts(policy, ids, probes)
+        classes, _, _ = start_refs(inc.program, inc.n_nodes, inc.class_refs.n, inc.table_refs.n, inc.svc_refs.n)
+        assert classes.counts.tolist() == inc.class_refs.counts.tolist()
+        check_counts(inc)
+    assert inc.free_nodes, "no node was merged back"
