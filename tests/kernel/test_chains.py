@@ -76,7 +76,8 @@ def live_chains(inc) -> int:
 
 def check_counts(inc) -> None:
     """The services' reference counts are the bank's: port tables and classes in use, and the
-    chain entries of the services in use."""
+    chain entries of the services in use (each walked once: one that several chains share,
+    live only through them, would else count its own chain entry once per chain)."""
     n = inc.svc_refs.n
     _, _, refs = start_refs(inc.program, inc.n_nodes, inc.class_refs.n, inc.table_refs.n, n)
     counts = refs.counts.copy()
@@ -84,7 +85,7 @@ def check_counts(inc) -> None:
     frontier = np.flatnonzero(counts[:n] > 0).tolist()
     while frontier:
         onward = [x for x in map(chained_next, view[frontier]) if x >= 0]
-        frontier = [x for x in onward if counts[x] == 0]
+        frontier = sorted({x for x in onward if counts[x] == 0})
         np.add.at(counts, onward, 1)
     assert counts[:n].tolist() == inc.svc_refs.counts[:n].tolist()
 
@@ -337,3 +338,37 @@ def test_a_class_left_only_in_a_node_merged_back_is_not_counted(narrow):
         assert classes.counts.tolist() == inc.class_refs.counts.tolist()
         check_counts(inc)
     assert inc.free_nodes, "no node was merged back"
+
+
+def test_a_chain_tail_two_lists_share_counts_its_own_chain_entry_once(narrow):
+    """Two lists of 17 entries at width 8 (a chain of 3 services) that differ in their first 7
+    (7 rules at port 443, 7 at 8080) and share the rest (9 rules at both, the default):
+    their heads differ and chain to one shared middle link, live only through them, which
+    chains to the shared tail. The tail has one reference (the middle's chain entry): the
+    recount walks the middle once, however many chains reach it. Then the 14 rules that made
+    the heads differ are removed. The kernel equals the reference after each change."""
+    users = tuple(User(f"t{i}@example.com", ()) for i in range(23))
+    ids = Identities(users, tuple(Device(f"d{i}", u.key, ipaddress.ip_address("100.96.3.0") + i)
+                                  for i, u in enumerate(users[:3])))
+    ports = [((443, 443),)] * 7 + [((8080, 8080),)] * 7 + [((443, 443), (8080, 8080))] * 9
+    policy = Policy("block", ())
+    tables = compile_policy(policy, ids, narrow.layout)
+    narrow.load(tables)
+    inc, whys = Incremental(tables, policy, ids, narrow), []
+    probes = [Packet(a, PILE, TCP, 40000, p) for d in ids.devices for a in d.addresses for p in (443, 8080, 22)]
+    for i, dports in enumerate(ports):
+        rule = Rule(f"t{i}", 10 + i, "allow" if i % 2 else "block", principals=(Principal("user", users[i].key),),
+                    protocols=frozenset({"tcp"}), dst_cidrs=(ipaddress.ip_network("10.20.0.0/24"),), dst_ports=dports)
+        policy = replace(policy, rules=policy.rules + (rule,))
+        tables, inc = change(narrow, inc, policy, ids, narrow.build + 1, whys)
+        assert whys == [], whys
+        assert kernel_verdicts(narrow, tables, probes) == reference_verdicts(policy, ids, probes), rule.name
+        check_counts(inc)
+    assert live_chains(inc) >= 3
+    for i in range(14):     # the heads go, one list at a time: the shared links with the last of them
+        policy = replace(policy, rules=tuple(r for r in policy.rules if r.name != f"t{i}"))
+        tables, inc = change(narrow, inc, policy, ids, narrow.build + 1, whys)
+        assert whys == [], whys
+        assert kernel_verdicts(narrow, tables, probes) == reference_verdicts(policy, ids, probes), f"-t{i}"
+        check_counts(inc)
+    assert live_chains(inc) == 1                             # both ports' list of 10: one head, one tail
