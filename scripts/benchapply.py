@@ -43,6 +43,7 @@ import yaml  # noqa: E402
 
 import benchgen  # noqa: E402
 from benchchanges import PYTHON, _wait_socket  # noqa: E402
+from benchgateway import stop_gateway  # noqa: E402
 from control.api import Client  # noqa: E402
 from control.files import identities_doc, policy_doc  # noqa: E402
 
@@ -136,14 +137,7 @@ def run(args, tree: Path) -> None:
     finally:
         if spy is not None:
             spy.kill()
-        if daemon is not None and daemon.poll() is None:
-            daemon.terminate()
-            daemon.wait(timeout=60)
-        subprocess.run(["nsenter", f"--net=/run/netns/{netns}", PYTHON, "-m", "control.cli", "gateway", "teardown",
-                        "--config", str(config)], cwd=REPO, capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_gateway(daemon, netns, config, pin_dir, tmp, wait=60)
 
 
 def _one_rule_moved(policy: Path, out: Path) -> Path:

@@ -55,14 +55,20 @@ def bench_gateway(name: str):
         wait_socket(sock, daemon, 120)
         yield BenchGateway(sock, daemon, tmp / "daemon.log")
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.terminate()
-            daemon.wait(timeout=30)
-        subprocess.run(["nsenter", f"--net=/run/netns/{netns}", PYTHON, "-m", "control.cli", "gateway", "teardown",
-                        "--config", str(config)], cwd=REPO, capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_gateway(daemon, netns, config, pin_dir, tmp)
+
+
+def stop_gateway(daemon, netns: str, config: Path, pin_dir: str, tmp: Path, wait: float = 30) -> None:
+    """Stop DAEMON (if it runs) and take away what its gateway made: its interface and
+    routes (`gateway teardown`), its namespace, pins and files."""
+    if daemon is not None and daemon.poll() is None:
+        daemon.terminate()
+        daemon.wait(timeout=wait)
+    subprocess.run(["nsenter", f"--net=/run/netns/{netns}", PYTHON, "-m", "control.cli", "gateway", "teardown",
+                    "--config", str(config)], cwd=REPO, capture_output=True)
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+    shutil.rmtree(pin_dir, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
