@@ -5,7 +5,6 @@ import subprocess
 import warnings
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,9 +18,8 @@ def _python_sources() -> list[Path]:
 
 
 def test_no_invalid_escape_sequences():
-    sources = _python_sources()
-    if not sources:
-        pytest.skip("not a git checkout")
+    sources = _python_sources() or [p for p in REPO.rglob("*.py") if ".venv" not in p.parts]   # not a git checkout
+    assert sources
     bad = []
     for path in sources:
         with warnings.catch_warnings():
