@@ -196,17 +196,23 @@ class Kernel(LearnedNames, RuleChanges, Adoption):
                  new.number, old.number, new.bank, new.compile_seconds, new.written, new.load_seconds)
         # A connector interface made since (a rebuild after a failed step makes them again)
         # gets the program's connector side, as a swap would give it.
-        failed = []
-        reply_id = prog_id(program.reply_fn.fd)
-        for ifname in self.reply_interfaces:
-            if program_on(ifname) != reply_id:
-                try:
-                    attach(program, ifname, self.config.xdp_mode, reply=True)
-                except KernelError as e:
-                    log.error("connector interface %s has no connector-side program: %s", ifname, e)
-                    failed.append(str(e))
+        failed = self._attach_reply_sides(program, "has no connector-side program", only_missing=True)
         if failed:
             raise KernelError(f"build {new.number} is in force on {self.config.interface}, but: {'; '.join(failed)}")
+
+    def _attach_reply_sides(self, program, fault: str, only_missing: bool = False) -> list[str]:
+        """PROGRAM's connector side on the connector interfaces (not running it, if ONLY_MISSING): what failed, logged."""
+        failed = []
+        reply_id = prog_id(program.reply_fn.fd) if only_missing else None
+        for ifname in self.reply_interfaces:
+            if only_missing and program_on(ifname) == reply_id:
+                continue
+            try:
+                attach(program, ifname, self.config.xdp_mode, reply=True)
+            except KernelError as e:
+                log.error("connector interface %s %s: %s", ifname, fault, e)
+                failed.append(str(e))
+        return failed
 
     def _remember(self, new: Build) -> None:
         self.names[new.number] = new
@@ -247,14 +253,8 @@ class Kernel(LearnedNames, RuleChanges, Adoption):
                 raise
             old, self.build = self.build, new
         self._remember(new)
-        failed = []
-        for ifname in self.reply_interfaces:
-            try:
-                attach(new.program, ifname, self.config.xdp_mode, reply=True)
-            except KernelError as e:
-                # its program stays the old build's, which decides by the old tables: said loudly
-                log.error("connector interface %s keeps the previous build's program: %s", ifname, e)
-                failed.append(str(e))
+        # an interface that cannot take it keeps the old build's program (the old tables): said loudly
+        failed = self._attach_reply_sides(new.program, "keeps the previous build's program")
         if forget:
             new.program.forget_flows(forget)
         self._next_epoch(new.program)

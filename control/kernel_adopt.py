@@ -59,13 +59,7 @@ class Adoption:
                 raise
             self.build, self.standby = new, None     # (the other bank's counters are the last controller's)
         self._remember(new)
-        failed = []
-        for ifname in self.reply_interfaces:
-            try:
-                attach(program, ifname, self.config.xdp_mode, reply=True)
-            except KernelError as e:
-                log.error("connector interface %s has no connector-side program: %s", ifname, e)
-                failed.append(str(e))
+        failed = self._attach_reply_sides(program, "has no connector-side program")
         if forget:
             program.forget_flows(forget)
         self._next_epoch(program)

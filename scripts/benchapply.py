@@ -32,10 +32,8 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import argparse  # noqa: E402
 import random  # noqa: E402
-import secrets  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
@@ -43,7 +41,7 @@ import yaml  # noqa: E402
 
 import benchgen  # noqa: E402
 from benchchanges import PYTHON, _wait_socket  # noqa: E402
-from benchgateway import stop_gateway  # noqa: E402
+from benchgateway import gateway_files, stop_gateway  # noqa: E402
 from control.api import Client  # noqa: E402
 from control.files import identities_doc, policy_doc  # noqa: E402
 
@@ -90,14 +88,7 @@ def run(args, tree: Path) -> None:
     print(f"== daemon from {tree}", flush=True)
     if args.stages:
         stages(tree, policy, identities)
-    token = secrets.token_hex(3)
-    netns, iface = f"ztbench-{token}", f"ztb{token}"
-    tmp = Path(tempfile.mkdtemp(prefix="ztbench-apply-"))
-    pin_dir = f"/sys/fs/bpf/ztgate-bench-{token}"
-    sock, config = str(tmp / "ztgate.sock"), tmp / "gateway.yaml"
-    config.write_text(yaml.safe_dump({
-        "interface": iface, "endpoint": "198.18.0.1:51820", "state_dir": str(tmp / "state"), "socket": sock,
-        "flow_log": str(tmp / "flows.log"), "metrics": None, "bpf_pin_dir": pin_dir}))
+    netns, tmp, pin_dir, sock, config = gateway_files("bench")
     subprocess.run(["ip", "netns", "add", netns], check=True)
     daemon = spy = None
     try:

@@ -34,10 +34,9 @@ class BenchGateway:
         return self.log.read_text().count("falling back to a full build")
 
 
-@contextmanager
-def bench_gateway(name: str):
-    """A started daemon (its socket answers), named zt{name}-<token> (namespace), zt<n><token>
-    (interface), /sys/fs/bpf/ztgate-{name}-<token> (pins)."""
+def gateway_files(name: str) -> tuple[str, Path, str, str, Path]:
+    """A throwaway gateway's namespace name, directory, pin directory, socket and config (written):
+    zt{name}-<token> (namespace), zt<n><token> (interface), /sys/fs/bpf/ztgate-{name}-<token> (pins)."""
     token = secrets.token_hex(3)
     netns, iface = f"zt{name}-{token}", f"zt{name[0]}{token}"
     tmp = Path(tempfile.mkdtemp(prefix=f"zt{name}-"))
@@ -46,6 +45,13 @@ def bench_gateway(name: str):
     config.write_text(yaml.safe_dump({
         "interface": iface, "endpoint": "198.18.0.1:51820", "state_dir": str(tmp / "state"), "socket": sock,
         "flow_log": str(tmp / "flows.log"), "metrics": None, "bpf_pin_dir": pin_dir}))
+    return netns, tmp, pin_dir, sock, config
+
+
+@contextmanager
+def bench_gateway(name: str):
+    """A started daemon (its socket answers), on gateway_files(NAME)."""
+    netns, tmp, pin_dir, sock, config = gateway_files(name)
     subprocess.run(["ip", "netns", "add", netns], check=True)
     daemon = None
     try:
